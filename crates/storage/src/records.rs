@@ -1,0 +1,151 @@
+//! Durable records and the commands that change them. These are plain data: the state machine
+//! applies them deterministically, the Raft log carries them, and nothing here does I/O.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Identity of a session and of everything keyed by device: `(tenant, client/device identifier)`.
+/// Shards are later chosen by a hash of this key, so every record that belongs to a device is
+/// keyed by it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SessionKey {
+    pub tenant: String,
+    pub client_id: String,
+}
+
+impl SessionKey {
+    /// Builds a key from its two parts.
+    pub fn new(tenant: impl Into<String>, client_id: impl Into<String>) -> Self {
+        Self { tenant: tenant.into(), client_id: client_id.into() }
+    }
+}
+
+/// A subscription as a persistent session keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionRecord {
+    /// The filter as the client sent it, including any `$share/<group>/` prefix.
+    pub filter: String,
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    /// MQTT 5 retain handling: 0 send on subscribe, 1 only if new, 2 never.
+    pub retain_handling: u8,
+    pub subscription_id: Option<u32>,
+}
+
+/// The durable part of a persistent session (clean start = false or session expiry > 0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Session expiry interval in seconds; `u32::MAX` means never.
+    pub expiry_secs: u32,
+    /// MQTT protocol level the session was last connected with (3, 4 or 5).
+    pub protocol: u8,
+    /// Wall-clock milliseconds when the last connection ended; `None` while connected.
+    pub disconnected_at_ms: Option<u64>,
+    pub subscriptions: Vec<SubscriptionRecord>,
+}
+
+/// Message attributes that MQTT 5 carries end to end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageProps {
+    pub payload_format_indicator: Option<u8>,
+    /// Absolute expiry time in wall-clock milliseconds (from Message Expiry Interval).
+    pub expires_at_ms: Option<u64>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// An application message, stored once however many sessions it is queued for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub topic: String,
+    pub payload: Bytes,
+    /// QoS the publisher used.
+    pub qos: u8,
+    pub retain: bool,
+    pub props: MessageProps,
+    /// Identity of the publishing session, for no-local checks after a restart.
+    pub publisher: Option<SessionKey>,
+}
+
+/// One target of a durable publish: a persistent session that must get the message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub key: SessionKey,
+    /// QoS the message is delivered with (min of publish QoS and granted QoS).
+    pub qos: u8,
+    /// RETAIN flag as it goes out to this subscriber (retain-as-published).
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+}
+
+/// State of one queued delivery to a persistent session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeliveryState {
+    /// Not yet acknowledged: (re)send the PUBLISH.
+    Pending,
+    /// QoS 2 PUBREC received: only PUBREL may be (re)sent, never the PUBLISH again.
+    Released,
+}
+
+/// A queued delivery as it is stored: the message by id, plus what is specific to this session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueEntry {
+    pub msg_id: u64,
+    pub qos: u8,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+    pub state: DeliveryState,
+}
+
+/// A change to durable state. Applied in log order, deterministically, on every replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create a session or replace its settings. `fresh` discards any previous state
+    /// (subscriptions, queue, inbound QoS 2 ids) first, as a clean start does.
+    PutSession { key: SessionKey, record: SessionRecord, fresh: bool },
+    /// Remove a session and everything queued for it (expiry, or a clean start taking over).
+    DeleteSession { key: SessionKey },
+    /// Record the end of a connection (starts the expiry clock) or its start (`None`).
+    SetDisconnected { key: SessionKey, at_ms: Option<u64> },
+    /// Add or replace (same filter) a subscription.
+    Subscribe { key: SessionKey, sub: SubscriptionRecord },
+    /// Remove a subscription by filter.
+    Unsubscribe { key: SessionKey, filter: String },
+    /// Store a message once and queue it for each target; optionally record the inbound QoS 2
+    /// packet id of the publishing session in the same step, so that a retransmitted PUBLISH
+    /// after a crash is recognised as a duplicate.
+    Publish { message: StoredMessage, targets: Vec<Target>, inbound: Option<(SessionKey, u16)> },
+    /// QoS 2 PUBREC received for the delivery with this sequence number.
+    Release { key: SessionKey, seq: u64 },
+    /// Delivery finished (PUBACK for QoS 1, PUBCOMP for QoS 2) or dropped (expired, over limit).
+    Ack { key: SessionKey, seq: u64 },
+    /// PUBREL received from the publishing session: forget its inbound QoS 2 packet id.
+    InboundRelease { key: SessionKey, pid: u16 },
+    /// Set (`Some`) or clear (`None`) the retained message of a topic in a tenant.
+    SetRetained { tenant: String, topic: String, message: Option<StoredMessage> },
+}
+
+/// What applying one command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Ok,
+    /// For `Publish`: the queue sequence number assigned to each target, in target order.
+    /// Sequence numbers are per session, strictly increasing, never reused.
+    Published { seqs: Vec<u64> },
+    /// For `Publish` with `inbound`: that packet id was already recorded, nothing was queued.
+    DuplicateInbound,
+}
+
+/// Everything a node needs to rebuild one persistent session after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredSession {
+    pub key: SessionKey,
+    pub record: SessionRecord,
+    /// Queued deliveries in sequence order, each with its message.
+    pub queue: Vec<(u64, QueueEntry, StoredMessage)>,
+    /// Inbound QoS 2 packet ids still awaiting PUBREL.
+    pub inbound_pids: Vec<u16>,
+}

@@ -16,7 +16,10 @@ pub struct SessionKey {
 impl SessionKey {
     /// Builds a key from its two parts.
     pub fn new(tenant: impl Into<String>, client_id: impl Into<String>) -> Self {
-        Self { tenant: tenant.into(), client_id: client_id.into() }
+        Self {
+            tenant: tenant.into(),
+            client_id: client_id.into(),
+        }
     }
 }
 
@@ -105,19 +108,30 @@ pub struct QueueEntry {
 pub enum Command {
     /// Create a session or replace its settings. `fresh` discards any previous state
     /// (subscriptions, queue, inbound QoS 2 ids) first, as a clean start does.
-    PutSession { key: SessionKey, record: SessionRecord, fresh: bool },
+    PutSession {
+        key: SessionKey,
+        record: SessionRecord,
+        fresh: bool,
+    },
     /// Remove a session and everything queued for it (expiry, or a clean start taking over).
     DeleteSession { key: SessionKey },
     /// Record the end of a connection (starts the expiry clock) or its start (`None`).
     SetDisconnected { key: SessionKey, at_ms: Option<u64> },
     /// Add or replace (same filter) a subscription.
-    Subscribe { key: SessionKey, sub: SubscriptionRecord },
+    Subscribe {
+        key: SessionKey,
+        sub: SubscriptionRecord,
+    },
     /// Remove a subscription by filter.
     Unsubscribe { key: SessionKey, filter: String },
     /// Store a message once and queue it for each target; optionally record the inbound QoS 2
     /// packet id of the publishing session in the same step, so that a retransmitted PUBLISH
     /// after a crash is recognised as a duplicate.
-    Publish { message: StoredMessage, targets: Vec<Target>, inbound: Option<(SessionKey, u16)> },
+    Publish {
+        message: StoredMessage,
+        targets: Vec<Target>,
+        inbound: Option<(SessionKey, u16)>,
+    },
     /// QoS 2 PUBREC received for the delivery with this sequence number.
     Release { key: SessionKey, seq: u64 },
     /// Delivery finished (PUBACK for QoS 1, PUBCOMP for QoS 2) or dropped (expired, over limit).
@@ -125,7 +139,11 @@ pub enum Command {
     /// PUBREL received from the publishing session: forget its inbound QoS 2 packet id.
     InboundRelease { key: SessionKey, pid: u16 },
     /// Set (`Some`) or clear (`None`) the retained message of a topic in a tenant.
-    SetRetained { tenant: String, topic: String, message: Option<StoredMessage> },
+    SetRetained {
+        tenant: String,
+        topic: String,
+        message: Option<StoredMessage>,
+    },
 }
 
 /// What applying one command produced.
@@ -134,7 +152,9 @@ pub enum Response {
     Ok,
     /// For `Publish`: the queue sequence number assigned to each target, in target order.
     /// Sequence numbers are per session, strictly increasing, never reused.
-    Published { seqs: Vec<u64> },
+    Published {
+        seqs: Vec<u64>,
+    },
     /// For `Publish` with `inbound`: that packet id was already recorded, nothing was queued.
     DuplicateInbound,
 }

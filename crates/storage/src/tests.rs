@@ -1,0 +1,369 @@
+//! State machine tests over plain values and a temporary database.
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use crate::records::*;
+use crate::{StateMachineStore, Storage, NO_SESSION_SEQ};
+
+fn open(dir: &tempfile::TempDir) -> (Storage, StateMachineStore) {
+    let st = Storage::open(dir.path()).expect("open");
+    let sm = st.state_machine(0).expect("sm");
+    (st, sm)
+}
+
+fn key(c: &str) -> SessionKey {
+    SessionKey::new("t1", c)
+}
+
+fn record() -> SessionRecord {
+    SessionRecord {
+        expiry_secs: 3600,
+        protocol: 5,
+        disconnected_at_ms: None,
+        subscriptions: vec![],
+    }
+}
+
+fn msg(topic: &str) -> StoredMessage {
+    StoredMessage {
+        topic: topic.into(),
+        payload: Bytes::from_static(b"hello"),
+        qos: 1,
+        retain: false,
+        props: MessageProps::default(),
+        publisher: None,
+    }
+}
+
+fn target(c: &str) -> Target {
+    Target {
+        key: key(c),
+        qos: 1,
+        retain: false,
+        subscription_ids: vec![7],
+    }
+}
+
+fn put(c: &str) -> Command {
+    Command::PutSession {
+        key: key(c),
+        record: record(),
+        fresh: false,
+    }
+}
+
+fn publish(targets: &[&str]) -> Command {
+    Command::Publish {
+        message: msg("a/b"),
+        targets: targets.iter().map(|c| target(c)).collect(),
+        inbound: None,
+    }
+}
+
+fn message_count(sm: &StateMachineStore) -> usize {
+    sm.tree.scan_prefix([crate::state_machine::MESSAGE]).count()
+}
+
+#[test]
+fn publish_to_two_sessions_stores_once_and_acks_delete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_st, sm) = open(&dir);
+    sm.apply(1, &[put("a"), put("b")], None).expect("apply");
+    let r = sm
+        .apply(2, &[publish(&["a", "b", "missing"])], None)
+        .expect("apply");
+    assert_eq!(
+        r,
+        vec![Response::Published {
+            seqs: vec![1, 1, NO_SESSION_SEQ]
+        }]
+    );
+    assert_eq!(message_count(&sm), 1);
+    sm.verify_refcounts().expect("consistent");
+
+    let sessions = sm.sessions().expect("sessions");
+    assert_eq!(sessions.len(), 2);
+    assert_eq!(sessions[0].queue[0].1.msg_id, 2 << 16);
+    assert_eq!(sessions[0].queue[0].2, msg("a/b"));
+
+    sm.apply(
+        3,
+        &[Command::Ack {
+            key: key("a"),
+            seq: 1,
+        }],
+        None,
+    )
+    .expect("ack a");
+    assert_eq!(message_count(&sm), 1);
+    sm.apply(
+        4,
+        &[Command::Ack {
+            key: key("b"),
+            seq: 1,
+        }],
+        None,
+    )
+    .expect("ack b");
+    assert_eq!(message_count(&sm), 0);
+    sm.verify_refcounts().expect("consistent");
+}
+
+#[test]
+fn commands_in_one_entry_see_each_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_st, sm) = open(&dir);
+    let r = sm
+        .apply(
+            1,
+            &[
+                put("a"),
+                publish(&["a"]),
+                publish(&["a"]),
+                Command::Ack {
+                    key: key("a"),
+                    seq: 1,
+                },
+                Command::Release {
+                    key: key("a"),
+                    seq: 2,
+                },
+            ],
+            None,
+        )
+        .expect("apply");
+    assert_eq!(r[1], Response::Published { seqs: vec![1] });
+    assert_eq!(r[2], Response::Published { seqs: vec![2] });
+    let s = sm.session(&key("a")).expect("read").expect("exists");
+    assert_eq!(s.queue.len(), 1);
+    assert_eq!(s.queue[0].0, 2);
+    assert_eq!(s.queue[0].1.state, DeliveryState::Released);
+    assert_eq!(message_count(&sm), 1);
+    sm.verify_refcounts().expect("consistent");
+}
+
+#[test]
+fn delete_session_drops_queue_refs_and_keeps_seq_monotonic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_st, sm) = open(&dir);
+    sm.apply(
+        1,
+        &[put("a"), put("b"), publish(&["a", "b"]), publish(&["a"])],
+        None,
+    )
+    .expect("a");
+    sm.apply(2, &[Command::DeleteSession { key: key("a") }], None)
+        .expect("delete");
+    assert!(sm.session(&key("a")).expect("read").is_none());
+    assert_eq!(message_count(&sm), 1);
+    sm.verify_refcounts().expect("consistent");
+    let r = sm
+        .apply(3, &[put("a"), publish(&["a"])], None)
+        .expect("again");
+    assert_eq!(r[1], Response::Published { seqs: vec![3] });
+
+    // A fresh PutSession drops the queue too, and still does not reuse seqs.
+    let fresh = Command::PutSession {
+        key: key("a"),
+        record: record(),
+        fresh: true,
+    };
+    let r = sm.apply(4, &[fresh, publish(&["a"])], None).expect("fresh");
+    assert_eq!(r[1], Response::Published { seqs: vec![4] });
+    assert_eq!(
+        sm.session(&key("a"))
+            .expect("read")
+            .expect("exists")
+            .queue
+            .len(),
+        1
+    );
+    sm.verify_refcounts().expect("consistent");
+}
+
+#[test]
+fn duplicate_inbound_is_recognised_until_released() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_st, sm) = open(&dir);
+    let p = |targets: Vec<Target>| Command::Publish {
+        message: msg("x"),
+        targets,
+        inbound: Some((key("pub"), 42)),
+    };
+    sm.apply(1, &[put("a"), put("pub")], None).expect("put");
+    let r = sm
+        .apply(2, &[p(vec![]), p(vec![target("a")])], None)
+        .expect("apply");
+    assert_eq!(
+        r,
+        vec![
+            Response::Published { seqs: vec![] },
+            Response::DuplicateInbound
+        ]
+    );
+    assert_eq!(message_count(&sm), 0);
+    assert_eq!(
+        sm.session(&key("pub")).expect("r").expect("s").inbound_pids,
+        vec![42]
+    );
+    sm.apply(
+        3,
+        &[Command::InboundRelease {
+            key: key("pub"),
+            pid: 42,
+        }],
+        None,
+    )
+    .expect("rel");
+    let r = sm.apply(4, &[p(vec![target("a")])], None).expect("apply");
+    assert_eq!(r, vec![Response::Published { seqs: vec![1] }]);
+}
+
+#[test]
+fn session_settings_and_subscriptions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_st, sm) = open(&dir);
+    let sub = |f: &str, qos| SubscriptionRecord {
+        filter: f.into(),
+        qos,
+        no_local: false,
+        retain_as_published: false,
+        retain_handling: 0,
+        subscription_id: None,
+    };
+    sm.apply(
+        1,
+        &[
+            put("a"),
+            Command::Subscribe {
+                key: key("a"),
+                sub: sub("x/#", 1),
+            },
+            Command::Subscribe {
+                key: key("a"),
+                sub: sub("y", 0),
+            },
+            Command::Subscribe {
+                key: key("a"),
+                sub: sub("x/#", 2),
+            },
+            Command::Unsubscribe {
+                key: key("a"),
+                filter: "y".into(),
+            },
+            Command::SetDisconnected {
+                key: key("a"),
+                at_ms: Some(99),
+            },
+            // A resumed session's PutSession keeps the subscriptions it does not mention.
+            Command::PutSession {
+                key: key("a"),
+                record: SessionRecord {
+                    expiry_secs: 10,
+                    ..record()
+                },
+                fresh: false,
+            },
+        ],
+        None,
+    )
+    .expect("apply");
+    let s = sm.session(&key("a")).expect("read").expect("exists");
+    assert_eq!(s.record.subscriptions, vec![sub("x/#", 2)]);
+    assert_eq!(s.record.expiry_secs, 10);
+    assert_eq!(s.record.disconnected_at_ms, None);
+}
+
+#[test]
+fn data_and_last_applied_land_together_and_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (st, sm) = open(&dir);
+        sm.apply(1, &[put("a"), publish(&["a"])], Some((b"L1", Some(b"M1"))))
+            .expect("apply");
+        let retained = Command::SetRetained {
+            tenant: "t1".into(),
+            topic: "r/1".into(),
+            message: Some(msg("r/1")),
+        };
+        sm.apply(2, &[retained], Some((b"L2", None)))
+            .expect("apply");
+        assert_eq!(sm.last_applied_raw().expect("r"), Some(b"L2".to_vec()));
+        assert_eq!(sm.last_membership_raw().expect("r"), Some(b"M1".to_vec()));
+        st.flush_blocking().expect("flush");
+    }
+    let (_st, sm) = open(&dir);
+    assert_eq!(sm.last_applied_raw().expect("r"), Some(b"L2".to_vec()));
+    let s = sm.sessions().expect("sessions");
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].queue.len(), 1);
+    assert_eq!(
+        sm.retained().expect("r"),
+        vec![("t1".into(), "r/1".into(), msg("r/1"))]
+    );
+    // A failing entry writes nothing, not even its last-applied marker.
+    let too_many =
+        vec![Command::DeleteSession { key: key("zz") }; crate::MAX_COMMANDS_PER_ENTRY + 1];
+    assert!(sm.apply(3, &too_many, Some((b"L3", None))).is_err());
+    assert_eq!(sm.last_applied_raw().expect("r"), Some(b"L2".to_vec()));
+}
+
+#[test]
+fn snapshot_round_trip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (st, sm) = open(&dir);
+    sm.apply(1, &[put("a"), publish(&["a"])], Some((b"L1", None)))
+        .expect("apply");
+    let snap = sm.snapshot_bytes().expect("snap");
+    sm.apply(2, &[put("b"), publish(&["a", "b"])], Some((b"L2", None)))
+        .expect("apply");
+    let other = st.state_machine(1).expect("sm1");
+    other.apply(1, &[put("zzz")], None).expect("apply");
+    other.install_snapshot_bytes(&snap).expect("install");
+    assert_eq!(other.sessions().expect("s"), {
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let (_s2, sm2) = open(&fresh);
+        sm2.install_snapshot_bytes(&snap).expect("install");
+        sm2.sessions().expect("s")
+    });
+    assert_eq!(other.sessions().expect("s").len(), 1);
+    assert_eq!(other.last_applied_raw().expect("r"), Some(b"L1".to_vec()));
+    other.save_snapshot(b"meta", &snap).expect("save");
+    assert_eq!(
+        other.read_snapshot().expect("r"),
+        Some((b"meta".to_vec(), snap))
+    );
+}
+
+fn arb_command() -> impl Strategy<Value = Command> {
+    let client = prop::sample::select(vec!["a", "b", "c"]);
+    let clients = prop::collection::vec(prop::sample::select(vec!["a", "b", "c", "d"]), 0..4);
+    prop_oneof![
+        client.clone().prop_map(put),
+        client.clone().prop_map(|c| Command::PutSession {
+            key: key(c),
+            record: record(),
+            fresh: true
+        }),
+        client
+            .clone()
+            .prop_map(|c| Command::DeleteSession { key: key(c) }),
+        clients.prop_map(|t| publish(&t)),
+        (client.clone(), 1u64..8).prop_map(|(c, seq)| Command::Ack { key: key(c), seq }),
+        (client, 1u64..8).prop_map(|(c, seq)| Command::Release { key: key(c), seq }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn refcounts_stay_consistent(entries in prop::collection::vec(prop::collection::vec(arb_command(), 1..6), 1..12)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_st, sm) = open(&dir);
+        for (i, cmds) in entries.iter().enumerate() {
+            sm.apply(i as u64 + 1, cmds, None).expect("apply");
+            prop_assert!(sm.verify_refcounts().is_ok(), "{:?}", sm.verify_refcounts());
+        }
+    }
+}

@@ -1,1 +1,14 @@
-//! placeholder
+//! Raft replication of fleetmq's durable state: openraft 0.9 adapters over `fleetmq-storage`,
+//! and the group-commit proposer the broker uses ([`Durable`]).
+
+pub mod durable;
+pub mod error;
+pub mod log_adapter;
+pub mod network;
+mod proposer;
+pub mod sm_adapter;
+pub mod type_config;
+
+pub use durable::{Durable, DurableConfig};
+pub use error::ClusterError;
+pub use type_config::{Batch, Raft, TypeConfig};

@@ -1,0 +1,203 @@
+//! The broker's entry point to durable state: open, propose (group-committed), recover.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetmq_storage::{
+    Command, RecoveredSession, Response, StateMachineStore, Storage, StoredMessage,
+    MAX_COMMANDS_PER_ENTRY,
+};
+use openraft::error::{InitializeError, RaftError};
+use openraft::{BasicNode, Config, RaftMetrics, ServerState, SnapshotPolicy};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::error::ClusterError;
+use crate::log_adapter::LogAdapter;
+use crate::network::NoNetwork;
+use crate::proposer::{self, Msg};
+use crate::sm_adapter::SmAdapter;
+use crate::type_config::Raft;
+
+/// The only group for now; shards get their own ids later.
+const GROUP: u64 = 0;
+
+/// How long `open` waits for leadership and recovery before giving up.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Settings for [`Durable::open`].
+#[derive(Debug, Clone)]
+pub struct DurableConfig {
+    /// This node's Raft id; must stay the same across restarts of one data directory.
+    pub node_id: u64,
+    /// Directory of the node's sled database.
+    pub data_dir: PathBuf,
+    /// Commands per Raft entry at most (e.g. 4096); clamped to 1..=65536.
+    pub max_batch: usize,
+    /// Address other nodes will reach this node's Raft service at (stored in membership).
+    pub advertise_addr: String,
+}
+
+/// Handle to the node's durable state; cheap to clone.
+#[derive(Clone)]
+pub struct Durable {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    raft: Raft,
+    storage: Storage,
+    sm: StateMachineStore,
+    tx: mpsc::UnboundedSender<Msg>,
+    closing: AtomicBool,
+    batcher: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn raft_config() -> Result<Config, ClusterError> {
+    let config = Config {
+        cluster_name: "fleetmq".to_string(),
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
+        // Snapshot every 20k entries and keep only a short tail, so the log does not grow
+        // forever; with batching that is far more than 20k commands.
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        purge_batch_size: 256,
+        ..Default::default()
+    };
+    config
+        .validate()
+        .map_err(|e| ClusterError::Raft(e.to_string()))
+}
+
+impl Durable {
+    /// Opens the data directory, starts Raft, initialises a one-member cluster on an empty
+    /// directory, and returns once this node is leader and has applied its whole log, so that
+    /// [`sessions`](Self::sessions) and [`retained`](Self::retained) see recovered state.
+    pub async fn open(cfg: DurableConfig) -> Result<Durable, ClusterError> {
+        let storage = Storage::open(&cfg.data_dir)?;
+        let log = LogAdapter::new(storage.log_store(GROUP)?);
+        let sm = storage.state_machine(GROUP)?;
+        let sm_adapter = SmAdapter::new(sm.clone(), storage.clone())
+            .map_err(|e| ClusterError::Fatal(e.to_string()))?;
+        let raft = Raft::new(
+            cfg.node_id,
+            Arc::new(raft_config()?),
+            NoNetwork,
+            log,
+            sm_adapter,
+        )
+        .await?;
+
+        if !raft.is_initialized().await? {
+            let members = BTreeMap::from([(
+                cfg.node_id,
+                BasicNode {
+                    addr: cfg.advertise_addr.clone(),
+                },
+            )]);
+            match raft.initialize(members).await {
+                Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(RaftError::Fatal(f)) => return Err(f.into()),
+                Err(RaftError::APIError(e)) => return Err(ClusterError::Raft(e.to_string())),
+            }
+        }
+
+        let id = cfg.node_id;
+        raft.wait(Some(OPEN_TIMEOUT))
+            .metrics(
+                |m| {
+                    m.state == ServerState::Leader
+                        && m.current_leader == Some(id)
+                        && m.last_applied.map(|l| l.index) >= m.last_log_index
+                },
+                "leader with the whole log applied",
+            )
+            .await
+            .map_err(|e| ClusterError::Timeout(e.to_string()))?;
+
+        let max_batch = cfg.max_batch.clamp(1, MAX_COMMANDS_PER_ENTRY);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let batcher = tokio::spawn(proposer::run(raft.clone(), rx, max_batch));
+        Ok(Durable {
+            inner: Arc::new(Inner {
+                raft,
+                storage,
+                sm,
+                tx,
+                closing: AtomicBool::new(false),
+                batcher: Mutex::new(Some(batcher)),
+            }),
+        })
+    }
+
+    /// Proposes one command; resolves once it is committed (flushed) and applied.
+    /// Commands are applied in the order their `propose`/`propose_nowait` calls happened.
+    pub async fn propose(&self, cmd: Command) -> Result<Response, ClusterError> {
+        fleetmq_storage::validate(&cmd).map_err(|e| ClusterError::InvalidCommand(e.to_string()))?;
+        if self.inner.closing.load(Ordering::Acquire) {
+            return Err(ClusterError::ShuttingDown);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Msg::Propose(cmd, Some(tx)))
+            .map_err(|_| ClusterError::ShuttingDown)?;
+        rx.await.map_err(|_| ClusterError::ShuttingDown)?
+    }
+
+    /// Proposes one command without waiting; same ordering as [`propose`](Self::propose).
+    /// Failures are only logged, so use it where a lost command is harmless (e.g. acks).
+    pub fn propose_nowait(&self, cmd: Command) {
+        if let Err(e) = fleetmq_storage::validate(&cmd) {
+            tracing::warn!(error = %e, "dropping invalid command");
+            return;
+        }
+        if self.inner.closing.load(Ordering::Acquire)
+            || self.inner.tx.send(Msg::Propose(cmd, None)).is_err()
+        {
+            tracing::debug!("proposal after shutdown dropped");
+        }
+    }
+
+    /// All persistent sessions as last applied (call after `open` for recovery).
+    pub fn sessions(&self) -> Result<Vec<RecoveredSession>, ClusterError> {
+        Ok(self.inner.sm.sessions()?)
+    }
+
+    /// All retained messages as `(tenant, topic, message)`.
+    pub fn retained(&self) -> Result<Vec<(String, String, StoredMessage)>, ClusterError> {
+        Ok(self.inner.sm.retained()?)
+    }
+
+    /// Current Raft metrics (leadership, log and applied index), for health checks.
+    pub fn raft_metrics(&self) -> RaftMetrics<u64, BasicNode> {
+        self.inner.raft.metrics().borrow().clone()
+    }
+
+    /// Answers every proposal queued so far, refuses new ones, stops Raft and flushes sled.
+    pub async fn shutdown(&self) -> Result<(), ClusterError> {
+        self.inner.closing.store(true, Ordering::Release);
+        let Some(batcher) = self.inner.batcher.lock().await.take() else {
+            return Ok(()); // already shut down
+        };
+        let (ack_tx, ack_rx) = oneshot::channel();
+        if self.inner.tx.send(Msg::Shutdown(ack_tx)).is_ok() {
+            let _ = ack_rx.await;
+        }
+        if let Err(e) = batcher.await {
+            tracing::error!(error = %e, "raft batcher task failed");
+        }
+        self.inner
+            .raft
+            .shutdown()
+            .await
+            .map_err(|e| ClusterError::Fatal(e.to_string()))?;
+        self.inner.storage.flush().await?;
+        Ok(())
+    }
+}

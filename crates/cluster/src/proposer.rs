@@ -1,0 +1,167 @@
+//! Group commit: many proposals become one Raft entry, so one log flush serves them all.
+//!
+//! One batcher task takes the first queued proposal, drains whatever else is already queued (up
+//! to `max_batch`), and submits it as one entry with `client_write_ff`. It does not wait for the
+//! commit: the receiver goes to a bounded FIFO read by one responder task, so up to
+//! `MAX_IN_FLIGHT` entries are in Raft at once while the next batch fills. Entries are submitted
+//! and answered strictly in order, so responses come back in proposal order.
+
+use std::time::Instant;
+
+use fleetmq_storage::{Command, Response};
+use openraft::error::ClientWriteError;
+use openraft::raft::ClientWriteResponse;
+use openraft::BasicNode;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::ClusterError;
+use crate::type_config::{Batch, Raft, TypeConfig};
+
+/// Entries submitted to Raft and not yet answered, at most.
+pub(crate) const MAX_IN_FLIGHT: usize = 4;
+
+/// Where the outcome of one command goes; `None` for fire-and-forget proposals.
+pub(crate) type Reply = Option<oneshot::Sender<Result<Response, ClusterError>>>;
+
+/// Messages to the batcher.
+pub(crate) enum Msg {
+    /// A command to commit.
+    Propose(Command, Reply),
+    /// Stop after everything queued before this message has been answered.
+    Shutdown(oneshot::Sender<()>),
+}
+
+type WriteResult = Result<ClientWriteResponse<TypeConfig>, ClientWriteError<u64, BasicNode>>;
+
+/// One submitted entry awaiting its result.
+struct InFlight {
+    rx: tokio::sync::oneshot::Receiver<WriteResult>,
+    replies: Vec<Reply>,
+    started: Instant,
+}
+
+/// Runs the batcher until the channel closes or a shutdown message arrives.
+pub(crate) async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Msg>, max_batch: usize) {
+    let (flight_tx, flight_rx) = mpsc::channel::<InFlight>(MAX_IN_FLIGHT - 1);
+    let responder = tokio::spawn(respond(flight_rx));
+    let mut shutdown_ack = None;
+    while shutdown_ack.is_none() {
+        let (cmd, reply) = match rx.recv().await {
+            Some(Msg::Propose(c, r)) => (c, r),
+            Some(Msg::Shutdown(ack)) => {
+                shutdown_ack = Some(ack);
+                break;
+            }
+            None => break,
+        };
+        let mut cmds = vec![cmd];
+        let mut replies = vec![reply];
+        while cmds.len() < max_batch {
+            match rx.try_recv() {
+                Ok(Msg::Propose(c, r)) => {
+                    cmds.push(c);
+                    replies.push(r);
+                }
+                Ok(Msg::Shutdown(ack)) => {
+                    shutdown_ack = Some(ack);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        submit(&raft, cmds, replies, &flight_tx).await;
+    }
+    // Anything still queued after the shutdown message is refused (the senders see a closed
+    // channel), and the responder finishes the entries already in Raft.
+    rx.close();
+    drop(flight_tx);
+    if let Err(e) = responder.await {
+        tracing::error!(error = %e, "raft responder task failed");
+    }
+    if let Some(ack) = shutdown_ack {
+        let _ = ack.send(());
+    }
+}
+
+async fn submit(
+    raft: &Raft,
+    cmds: Vec<Command>,
+    replies: Vec<Reply>,
+    flight_tx: &mpsc::Sender<InFlight>,
+) {
+    metrics::histogram!("fleetmq_raft_batch_size").record(cmds.len() as f64);
+    metrics::counter!("fleetmq_raft_proposals_total").increment(cmds.len() as u64);
+    let started = Instant::now();
+    match raft.client_write_ff(Batch(cmds)).await {
+        Ok(rx) => {
+            // Blocks while MAX_IN_FLIGHT entries are pending: that is when batches grow.
+            if let Err(mpsc::error::SendError(f)) = flight_tx
+                .send(InFlight {
+                    rx,
+                    replies,
+                    started,
+                })
+                .await
+            {
+                fail_all(f.replies, || ClusterError::ShuttingDown);
+            }
+        }
+        Err(fatal) => {
+            let msg = fatal.to_string();
+            let stopped = matches!(fatal, openraft::error::Fatal::Stopped);
+            fail_all(replies, || {
+                if stopped {
+                    ClusterError::ShuttingDown
+                } else {
+                    ClusterError::Fatal(msg.clone())
+                }
+            });
+        }
+    }
+}
+
+async fn respond(mut flight_rx: mpsc::Receiver<InFlight>) {
+    while let Some(f) = flight_rx.recv().await {
+        let result = f.rx.await;
+        metrics::histogram!("fleetmq_raft_commit_seconds")
+            .record(f.started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(resp)) => {
+                if resp.data.len() != f.replies.len() {
+                    let msg = format!(
+                        "entry {} answered {} responses for {} commands",
+                        resp.log_id,
+                        resp.data.len(),
+                        f.replies.len()
+                    );
+                    tracing::error!("{msg}");
+                    fail_all(f.replies, || ClusterError::Raft(msg.clone()));
+                    continue;
+                }
+                for (reply, r) in f.replies.into_iter().zip(resp.data) {
+                    if let Some(tx) = reply {
+                        let _ = tx.send(Ok(r));
+                    }
+                }
+            }
+            Ok(Err(e)) => fail_all(f.replies, || ClusterError::from(&e)),
+            // Raft dropped the responder: it is shutting down or has stopped on a fatal error.
+            Err(_) => fail_all(f.replies, || ClusterError::ShuttingDown),
+        }
+    }
+}
+
+fn fail_all(replies: Vec<Reply>, err: impl Fn() -> ClusterError) {
+    let mut dropped = 0usize;
+    for reply in replies {
+        match reply {
+            Some(tx) => {
+                let _ = tx.send(Err(err()));
+            }
+            None => dropped += 1,
+        }
+    }
+    if dropped > 0 {
+        tracing::warn!(dropped, error = %err(), "fire-and-forget proposals failed");
+    }
+}

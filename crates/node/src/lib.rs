@@ -1,1 +1,141 @@
-//! placeholder
+//! The fleetmq node: configuration, listeners, connection and session handling, routing,
+//! HTTP (metrics, health) and the wiring to durable state.
+
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod http;
+pub mod message;
+pub mod metrics;
+pub mod session;
+pub mod tenant;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use fleetmq_cluster::{Durable, DurableConfig};
+use tokio::net::TcpListener;
+
+pub use config::{Cli, Config};
+
+/// Starts a node and runs it until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let prometheus = metrics::install();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let durable = Durable::open(DurableConfig {
+        node_id: cfg.node_id,
+        data_dir: cfg.data_dir.clone(),
+        max_batch: cfg.raft_max_batch,
+        advertise_addr: cfg.grpc_addr.to_string(),
+    })
+    .await
+    .context("opening durable state")?;
+    let broker = broker::Broker::new(cfg.clone(), durable.clone());
+    broker.restore(durable.sessions()?, durable.retained()?);
+
+    let mqtt = TcpListener::bind(cfg.mqtt_addr)
+        .await
+        .with_context(|| format!("binding MQTT {}", cfg.mqtt_addr))?;
+    let http = TcpListener::bind(cfg.http_addr)
+        .await
+        .with_context(|| format!("binding HTTP {}", cfg.http_addr))?;
+    let mqtt_addr = mqtt.local_addr()?;
+    let http_addr = http.local_addr()?;
+    tracing::info!(%mqtt_addr, %http_addr, data_dir = %cfg.data_dir.display(), node_id = cfg.node_id, "fleetmq listening");
+    if cfg.print_addrs {
+        println!("{{\"mqtt\":\"{mqtt_addr}\",\"http\":\"{http_addr}\"}}");
+    }
+
+    let ready = Arc::new(AtomicBool::new(true));
+    let http_state = http::HttpState {
+        prometheus,
+        ready: ready.clone(),
+    };
+    let mut shutdown_rx = broker.shutdown.subscribe();
+    let http_task = tokio::spawn(async move {
+        let app = http::router(http_state);
+        let _ = axum::serve(http, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown_rx.changed().await;
+            })
+            .await;
+    });
+    let accept_task = tokio::spawn(accept_loop(broker.clone(), mqtt));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    ready.store(false, Ordering::Relaxed);
+    let _ = broker.shutdown.send(true);
+    let _ = accept_task.await;
+    // Give connection tasks a moment to send DISCONNECT 0x8B and finish committed work.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while broker.connections.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = http_task.await;
+    durable.shutdown().await.context("closing durable state")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn accept_loop(broker: Arc<broker::Broker>, listener: TcpListener) {
+    let mut shutdown = broker.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(connection::serve(broker.clone(), stream, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Parses flags/env/file, sets up logging and runs the node: the `fleetmq` binary's `main`.
+pub fn main_entry() -> anyhow::Result<()> {
+    use clap::Parser;
+    let cli = Cli::parse();
+    let cfg = Config::resolve(cli)?;
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(cfg))
+}

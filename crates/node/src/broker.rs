@@ -1,0 +1,707 @@
+//! The broker's shared state and the rules that span sessions: attaching connections to
+//! sessions (takeover, clean start, resume), routing a message to the sessions whose
+//! subscriptions match, retained messages, wills, session expiry, and rebuilding everything
+//! from durable state after a restart.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetmq_cluster::{ClusterError, Durable};
+use fleetmq_protocol::topic::{parse_shared, TopicLimits};
+use fleetmq_protocol::Will;
+use fleetmq_storage::records::{
+    Command, DeliveryState, RecoveredSession, Response, SessionKey, SessionRecord, StoredMessage,
+    Target,
+};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{oneshot, watch};
+
+use crate::config::Config;
+use crate::message::{now_ms, Message};
+use crate::metrics::{self, Handles};
+use crate::session::{Delivery, Enqueue, InflightState, Kick, Session, SessionState, SubOptions};
+use crate::tenant::{SubKey, Tenant};
+
+/// One session a message goes to, after overlapping subscriptions are merged.
+#[derive(Debug, Clone)]
+pub struct Match {
+    pub session: Arc<Session>,
+    pub qos: u8,
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+    /// Whether this delivery must be committed before the publisher is acknowledged.
+    pub durable: bool,
+}
+
+/// A routed message waiting for its durable commit (if any) before it is handed to sessions.
+#[derive(Debug)]
+pub struct Prepared {
+    pub msg: Arc<Message>,
+    pub matches: Vec<Match>,
+}
+
+impl Prepared {
+    /// Whether any target needs the message committed first.
+    pub fn needs_commit(&self) -> bool {
+        self.matches.iter().any(|m| m.durable)
+    }
+}
+
+/// What `attach` hands a new connection.
+pub struct Attached {
+    pub session: Arc<Session>,
+    pub tenant: Arc<Tenant>,
+    pub session_present: bool,
+    pub kick: oneshot::Receiver<Kick>,
+}
+
+/// Shared state of one node.
+pub struct Broker {
+    pub cfg: Config,
+    pub metrics: Handles,
+    pub durable: Durable,
+    pub limits: TopicLimits,
+    tenants: RwLock<HashMap<String, Arc<Tenant>>>,
+    sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    next_id: AtomicU64,
+    /// Open connections, for the node's connection limit.
+    pub connections: AtomicUsize,
+    /// Set to true on SIGTERM/SIGINT; connection tasks watch it.
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl Broker {
+    /// A broker over an opened durable store.
+    pub fn new(cfg: Config, durable: Durable) -> Arc<Broker> {
+        let limits = TopicLimits {
+            max_len: cfg.max_topic_length,
+            max_levels: cfg.max_topic_levels,
+        };
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(Broker {
+            cfg,
+            metrics: Handles::new(),
+            durable,
+            limits,
+            tenants: RwLock::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            shutdown,
+        })
+    }
+
+    /// A process-unique id for sessions and connections.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The routing namespace of a tenant, created on first use.
+    pub fn tenant(&self, name: &str) -> Arc<Tenant> {
+        if let Some(t) = self.tenants.read().get(name) {
+            return t.clone();
+        }
+        self.tenants
+            .write()
+            .entry(name.to_string())
+            .or_insert_with(|| Tenant::new(name))
+            .clone()
+    }
+
+    /// Number of sessions held (for tests and health).
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    // ----- sessions -------------------------------------------------------------------------
+
+    /// Attaches a new connection to the session `key`, taking it over from any connection that
+    /// holds it, and makes the session's durable record match the CONNECT. Returns once the
+    /// durable change is committed, so CONNACK never promises a session that a crash forgets.
+    pub async fn attach(
+        self: &Arc<Self>,
+        key: SessionKey,
+        conn_id: u64,
+        clean_start: bool,
+        expiry_secs: u32,
+        protocol: u8,
+    ) -> Result<Attached, ClusterError> {
+        let tenant = self.tenant(&key.tenant);
+        let persistent = expiry_secs > 0;
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let mut kick_tx = Some(kick_tx);
+        let mut old_will = None;
+        let (session, present, was_persistent, subs) = {
+            let mut map = self.sessions.lock();
+            let existing = map.get(&key).cloned();
+            let mut resumed = None;
+            let mut was_persistent = false;
+            if let Some(old) = existing {
+                let mut st = old.state.lock();
+                let resume = !clean_start && st.expiry_secs > 0;
+                was_persistent = st.persistent;
+                if let Some(k) = st.kick.take() {
+                    let _ = k.send(Kick::TakenOver {
+                        session_continues: resume,
+                    });
+                }
+                st.conn = None;
+                st.generation += 1;
+                let will = st.pending_will.take();
+                if !resume {
+                    old_will = will;
+                }
+                if resume {
+                    st.conn = Some(conn_id);
+                    st.kick = kick_tx.take();
+                    st.expiry_secs = expiry_secs;
+                    st.persistent = persistent;
+                    let subs: Vec<SubOptions> = st.subscriptions.values().cloned().collect();
+                    drop(st);
+                    resumed = Some((old.clone(), subs));
+                } else {
+                    let filters: Vec<String> = st.subscriptions.keys().cloned().collect();
+                    st.reset();
+                    drop(st);
+                    self.remove_subscriptions(&tenant, &old, &filters);
+                    map.remove(&key);
+                    self.metrics.sessions.decrement(1.0);
+                }
+            }
+            match resumed {
+                Some((s, subs)) => (s, true, was_persistent, subs),
+                None => {
+                    let s = Session::new(self.next_id(), key.clone(), persistent, expiry_secs);
+                    {
+                        let mut st = s.state.lock();
+                        st.conn = Some(conn_id);
+                        st.kick = kick_tx.take();
+                        st.generation = 1;
+                    }
+                    map.insert(key.clone(), s.clone());
+                    self.metrics.sessions.increment(1.0);
+                    (s, false, was_persistent, Vec::new())
+                }
+            }
+        };
+        if let Some(msg) = old_will {
+            // The previous session ends with this clean start: its delayed will is due now.
+            self.publish_detached(tenant.clone(), msg);
+        }
+        if persistent {
+            let record = SessionRecord {
+                expiry_secs,
+                protocol,
+                disconnected_at_ms: None,
+                subscriptions: subs,
+            };
+            self.durable
+                .propose(Command::PutSession {
+                    key,
+                    record,
+                    fresh: !present,
+                })
+                .await?;
+        } else if was_persistent {
+            self.durable.propose(Command::DeleteSession { key }).await?;
+        }
+        Ok(Attached {
+            session,
+            tenant,
+            session_present: present,
+            kick: kick_rx,
+        })
+    }
+
+    /// Detaches a connection that ended. Ends the session when its expiry is 0, otherwise
+    /// starts its expiry clock. Returns false when the connection had already been taken over.
+    pub fn detach(
+        self: &Arc<Self>,
+        tenant: &Arc<Tenant>,
+        session: &Arc<Session>,
+        conn_id: u64,
+        expiry: Option<u32>,
+    ) -> bool {
+        let mut st = session.state.lock();
+        if st.conn != Some(conn_id) {
+            return false;
+        }
+        st.conn = None;
+        st.kick = None;
+        if let Some(e) = expiry {
+            st.expiry_secs = e;
+        }
+        let expiry = st.expiry_secs;
+        let generation = st.generation;
+        let persistent = st.persistent;
+        drop(st);
+        if expiry == 0 {
+            self.end_session(tenant, session);
+            return true;
+        }
+        if persistent {
+            self.durable.propose_nowait(Command::SetDisconnected {
+                key: session.key.clone(),
+                at_ms: Some(now_ms()),
+            });
+        }
+        self.schedule_expiry(tenant.clone(), session.clone(), generation, expiry);
+        true
+    }
+
+    fn schedule_expiry(
+        self: &Arc<Self>,
+        tenant: Arc<Tenant>,
+        session: Arc<Session>,
+        generation: u64,
+        secs: u32,
+    ) {
+        if secs == u32::MAX {
+            return;
+        }
+        let broker = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs as u64)).await;
+            let stale = {
+                let st = session.state.lock();
+                st.conn.is_some() || st.generation != generation
+            };
+            if !stale {
+                tracing::debug!(client = %session.key.client_id, "session expired");
+                broker.end_session(&tenant, &session);
+            }
+        });
+    }
+
+    /// Removes a session and everything it holds, in memory and durably.
+    fn end_session(self: &Arc<Self>, tenant: &Arc<Tenant>, session: &Arc<Session>) {
+        let (filters, persistent, will) = {
+            let mut st = session.state.lock();
+            let filters: Vec<String> = st.subscriptions.keys().cloned().collect();
+            st.reset();
+            st.generation += 1;
+            (filters, st.persistent, st.pending_will.take())
+        };
+        if let Some(msg) = will {
+            self.publish_detached(tenant.clone(), msg);
+        }
+        self.remove_subscriptions(tenant, session, &filters);
+        let mut map = self.sessions.lock();
+        if map.get(&session.key).map(|s| s.id) == Some(session.id) {
+            map.remove(&session.key);
+            self.metrics.sessions.decrement(1.0);
+            if persistent {
+                self.durable.propose_nowait(Command::DeleteSession {
+                    key: session.key.clone(),
+                });
+            }
+        }
+    }
+
+    // ----- subscriptions --------------------------------------------------------------------
+
+    /// Adds (or replaces) a subscription. Returns whether it existed before. The filter has
+    /// been validated by the caller.
+    pub fn subscribe(&self, tenant: &Tenant, session: &Arc<Session>, opts: SubOptions) -> bool {
+        let (share, inner) = split_share(&opts.filter);
+        let key = SubKey {
+            session: session.clone(),
+            share,
+        };
+        let existed = session
+            .state
+            .lock()
+            .subscriptions
+            .insert(opts.filter.clone(), opts.clone())
+            .is_some();
+        tenant.subs.write().insert(&inner, key, opts);
+        if !existed {
+            self.metrics.subscriptions.increment(1.0);
+        }
+        existed
+    }
+
+    /// Removes a subscription; returns whether it existed.
+    pub fn unsubscribe(&self, tenant: &Tenant, session: &Arc<Session>, filter: &str) -> bool {
+        let existed = session.state.lock().subscriptions.remove(filter).is_some();
+        if existed {
+            self.remove_subscriptions(tenant, session, &[filter.to_string()]);
+        }
+        existed
+    }
+
+    fn remove_subscriptions(&self, tenant: &Tenant, session: &Arc<Session>, filters: &[String]) {
+        if filters.is_empty() {
+            return;
+        }
+        let mut trie = tenant.subs.write();
+        for f in filters {
+            let (share, inner) = split_share(f);
+            if trie
+                .remove(
+                    &inner,
+                    &SubKey {
+                        session: session.clone(),
+                        share,
+                    },
+                )
+                .is_some()
+            {
+                self.metrics.subscriptions.decrement(1.0);
+            }
+        }
+    }
+
+    // ----- routing --------------------------------------------------------------------------
+
+    /// Finds the sessions a message goes to: one entry per session at the highest granted QoS
+    /// with all matching subscription identifiers (MQTT-3.3.5-1), one member per share group.
+    pub fn route(&self, tenant: &Tenant, msg: &Arc<Message>, publisher: Option<u64>) -> Prepared {
+        let mut out: Vec<Match> = Vec::new();
+        let mut shared: Vec<(Arc<str>, String, Vec<(Arc<Session>, SubOptions)>)> = Vec::new();
+        tenant
+            .subs
+            .read()
+            .for_each_match(&msg.topic, |filter, key, opts| {
+                if opts.no_local && Some(key.session.id) == publisher {
+                    return;
+                }
+                match &key.share {
+                    None => out.push(Match {
+                        session: key.session.clone(),
+                        qos: msg.qos.min(opts.qos),
+                        retain: opts.retain_as_published && msg.retain,
+                        sub_ids: opts.subscription_id.into_iter().collect(),
+                        durable: false,
+                    }),
+                    Some(group) => {
+                        let pos = shared
+                            .iter()
+                            .position(|(g, f, _)| g == group && f == filter);
+                        let entry = match pos {
+                            Some(i) => &mut shared[i],
+                            None => {
+                                shared.push((group.clone(), filter.to_string(), Vec::new()));
+                                let last = shared.len() - 1;
+                                &mut shared[last]
+                            }
+                        };
+                        entry.2.push((key.session.clone(), opts.clone()));
+                    }
+                }
+            });
+        for (_, _, members) in shared {
+            if members.is_empty() {
+                continue;
+            }
+            let start = tenant.next_share() % members.len();
+            // Prefer a member that is connected, so a shared message does not sit in the queue
+            // of an offline session while others could take it.
+            let pick = (0..members.len())
+                .map(|i| &members[(start + i) % members.len()])
+                .find(|(s, _)| s.state.lock().conn.is_some())
+                .unwrap_or(&members[start]);
+            out.push(Match {
+                session: pick.0.clone(),
+                qos: msg.qos.min(pick.1.qos),
+                retain: pick.1.retain_as_published && msg.retain,
+                sub_ids: pick.1.subscription_id.into_iter().collect(),
+                durable: false,
+            });
+        }
+        if out.len() > 1 {
+            out.sort_unstable_by_key(|m| m.session.id);
+            out.dedup_by(|later, kept| {
+                if later.session.id != kept.session.id {
+                    return false;
+                }
+                kept.qos = kept.qos.max(later.qos);
+                kept.retain |= later.retain;
+                kept.sub_ids.append(&mut later.sub_ids);
+                true
+            });
+        }
+        for m in &mut out {
+            m.durable = m.qos > 0 && {
+                let st = m.session.state.lock();
+                st.persistent && st.queue.len() < self.cfg.max_queued_messages
+            };
+        }
+        Prepared {
+            msg: msg.clone(),
+            matches: out,
+        }
+    }
+
+    /// The durable command for a prepared message, if any target needs one (or the publisher's
+    /// inbound QoS 2 packet id must be recorded).
+    pub fn publish_command(
+        &self,
+        prepared: &Prepared,
+        publisher: Option<&SessionKey>,
+        inbound: Option<(SessionKey, u16)>,
+    ) -> Option<Command> {
+        let targets: Vec<Target> = prepared
+            .matches
+            .iter()
+            .filter(|m| m.durable)
+            .map(|m| Target {
+                key: m.session.key.clone(),
+                qos: m.qos,
+                retain: m.retain,
+                subscription_ids: m.sub_ids.clone(),
+            })
+            .collect();
+        if targets.is_empty() && inbound.is_none() {
+            return None;
+        }
+        Some(Command::Publish {
+            message: prepared.msg.to_stored(publisher.cloned()),
+            targets,
+            inbound,
+        })
+    }
+
+    /// Hands a routed message to its sessions. `seqs` are the durable sequence numbers of the
+    /// durable targets in order (from the commit's response).
+    pub fn deliver(&self, prepared: Prepared, seqs: &[u64]) -> usize {
+        let mut seqs = seqs.iter();
+        let mut delivered = 0;
+        for m in prepared.matches {
+            let seq = if m.durable {
+                seqs.next().copied().filter(|s| *s != u64::MAX)
+            } else {
+                None
+            };
+            if m.durable && seq.is_none() {
+                continue;
+            }
+            let d = Delivery {
+                msg: prepared.msg.clone(),
+                qos: m.qos,
+                retain: m.retain,
+                sub_ids: m.sub_ids,
+                seq,
+                dup: false,
+            };
+            if self.enqueue(&m.session, d) {
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
+    /// Queues one delivery on a session and wakes its connection. Returns false if dropped.
+    pub fn enqueue(&self, session: &Arc<Session>, d: Delivery) -> bool {
+        let seq = d.seq;
+        let outcome = session
+            .state
+            .lock()
+            .enqueue(d, self.cfg.max_queued_messages);
+        match outcome {
+            Enqueue::Queued { wake } => {
+                if wake {
+                    session.notify.notify_one();
+                }
+                true
+            }
+            Enqueue::Full | Enqueue::Offline => {
+                metrics::dropped(
+                    if outcome == Enqueue::Full {
+                        "queue_full"
+                    } else {
+                        "qos0_offline"
+                    },
+                    1,
+                );
+                if let Some(seq) = seq {
+                    self.durable.propose_nowait(Command::Ack {
+                        key: session.key.clone(),
+                        seq,
+                    });
+                }
+                false
+            }
+        }
+    }
+
+    /// Updates the retained message of a topic; returns the durable command for it.
+    pub fn retain(&self, tenant: &Tenant, msg: &Arc<Message>) -> Command {
+        let mut retained = tenant.retained.write();
+        if msg.payload.is_empty() {
+            if retained.remove(&msg.topic).is_some() {
+                self.metrics.retained.decrement(1.0);
+            }
+            Command::SetRetained {
+                tenant: tenant.name.clone(),
+                topic: msg.topic.clone(),
+                message: None,
+            }
+        } else {
+            if retained.insert(msg.topic.clone(), msg.clone()).is_none() {
+                self.metrics.retained.increment(1.0);
+            }
+            Command::SetRetained {
+                tenant: tenant.name.clone(),
+                topic: msg.topic.clone(),
+                message: Some(msg.to_stored(None)),
+            }
+        }
+    }
+
+    /// Publishes a message that has no connection waiting on it (a will): commit, then deliver.
+    pub fn publish_detached(self: &Arc<Self>, tenant: Arc<Tenant>, msg: Arc<Message>) {
+        let retain_cmd = msg.retain.then(|| self.retain(&tenant, &msg));
+        let prepared = self.route(&tenant, &msg, None);
+        let cmd = self.publish_command(&prepared, None, None);
+        if retain_cmd.is_none() && cmd.is_none() {
+            self.deliver(prepared, &[]);
+            return;
+        }
+        let broker = self.clone();
+        tokio::spawn(async move {
+            if let Some(rc) = retain_cmd {
+                broker.durable.propose_nowait(rc);
+            }
+            let seqs = match cmd {
+                Some(c) => match broker.durable.propose(c).await {
+                    Ok(Response::Published { seqs }) => seqs,
+                    Ok(_) => Vec::new(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "durable publish of a will failed");
+                        return;
+                    }
+                },
+                None => Vec::new(),
+            };
+            broker.deliver(prepared, &seqs);
+        });
+    }
+
+    // ----- wills ----------------------------------------------------------------------------
+
+    /// Publishes a will now (`session_ends`, or no delay) or after its delay, which the session
+    /// expiry bounds: the pending will is published by whichever of the delay timer or the end
+    /// of the session comes first, and dropped if the client resumes the session before.
+    pub fn schedule_will(
+        self: &Arc<Self>,
+        tenant: Arc<Tenant>,
+        session: Arc<Session>,
+        will: Will,
+        session_ends: bool,
+    ) {
+        let msg = Message::new(will.topic, will.payload, will.qos, will.retain, will.props);
+        if session_ends || will.delay_secs == 0 {
+            self.publish_detached(tenant, msg);
+            return;
+        }
+        let generation = {
+            let mut st = session.state.lock();
+            st.pending_will = Some(msg);
+            st.generation
+        };
+        let broker = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(will.delay_secs as u64)).await;
+            let due = {
+                let mut st = session.state.lock();
+                if st.generation == generation && st.conn.is_none() {
+                    st.pending_will.take()
+                } else {
+                    None
+                }
+            };
+            if let Some(msg) = due {
+                broker.publish_detached(tenant, msg);
+            }
+        });
+    }
+
+    // ----- recovery -------------------------------------------------------------------------
+
+    /// Rebuilds sessions, subscriptions, queues and retained messages from durable state.
+    pub fn restore(
+        self: &Arc<Self>,
+        sessions: Vec<RecoveredSession>,
+        retained: Vec<(String, String, StoredMessage)>,
+    ) {
+        let now = now_ms();
+        for (tenant, topic, m) in retained {
+            let msg = Message::from_stored(m);
+            if msg.is_expired(now) {
+                continue;
+            }
+            self.tenant(&tenant).retained.write().insert(topic, msg);
+            self.metrics.retained.increment(1.0);
+        }
+        let mut messages: HashMap<u64, Arc<Message>> = HashMap::new();
+        let mut restored = 0usize;
+        for rs in sessions {
+            let expiry = rs.record.expiry_secs;
+            let elapsed_ms = rs
+                .record
+                .disconnected_at_ms
+                .map(|t| now.saturating_sub(t))
+                .unwrap_or(0);
+            if expiry != u32::MAX && elapsed_ms >= expiry as u64 * 1000 {
+                self.durable
+                    .propose_nowait(Command::DeleteSession { key: rs.key });
+                continue;
+            }
+            let tenant = self.tenant(&rs.key.tenant);
+            let session = Session::new(self.next_id(), rs.key.clone(), true, expiry);
+            {
+                let mut st: parking_lot::MutexGuard<'_, SessionState> = session.state.lock();
+                st.generation = 1;
+                for pid in rs.inbound_pids {
+                    st.inbound_qos2.insert(pid);
+                }
+                for (seq, entry, stored) in rs.queue {
+                    let msg = messages
+                        .entry(entry.msg_id)
+                        .or_insert_with(|| Message::from_stored(stored))
+                        .clone();
+                    let d = Delivery {
+                        msg,
+                        qos: entry.qos,
+                        retain: entry.retain,
+                        sub_ids: entry.subscription_ids,
+                        seq: Some(seq),
+                        dup: true,
+                    };
+                    match entry.state {
+                        DeliveryState::Pending => st.queue.push_back(d),
+                        DeliveryState::Released => st.restore_inflight(
+                            SessionState::pid_for_seq(seq),
+                            d,
+                            InflightState::AwaitComp,
+                        ),
+                    }
+                }
+            }
+            for sub in rs.record.subscriptions {
+                self.subscribe(&tenant, &session, sub);
+            }
+            self.sessions.lock().insert(rs.key, session.clone());
+            self.metrics.sessions.increment(1.0);
+            let remaining = if expiry == u32::MAX {
+                u32::MAX
+            } else {
+                ((expiry as u64 * 1000 - elapsed_ms) / 1000) as u32
+            };
+            self.schedule_expiry(tenant, session, 1, remaining.max(1));
+            restored += 1;
+        }
+        tracing::info!(sessions = restored, "restored persistent sessions");
+    }
+}
+
+/// Splits `$share/<group>/<filter>` into its group and inner filter.
+pub fn split_share(filter: &str) -> (Option<Arc<str>>, String) {
+    match parse_shared(filter) {
+        Ok(Some((group, inner))) => (Some(Arc::from(group)), inner.to_string()),
+        _ => (None, filter.to_string()),
+    }
+}

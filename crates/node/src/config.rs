@@ -1,0 +1,313 @@
+//! Node settings. Every setting can come from a flag, an `FLEETMQ_*` environment variable or
+//! a TOML file (`--config`); a flag or variable wins over the file, the file over the default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Command line and environment. Every field is optional so that the TOML file can fill gaps.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "fleetmq",
+    version,
+    about = "Clustered multi-tenant MQTT broker"
+)]
+pub struct Cli {
+    /// TOML file with any of the settings below (snake_case keys).
+    #[arg(long, env = "FLEETMQ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// MQTT over TCP listen address.
+    #[arg(long, env = "FLEETMQ_MQTT_ADDR")]
+    pub mqtt_addr: Option<SocketAddr>,
+    /// HTTP listen address (REST API, /metrics, /health/*).
+    #[arg(long, env = "FLEETMQ_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// gRPC listen/advertise address (cluster-internal and messaging API).
+    #[arg(long, env = "FLEETMQ_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Directory for the node's sled database.
+    #[arg(long, env = "FLEETMQ_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Numeric node id, unique in the cluster.
+    #[arg(long, env = "FLEETMQ_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Tenant that clients belong to until tenants and credentials exist.
+    #[arg(long, env = "FLEETMQ_DEFAULT_TENANT")]
+    pub default_tenant: Option<String>,
+    /// Largest MQTT packet accepted or sent, in bytes.
+    #[arg(long, env = "FLEETMQ_MAX_PACKET_SIZE")]
+    pub max_packet_size: Option<usize>,
+    /// Longest topic name or filter, in bytes.
+    #[arg(long, env = "FLEETMQ_MAX_TOPIC_LENGTH")]
+    pub max_topic_length: Option<usize>,
+    /// Most levels in a topic name or filter.
+    #[arg(long, env = "FLEETMQ_MAX_TOPIC_LEVELS")]
+    pub max_topic_levels: Option<usize>,
+    /// Receive Maximum the server announces: QoS 1/2 PUBLISHes a client may have unacknowledged.
+    #[arg(long, env = "FLEETMQ_RECEIVE_MAXIMUM")]
+    pub receive_maximum: Option<u16>,
+    /// Outbound QoS 1/2 messages in flight per session when the client sets no Receive Maximum.
+    #[arg(long, env = "FLEETMQ_MAX_INFLIGHT")]
+    pub max_inflight: Option<u16>,
+    /// Messages queued per session (offline or behind the inflight window) before new ones drop.
+    #[arg(long, env = "FLEETMQ_MAX_QUEUED_MESSAGES")]
+    pub max_queued_messages: Option<usize>,
+    /// Connections this node accepts at once.
+    #[arg(long, env = "FLEETMQ_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Largest keep-alive a client may use, in seconds; larger or 0 values are replaced and
+    /// returned as Server Keep Alive (MQTT 5).
+    #[arg(long, env = "FLEETMQ_MAX_KEEP_ALIVE")]
+    pub max_keep_alive: Option<u16>,
+    /// Longest session expiry interval granted, in seconds.
+    #[arg(long, env = "FLEETMQ_MAX_SESSION_EXPIRY")]
+    pub max_session_expiry: Option<u32>,
+    /// Topic Alias Maximum the server announces to MQTT 5 clients.
+    #[arg(long, env = "FLEETMQ_TOPIC_ALIAS_MAXIMUM")]
+    pub topic_alias_maximum: Option<u16>,
+    /// Seconds a new connection has to send CONNECT.
+    #[arg(long, env = "FLEETMQ_CONNECT_TIMEOUT")]
+    pub connect_timeout_secs: Option<u64>,
+    /// Commands per Raft entry at most (group commit size).
+    #[arg(long, env = "FLEETMQ_RAFT_MAX_BATCH")]
+    pub raft_max_batch: Option<usize>,
+    /// Print the bound addresses as one JSON line on stdout once listening (for tests/scripts).
+    #[arg(long, env = "FLEETMQ_PRINT_ADDRS")]
+    pub print_addrs: bool,
+    /// Log filter, e.g. `info` or `fleetmq_node=debug`.
+    #[arg(long, env = "FLEETMQ_LOG")]
+    pub log: Option<String>,
+}
+
+/// The same settings as read from the TOML file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub mqtt_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub node_id: Option<u64>,
+    pub default_tenant: Option<String>,
+    pub max_packet_size: Option<usize>,
+    pub max_topic_length: Option<usize>,
+    pub max_topic_levels: Option<usize>,
+    pub receive_maximum: Option<u16>,
+    pub max_inflight: Option<u16>,
+    pub max_queued_messages: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_keep_alive: Option<u16>,
+    pub max_session_expiry: Option<u32>,
+    pub topic_alias_maximum: Option<u16>,
+    pub connect_timeout_secs: Option<u64>,
+    pub raft_max_batch: Option<usize>,
+    pub print_addrs: Option<bool>,
+    pub log: Option<String>,
+}
+
+/// Resolved settings of a node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mqtt_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub node_id: u64,
+    pub default_tenant: String,
+    pub max_packet_size: usize,
+    pub max_topic_length: usize,
+    pub max_topic_levels: usize,
+    pub receive_maximum: u16,
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
+    pub max_connections: usize,
+    pub max_keep_alive: u16,
+    pub max_session_expiry: u32,
+    pub topic_alias_maximum: u16,
+    pub connect_timeout_secs: u64,
+    pub raft_max_batch: usize,
+    pub print_addrs: bool,
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mqtt_addr: ([0, 0, 0, 0], 1883).into(),
+            http_addr: ([0, 0, 0, 0], 8080).into(),
+            grpc_addr: ([0, 0, 0, 0], 7070).into(),
+            data_dir: PathBuf::from("./fleetmq-data"),
+            node_id: 1,
+            default_tenant: "default".into(),
+            max_packet_size: 1024 * 1024,
+            max_topic_length: 65_535,
+            max_topic_levels: 128,
+            receive_maximum: 1024,
+            max_inflight: 1024,
+            max_queued_messages: 10_000,
+            max_connections: 1_000_000,
+            max_keep_alive: 3_600,
+            max_session_expiry: u32::MAX,
+            topic_alias_maximum: 64,
+            connect_timeout_secs: 10,
+            raft_max_batch: 4_096,
+            print_addrs: false,
+            log: "info,openraft=warn".into(),
+        }
+    }
+}
+
+/// Error reading the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid setting: {0}")]
+    Invalid(&'static str),
+}
+
+impl Config {
+    /// Resolves flags/env over the TOML file over defaults.
+    pub fn resolve(cli: Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let cfg = Config {
+            mqtt_addr: cli.mqtt_addr.or(file.mqtt_addr).unwrap_or(d.mqtt_addr),
+            http_addr: cli.http_addr.or(file.http_addr).unwrap_or(d.http_addr),
+            grpc_addr: cli.grpc_addr.or(file.grpc_addr).unwrap_or(d.grpc_addr),
+            data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+            node_id: cli.node_id.or(file.node_id).unwrap_or(d.node_id),
+            default_tenant: cli
+                .default_tenant
+                .or(file.default_tenant)
+                .unwrap_or(d.default_tenant),
+            max_packet_size: cli
+                .max_packet_size
+                .or(file.max_packet_size)
+                .unwrap_or(d.max_packet_size),
+            max_topic_length: cli
+                .max_topic_length
+                .or(file.max_topic_length)
+                .unwrap_or(d.max_topic_length),
+            max_topic_levels: cli
+                .max_topic_levels
+                .or(file.max_topic_levels)
+                .unwrap_or(d.max_topic_levels),
+            receive_maximum: cli
+                .receive_maximum
+                .or(file.receive_maximum)
+                .unwrap_or(d.receive_maximum),
+            max_inflight: cli
+                .max_inflight
+                .or(file.max_inflight)
+                .unwrap_or(d.max_inflight),
+            max_queued_messages: cli
+                .max_queued_messages
+                .or(file.max_queued_messages)
+                .unwrap_or(d.max_queued_messages),
+            max_connections: cli
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            max_keep_alive: cli
+                .max_keep_alive
+                .or(file.max_keep_alive)
+                .unwrap_or(d.max_keep_alive),
+            max_session_expiry: cli
+                .max_session_expiry
+                .or(file.max_session_expiry)
+                .unwrap_or(d.max_session_expiry),
+            topic_alias_maximum: cli
+                .topic_alias_maximum
+                .or(file.topic_alias_maximum)
+                .unwrap_or(d.topic_alias_maximum),
+            connect_timeout_secs: cli
+                .connect_timeout_secs
+                .or(file.connect_timeout_secs)
+                .unwrap_or(d.connect_timeout_secs),
+            raft_max_batch: cli
+                .raft_max_batch
+                .or(file.raft_max_batch)
+                .unwrap_or(d.raft_max_batch),
+            print_addrs: cli.print_addrs || file.print_addrs.unwrap_or(false),
+            log: cli.log.or(file.log).unwrap_or(d.log),
+        };
+        if cfg.receive_maximum == 0 || cfg.max_inflight == 0 {
+            return Err(ConfigError::Invalid(
+                "receive_maximum and max_inflight must be at least 1",
+            ));
+        }
+        if cfg.max_packet_size < 64 || cfg.max_packet_size > 268_435_460 {
+            return Err(ConfigError::Invalid(
+                "max_packet_size must be between 64 bytes and 256 MiB",
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(
+            &path,
+            "max_packet_size = 2048\nmax_keep_alive = 60\ndefault_tenant = \"t1\"\n",
+        )
+        .unwrap();
+        let cli = Cli {
+            config: Some(path),
+            max_keep_alive: Some(30),
+            ..Cli::default()
+        };
+        let cfg = Config::resolve(cli).unwrap();
+        assert_eq!(cfg.max_packet_size, 2048);
+        assert_eq!(cfg.max_keep_alive, 30);
+        assert_eq!(cfg.default_tenant, "t1");
+        assert_eq!(
+            cfg.max_queued_messages,
+            Config::default().max_queued_messages
+        );
+    }
+
+    #[test]
+    fn unknown_file_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "no_such_setting = 1\n").unwrap();
+        let cli = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        assert!(matches!(
+            Config::resolve(cli),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+}

@@ -1,0 +1,1222 @@
+//! One task per client connection: read and decode packets, apply them to the session, write
+//! the answers and the session's deliveries. Writes are batched: everything produced while
+//! handling one wake-up goes out in a single write. Work that waits for a durable commit is
+//! kept in an ordered queue so acknowledgements and deliveries leave in the order the client
+//! sent its packets, while the commits of many packets share one flush.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fleetmq_cluster::ClusterError;
+use fleetmq_protocol::encode::{self, ConnAckProps, OutPublish};
+use fleetmq_protocol::reason::v5 as rc;
+use fleetmq_protocol::topic::{parse_shared, validate_topic_filter, validate_topic_name};
+use fleetmq_protocol::{
+    Connect, DecodeError, Decoder, Incoming, ProtocolVersion, Publish, Subscribe, Unsubscribe, Will,
+};
+use fleetmq_storage::records::{Command, Response, SessionKey, SubscriptionRecord};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::broker::{Broker, Prepared};
+use crate::message::{now_ms, Message};
+use crate::metrics;
+use crate::session::{Delivery, InflightState, Kick, Session};
+use crate::tenant::Tenant;
+
+const READ_CHUNK: usize = 64 * 1024;
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deliveries encoded per wake-up at most, so one busy subscriber cannot starve its own reads.
+const FILL_BUDGET_BYTES: usize = 256 * 1024;
+
+/// How a connection ended; decides the will and what the client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// DISCONNECT with reason 0: no will.
+    Normal,
+    /// DISCONNECT with reason 0x04: will wanted.
+    WithWill,
+    /// The socket closed or failed without DISCONNECT.
+    PeerClosed,
+    /// Bad input or a broken rule: DISCONNECT with this reason (MQTT 5), then close.
+    Violation(u8, &'static str),
+    /// No packet within 1.5 × keep-alive.
+    KeepAlive,
+    /// Another connection took the session.
+    Kicked(Kick),
+    /// The node is shutting down.
+    Shutdown,
+}
+
+impl Close {
+    fn will_fires(self) -> bool {
+        !matches!(self, Close::Normal | Close::Shutdown)
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Close::Normal => "normal",
+            Close::WithWill => "disconnect_with_will",
+            Close::PeerClosed => "peer_closed",
+            Close::Violation(..) => "violation",
+            Close::KeepAlive => "keep_alive_timeout",
+            Close::Kicked(_) => "taken_over",
+            Close::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// An acknowledgement owed to the client once its PUBLISH is committed.
+#[derive(Debug, Clone, Copy)]
+enum Ack {
+    None,
+    PubAck(u16),
+    PubRec(u16),
+}
+
+/// Work that finished its durable commit, in client order.
+enum Done {
+    Publish {
+        prepared: Prepared,
+        ack: Ack,
+        result: Result<Response, ClusterError>,
+    },
+    Suback {
+        pkid: u16,
+        codes: Vec<u8>,
+        retained: Vec<Delivery>,
+        result: Result<(), ClusterError>,
+    },
+    Unsuback {
+        pkid: u16,
+        codes: Vec<u8>,
+        result: Result<(), ClusterError>,
+    },
+    /// Outbound QoS 2: the Release is durable, PUBREL may go.
+    Released { pid: u16 },
+    /// Inbound QoS 2: the packet id is forgotten durably, PUBCOMP may go.
+    InboundReleased {
+        pid: u16,
+        result: Result<(), ClusterError>,
+    },
+}
+
+type Pending = FuturesOrdered<Pin<Box<dyn Future<Output = Done> + Send>>>;
+
+/// Serves one client connection until it closes.
+pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    broker.metrics.connections.increment(1.0);
+    let (reader, writer) = tokio::io::split(stream);
+    let mut conn = Conn {
+        decoder: Decoder::new(broker.cfg.max_packet_size),
+        broker: broker.clone(),
+        reader,
+        writer,
+        rbuf: BytesMut::with_capacity(4096),
+        wbuf: BytesMut::with_capacity(4096),
+        peer,
+        conn_id: broker.next_id(),
+        version: ProtocolVersion::V311,
+    };
+    conn.run().await;
+    broker.metrics.connections.decrement(1.0);
+}
+
+struct Conn<S> {
+    broker: Arc<Broker>,
+    reader: ReadHalf<S>,
+    writer: WriteHalf<S>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    decoder: Decoder,
+    peer: SocketAddr,
+    conn_id: u64,
+    version: ProtocolVersion,
+}
+
+/// Per-connection state once CONNECT is accepted.
+struct Active {
+    session: Arc<Session>,
+    tenant: Arc<Tenant>,
+    key: SessionKey,
+    persistent: bool,
+    will: Option<Will>,
+    /// Expiry requested at CONNECT, to check DISCONNECT's change against (MQTT-3.14.2-2).
+    connect_expiry: u32,
+    expiry_override: Option<u32>,
+    keep_alive: Option<Duration>,
+    window: usize,
+    client_max_packet: usize,
+    client_alias_max: u16,
+    out_aliases: HashMap<String, u16>,
+    in_aliases: HashMap<u16, String>,
+    inbound_unacked: usize,
+    pending: Pending,
+    kick: oneshot::Receiver<Kick>,
+    problem_info: bool,
+    sample: u32,
+    last_activity: Instant,
+}
+
+impl<S> Conn<S>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    async fn run(&mut self) {
+        let connect = match self.read_connect().await {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                metrics::counter_protocol_error(e.label());
+                tracing::info!(peer = %self.peer, error = %e, "rejected before CONNECT");
+                if let DecodeError::UnsupportedProtocol(_) = e {
+                    // 3.1.1 format: the only CONNACK every client version can parse.
+                    self.wbuf.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
+                    let _ = self.flush().await;
+                }
+                return;
+            }
+        };
+        let Some(mut active) = self.accept_connect(*connect).await else {
+            let _ = self.flush().await;
+            return;
+        };
+        let close = self.serve_session(&mut active).await;
+        self.finish(active, close).await;
+    }
+
+    /// Reads until CONNECT arrives (or the connect timeout passes).
+    async fn read_connect(&mut self) -> Result<Option<Box<Connect>>, DecodeError> {
+        let deadline = Instant::now() + Duration::from_secs(self.broker.cfg.connect_timeout_secs);
+        loop {
+            if let Some(packet) = self.decoder.decode(&mut self.rbuf)? {
+                return match packet {
+                    Incoming::Connect(c) => Ok(Some(c)),
+                    _ => Err(DecodeError::FirstPacketNotConnect),
+                };
+            }
+            match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.rbuf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+                Ok(Ok(n)) => self.broker.metrics.bytes_in.increment(n as u64),
+                Err(_) => {
+                    tracing::debug!(peer = %self.peer, "no CONNECT in time");
+                    metrics::counter_protocol_error("connect_timeout");
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    fn connack_error(&mut self, code: u8, why: &'static str) {
+        metrics::connect_result(why);
+        tracing::info!(peer = %self.peer, code, why, "CONNECT refused");
+        encode::encode_connack(
+            self.version,
+            false,
+            code,
+            &ConnAckProps::default(),
+            &mut self.wbuf,
+        );
+    }
+
+    /// Validates CONNECT, attaches the session and writes CONNACK plus any redeliveries.
+    async fn accept_connect(&mut self, c: Connect) -> Option<Active> {
+        let broker = self.broker.clone();
+        let cfg = &broker.cfg;
+        self.version = c.version;
+        metrics::packet_in("connect");
+        if c.authentication_method.is_some() {
+            self.connack_error(rc::BAD_AUTHENTICATION_METHOD, "bad_auth_method");
+            return None;
+        }
+        if broker
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= cfg.max_connections
+        {
+            self.connack_error(rc::QUOTA_EXCEEDED, "connection_limit");
+            return None;
+        }
+        let mut assigned = None;
+        let client_id = if c.client_id.is_empty() {
+            if !c.version.is_v5() && !c.clean_start {
+                self.connack_error(rc::CLIENT_ID_NOT_VALID, "empty_client_id");
+                return None;
+            }
+            let id = format!("fleetmq-{:016x}", rand::random::<u64>());
+            assigned = Some(id.clone());
+            id
+        } else {
+            c.client_id.clone()
+        };
+        if client_id.len() > 256 || client_id.contains('\0') {
+            self.connack_error(rc::CLIENT_ID_NOT_VALID, "bad_client_id");
+            return None;
+        }
+        if let Some(w) = &c.will {
+            if validate_topic_name(&w.topic, &broker.limits).is_err() {
+                self.connack_error(rc::TOPIC_NAME_INVALID, "bad_will_topic");
+                return None;
+            }
+        }
+        let requested_expiry = if c.version.is_v5() {
+            c.session_expiry.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let expiry = requested_expiry.min(cfg.max_session_expiry);
+        let keep_alive =
+            if c.version.is_v5() && (c.keep_alive == 0 || c.keep_alive > cfg.max_keep_alive) {
+                cfg.max_keep_alive
+            } else {
+                c.keep_alive
+            };
+        let key = SessionKey::new(cfg.default_tenant.clone(), client_id.clone());
+        let attached = match broker
+            .attach(
+                key.clone(),
+                self.conn_id,
+                c.clean_start,
+                expiry,
+                c.version.level(),
+            )
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "durable session write failed");
+                self.connack_error(rc::SERVER_UNAVAILABLE, "storage_error");
+                return None;
+            }
+        };
+        self.broker
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let props = ConnAckProps {
+            session_expiry: (c.version.is_v5() && expiry != requested_expiry).then_some(expiry),
+            receive_maximum: Some(cfg.receive_maximum),
+            maximum_packet_size: Some(cfg.max_packet_size as u32),
+            assigned_client_id: assigned,
+            topic_alias_maximum: Some(cfg.topic_alias_maximum),
+            server_keep_alive: (keep_alive != c.keep_alive).then_some(keep_alive),
+            ..ConnAckProps::default()
+        };
+        encode::encode_connack(
+            self.version,
+            attached.session_present,
+            rc::SUCCESS,
+            &props,
+            &mut self.wbuf,
+        );
+        metrics::packet_out("connack");
+        metrics::connect_result("accepted");
+        tracing::debug!(peer = %self.peer, client = %client_id, present = attached.session_present, "connected");
+        let window = c.receive_maximum.unwrap_or(u16::MAX).min(cfg.max_inflight) as usize;
+        let mut active = Active {
+            session: attached.session,
+            tenant: attached.tenant,
+            key,
+            persistent: expiry > 0,
+            will: c.will,
+            connect_expiry: requested_expiry,
+            expiry_override: None,
+            keep_alive: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
+            window,
+            client_max_packet: c
+                .maximum_packet_size
+                .map(|m| m as usize)
+                .unwrap_or(usize::MAX),
+            client_alias_max: if c.version.is_v5() {
+                c.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            },
+            out_aliases: HashMap::new(),
+            in_aliases: HashMap::new(),
+            inbound_unacked: 0,
+            pending: FuturesOrdered::new(),
+            kick: attached.kick,
+            problem_info: c.request_problem_info.unwrap_or(1) == 1,
+            sample: 0,
+            last_activity: Instant::now(),
+        };
+        self.redeliver(&mut active);
+        Some(active)
+    }
+
+    /// After (re)connecting: resend unacknowledged PUBLISHes with DUP, and PUBRELs, in order.
+    fn redeliver(&mut self, a: &mut Active) {
+        let session = a.session.clone();
+        let mut st = session.state.lock();
+        let now = now_ms();
+        for (pid, inflight) in st.inflight_in_order() {
+            match inflight.state {
+                InflightState::AwaitAck => {
+                    if !self.encode_delivery(a, pid, &inflight.delivery, true, now) {
+                        st.inflight.remove(&pid);
+                        if let Some(seq) = inflight.delivery.seq {
+                            self.broker.durable.propose_nowait(Command::Ack {
+                                key: a.key.clone(),
+                                seq,
+                            });
+                        }
+                    }
+                }
+                InflightState::Releasing | InflightState::AwaitComp => {
+                    if inflight.state == InflightState::Releasing {
+                        if let Some(seq) = inflight.delivery.seq {
+                            self.broker.durable.propose_nowait(Command::Release {
+                                key: a.key.clone(),
+                                seq,
+                            });
+                        }
+                        if let Some(e) = st.inflight.get_mut(&pid) {
+                            e.state = InflightState::AwaitComp;
+                        }
+                    }
+                    encode::encode_ack(self.version, 6, pid, 0, &mut self.wbuf);
+                    metrics::packet_out("pubrel");
+                }
+            }
+        }
+    }
+
+    /// The main loop of a connected client.
+    async fn serve_session(&mut self, a: &mut Active) -> Close {
+        let mut shutdown = self.broker.shutdown.subscribe();
+        let session = a.session.clone();
+        let ka_sleep = tokio::time::sleep(a.keep_alive.unwrap_or(Duration::from_secs(86_400)));
+        tokio::pin!(ka_sleep);
+        // Deliveries already queued (a resumed session) go out with the CONNACK.
+        self.fill(a);
+        loop {
+            if !self.wbuf.is_empty() {
+                if let Err(close) = self.flush_guarded(a, &mut shutdown).await {
+                    return close;
+                }
+            }
+            let max_pending = self.broker.cfg.receive_maximum as usize * 2;
+            tokio::select! {
+                biased;
+                kick = &mut a.kick => {
+                    return match kick {
+                        Ok(k) => Close::Kicked(k),
+                        Err(_) => Close::Kicked(Kick::TakenOver { session_continues: true }),
+                    };
+                }
+                _ = shutdown.changed() => return Close::Shutdown,
+                Some(done) = a.pending.next(), if !a.pending.is_empty() => {
+                    if let Err(close) = self.on_done(a, done) {
+                        return close;
+                    }
+                }
+                read = self.reader.read_buf(&mut self.rbuf), if a.pending.len() < max_pending => {
+                    match read {
+                        Ok(0) | Err(_) => return Close::PeerClosed,
+                        Ok(n) => {
+                            self.broker.metrics.bytes_in.increment(n as u64);
+                            a.last_activity = Instant::now();
+                            if let Err(close) = self.on_bytes(a) {
+                                return close;
+                            }
+                            if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+                                self.rbuf.reserve(READ_CHUNK);
+                            }
+                        }
+                    }
+                }
+                _ = session.notify.notified() => self.fill(a),
+                _ = &mut ka_sleep, if a.keep_alive.is_some() => {
+                    let timeout = a.keep_alive.unwrap_or_default();
+                    let due = a.last_activity + timeout;
+                    if Instant::now() >= due {
+                        tracing::info!(peer = %self.peer, client = %a.key.client_id, "keep-alive timeout");
+                        return Close::KeepAlive;
+                    }
+                    ka_sleep.as_mut().reset(due);
+                }
+            }
+        }
+    }
+
+    /// Writes the buffered output, unless the connection is kicked or the node stops first.
+    async fn flush_guarded(
+        &mut self,
+        a: &mut Active,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), Close> {
+        let n = self.wbuf.len();
+        tokio::select! {
+            r = tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(&self.wbuf)) => {
+                match r {
+                    Ok(Ok(())) => {}
+                    _ => return Err(Close::PeerClosed),
+                }
+            }
+            kick = &mut a.kick => {
+                return Err(match kick {
+                    Ok(k) => Close::Kicked(k),
+                    Err(_) => Close::Kicked(Kick::TakenOver { session_continues: true }),
+                });
+            }
+            _ = shutdown.changed() => return Err(Close::Shutdown),
+        }
+        self.broker.metrics.bytes_out.increment(n as u64);
+        self.wbuf.clear();
+        if self.wbuf.capacity() > 4 * 1024 * 1024 {
+            // Do not keep a burst's buffer for the life of an idle connection.
+            self.wbuf = BytesMut::with_capacity(4096);
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            let r = tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(&self.wbuf)).await;
+            self.wbuf.clear();
+            r.map_err(|_| std::io::ErrorKind::TimedOut)??;
+        }
+        self.writer.flush().await
+    }
+
+    /// Decodes and handles every complete packet in the read buffer.
+    fn on_bytes(&mut self, a: &mut Active) -> Result<(), Close> {
+        loop {
+            let packet = match self.decoder.decode(&mut self.rbuf) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    metrics::counter_protocol_error(e.label());
+                    tracing::info!(peer = %self.peer, client = %a.key.client_id, error = %e, "closing on bad input");
+                    return Err(Close::Violation(e.reason_code(), e.label()));
+                }
+            };
+            match packet {
+                Incoming::Publish(p) => self.on_publish(a, p)?,
+                Incoming::PubAck { pkid, .. } => {
+                    metrics::packet_in("puback");
+                    self.on_outbound_done(a, pkid, InflightState::AwaitAck, 1);
+                }
+                Incoming::PubRec { pkid, reason } => {
+                    metrics::packet_in("pubrec");
+                    self.on_pubrec(a, pkid, reason);
+                }
+                Incoming::PubComp { pkid } => {
+                    metrics::packet_in("pubcomp");
+                    self.on_outbound_done(a, pkid, InflightState::AwaitComp, 2);
+                }
+                Incoming::PubRel { pkid } => {
+                    metrics::packet_in("pubrel");
+                    self.on_pubrel(a, pkid);
+                }
+                Incoming::Subscribe(s) => {
+                    metrics::packet_in("subscribe");
+                    self.on_subscribe(a, s)?;
+                }
+                Incoming::Unsubscribe(u) => {
+                    metrics::packet_in("unsubscribe");
+                    self.on_unsubscribe(a, u);
+                }
+                Incoming::PingReq => {
+                    metrics::packet_in("pingreq");
+                    encode::encode_pingresp(&mut self.wbuf);
+                    metrics::packet_out("pingresp");
+                }
+                Incoming::Disconnect(d) => {
+                    metrics::packet_in("disconnect");
+                    if let Some(e) = d.session_expiry {
+                        if a.connect_expiry == 0 && e != 0 {
+                            return Err(Close::Violation(
+                                rc::PROTOCOL_ERROR,
+                                "session expiry set on DISCONNECT after 0",
+                            ));
+                        }
+                        a.expiry_override = Some(e.min(self.broker.cfg.max_session_expiry));
+                    }
+                    return Err(if d.reason == rc::DISCONNECT_WITH_WILL {
+                        Close::WithWill
+                    } else {
+                        Close::Normal
+                    });
+                }
+                Incoming::Auth => {
+                    metrics::counter_protocol_error("auth_unsupported");
+                    return Err(Close::Violation(
+                        rc::PROTOCOL_ERROR,
+                        "AUTH without authentication method",
+                    ));
+                }
+                Incoming::Connect(_) => {
+                    return Err(Close::Violation(rc::PROTOCOL_ERROR, "second CONNECT"))
+                }
+            }
+        }
+    }
+
+    fn on_publish(&mut self, a: &mut Active, p: Publish) -> Result<(), Close> {
+        let broker = self.broker.clone();
+        broker.metrics.publish_in.increment(1);
+        if let Some(c) = broker.metrics.messages_in.get(p.qos as usize) {
+            c.increment(1);
+        }
+        if p.qos > 0
+            && a.inbound_unacked >= broker.cfg.receive_maximum as usize
+            && self.version.is_v5()
+        {
+            metrics::counter_protocol_error("receive_maximum_exceeded");
+            return Err(Close::Violation(
+                rc::RECEIVE_MAXIMUM_EXCEEDED,
+                "receive maximum exceeded",
+            ));
+        }
+        let topic = self.resolve_alias(a, &p)?;
+        if validate_topic_name(&topic, &broker.limits).is_err() {
+            metrics::counter_protocol_error("topic_name_invalid");
+            tracing::info!(peer = %self.peer, client = %a.key.client_id, "invalid topic name in PUBLISH");
+            return Err(Close::Violation(
+                rc::TOPIC_NAME_INVALID,
+                "invalid topic name",
+            ));
+        }
+        if p.qos == 2 {
+            let duplicate = !a.session.state.lock().inbound_qos2.insert(p.pkid);
+            if duplicate {
+                // Retransmission of a message we already took: acknowledge, never route again.
+                encode::encode_ack(self.version, 5, p.pkid, 0, &mut self.wbuf);
+                metrics::packet_out("pubrec");
+                return Ok(());
+            }
+        }
+        let msg = Message::new(topic, p.payload, p.qos, p.retain, p.props);
+        let retain_cmd = p.retain.then(|| broker.retain(&a.tenant, &msg));
+        let prepared = broker.route(&a.tenant, &msg, Some(a.session.id));
+        let inbound = (p.qos == 2 && a.persistent).then(|| (a.key.clone(), p.pkid));
+        let cmd = broker.publish_command(&prepared, Some(&a.key), inbound);
+        let ack = match p.qos {
+            0 => Ack::None,
+            1 => Ack::PubAck(p.pkid),
+            _ => Ack::PubRec(p.pkid),
+        };
+        if p.qos > 0 {
+            a.inbound_unacked += 1;
+        }
+        if cmd.is_none() && retain_cmd.is_none() && a.pending.is_empty() {
+            self.complete_publish(a, prepared, ack, Ok(Response::Ok))
+        } else {
+            let durable = broker.durable.clone();
+            a.pending.push_back(Box::pin(async move {
+                if let Some(rc) = retain_cmd {
+                    if let Err(e) = durable.propose(rc).await {
+                        return Done::Publish {
+                            prepared,
+                            ack,
+                            result: Err(e),
+                        };
+                    }
+                }
+                let result = match cmd {
+                    Some(c) => durable.propose(c).await,
+                    None => Ok(Response::Ok),
+                };
+                Done::Publish {
+                    prepared,
+                    ack,
+                    result,
+                }
+            }));
+            Ok(())
+        }
+    }
+
+    /// MQTT 5 topic aliases from the client: set or use the mapping; errors per spec 3.3.2.3.4.
+    fn resolve_alias(&mut self, a: &mut Active, p: &Publish) -> Result<String, Close> {
+        let Some(alias) = p.props.topic_alias else {
+            return Ok(p.topic.clone());
+        };
+        if alias > self.broker.cfg.topic_alias_maximum {
+            metrics::counter_protocol_error("topic_alias_invalid");
+            return Err(Close::Violation(
+                rc::TOPIC_ALIAS_INVALID,
+                "topic alias above maximum",
+            ));
+        }
+        if p.topic.is_empty() {
+            match a.in_aliases.get(&alias) {
+                Some(t) => Ok(t.clone()),
+                None => {
+                    metrics::counter_protocol_error("topic_alias_unknown");
+                    Err(Close::Violation(rc::PROTOCOL_ERROR, "unknown topic alias"))
+                }
+            }
+        } else {
+            a.in_aliases.insert(alias, p.topic.clone());
+            Ok(p.topic.clone())
+        }
+    }
+
+    /// Delivers a committed (or non-durable) message and acknowledges it to its publisher.
+    fn complete_publish(
+        &mut self,
+        a: &mut Active,
+        prepared: Prepared,
+        ack: Ack,
+        result: Result<Response, ClusterError>,
+    ) -> Result<(), Close> {
+        let (reason, ok) = match result {
+            Ok(Response::Published { seqs }) => {
+                let matched = !prepared.matches.is_empty();
+                self.broker.deliver(prepared, &seqs);
+                (
+                    if matched {
+                        rc::SUCCESS
+                    } else {
+                        rc::NO_MATCHING_SUBSCRIBERS
+                    },
+                    true,
+                )
+            }
+            Ok(Response::DuplicateInbound) => (rc::SUCCESS, true),
+            Ok(Response::Ok) => {
+                let matched = !prepared.matches.is_empty();
+                self.broker.deliver(prepared, &[]);
+                (
+                    if matched {
+                        rc::SUCCESS
+                    } else {
+                        rc::NO_MATCHING_SUBSCRIBERS
+                    },
+                    true,
+                )
+            }
+            Err(e) => {
+                tracing::error!(error = %e, client = %a.key.client_id, "durable publish failed");
+                metrics::dropped("storage_error", 1);
+                (rc::IMPLEMENTATION_SPECIFIC, false)
+            }
+        };
+        if !ok && !self.version.is_v5() && !matches!(ack, Ack::None) {
+            // 3.1.1 cannot refuse a PUBLISH: closing without an ack makes the client resend.
+            return Err(Close::Violation(
+                rc::UNSPECIFIED_ERROR,
+                "storage unavailable",
+            ));
+        }
+        match ack {
+            Ack::None => {}
+            Ack::PubAck(pid) => {
+                encode::encode_ack(self.version, 4, pid, reason, &mut self.wbuf);
+                metrics::packet_out("puback");
+                a.inbound_unacked = a.inbound_unacked.saturating_sub(1);
+            }
+            Ack::PubRec(pid) => {
+                if !ok {
+                    a.session.state.lock().inbound_qos2.remove(&pid);
+                    a.inbound_unacked = a.inbound_unacked.saturating_sub(1);
+                }
+                encode::encode_ack(self.version, 5, pid, reason, &mut self.wbuf);
+                metrics::packet_out("pubrec");
+            }
+        }
+        Ok(())
+    }
+
+    fn on_pubrel(&mut self, a: &mut Active, pkid: u16) {
+        let known = a.session.state.lock().inbound_qos2.remove(&pkid);
+        if !known {
+            encode::encode_ack(
+                self.version,
+                7,
+                pkid,
+                rc::PACKET_ID_NOT_FOUND,
+                &mut self.wbuf,
+            );
+            metrics::packet_out("pubcomp");
+            return;
+        }
+        a.inbound_unacked = a.inbound_unacked.saturating_sub(1);
+        if a.persistent {
+            // PUBCOMP only after the id is durably forgotten: otherwise a crash would make a new
+            // message that reuses the id look like a duplicate and be lost.
+            let durable = self.broker.durable.clone();
+            let key = a.key.clone();
+            a.pending.push_back(Box::pin(async move {
+                let result = durable
+                    .propose(Command::InboundRelease { key, pid: pkid })
+                    .await
+                    .map(|_| ());
+                Done::InboundReleased { pid: pkid, result }
+            }));
+        } else if a.pending.is_empty() {
+            encode::encode_ack(self.version, 7, pkid, 0, &mut self.wbuf);
+            metrics::packet_out("pubcomp");
+        } else {
+            a.pending.push_back(Box::pin(async move {
+                Done::InboundReleased {
+                    pid: pkid,
+                    result: Ok(()),
+                }
+            }));
+        }
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client ends a delivery.
+    fn on_outbound_done(&mut self, a: &mut Active, pkid: u16, expected: InflightState, qos: u8) {
+        let removed = {
+            let mut st = a.session.state.lock();
+            match st.inflight.get(&pkid) {
+                Some(i) if i.state == expected && i.delivery.qos == qos => {
+                    st.inflight.remove(&pkid)
+                }
+                _ => None,
+            }
+        };
+        if let Some(i) = removed {
+            if let Some(seq) = i.delivery.seq {
+                self.broker.durable.propose_nowait(Command::Ack {
+                    key: a.key.clone(),
+                    seq,
+                });
+            }
+            self.fill(a);
+        }
+    }
+
+    fn on_pubrec(&mut self, a: &mut Active, pkid: u16, reason: u8) {
+        let mut st = a.session.state.lock();
+        let Some(entry) = st.inflight.get_mut(&pkid) else {
+            drop(st);
+            encode::encode_ack(
+                self.version,
+                6,
+                pkid,
+                rc::PACKET_ID_NOT_FOUND,
+                &mut self.wbuf,
+            );
+            metrics::packet_out("pubrel");
+            return;
+        };
+        if entry.state != InflightState::AwaitAck || entry.delivery.qos != 2 {
+            // A duplicate PUBREC: answer with PUBREL again, as the flow expects.
+            let releasing = entry.state == InflightState::Releasing;
+            drop(st);
+            if !releasing {
+                encode::encode_ack(self.version, 6, pkid, 0, &mut self.wbuf);
+                metrics::packet_out("pubrel");
+            }
+            return;
+        }
+        if reason >= 0x80 {
+            // The client refused the message: the delivery is over.
+            let seq = entry.delivery.seq;
+            st.inflight.remove(&pkid);
+            drop(st);
+            if let Some(seq) = seq {
+                self.broker.durable.propose_nowait(Command::Ack {
+                    key: a.key.clone(),
+                    seq,
+                });
+            }
+            self.fill(a);
+            return;
+        }
+        match entry.delivery.seq {
+            Some(seq) => {
+                // After PUBREC the PUBLISH must never be sent again; make that durable first.
+                entry.state = InflightState::Releasing;
+                drop(st);
+                let durable = self.broker.durable.clone();
+                let key = a.key.clone();
+                a.pending.push_back(Box::pin(async move {
+                    if let Err(e) = durable.propose(Command::Release { key, seq }).await {
+                        tracing::warn!(error = %e, "durable release failed; PUBREL sent anyway");
+                    }
+                    Done::Released { pid: pkid }
+                }));
+            }
+            None => {
+                entry.state = InflightState::AwaitComp;
+                drop(st);
+                encode::encode_ack(self.version, 6, pkid, 0, &mut self.wbuf);
+                metrics::packet_out("pubrel");
+            }
+        }
+    }
+
+    fn on_subscribe(&mut self, a: &mut Active, s: Subscribe) -> Result<(), Close> {
+        let broker = self.broker.clone();
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut cmds = Vec::new();
+        let mut retained = Vec::new();
+        for f in s.filters {
+            let (shared, inner) = match parse_shared(&f.filter) {
+                Ok(Some((_, inner))) => (true, inner.to_string()),
+                Ok(None) => (false, f.filter.clone()),
+                Err(_) => {
+                    codes.push(self.sub_failure(rc::TOPIC_FILTER_INVALID));
+                    continue;
+                }
+            };
+            if shared && f.no_local && self.version.is_v5() {
+                metrics::counter_protocol_error("no_local_on_shared");
+                return Err(Close::Violation(
+                    rc::PROTOCOL_ERROR,
+                    "no local on a shared subscription",
+                ));
+            }
+            if validate_topic_filter(&inner, &broker.limits).is_err() {
+                tracing::info!(client = %a.key.client_id, filter = %f.filter, "invalid topic filter");
+                codes.push(self.sub_failure(rc::TOPIC_FILTER_INVALID));
+                continue;
+            }
+            let granted = f.qos.min(2);
+            let opts = SubscriptionRecord {
+                filter: f.filter,
+                qos: granted,
+                no_local: f.no_local,
+                retain_as_published: f.retain_as_published,
+                retain_handling: f.retain_handling,
+                subscription_id: s.subscription_id,
+            };
+            let existed = broker.subscribe(&a.tenant, &a.session, opts.clone());
+            if !shared && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed)) {
+                for m in a.tenant.retained_matching(&inner) {
+                    retained.push(Delivery {
+                        qos: m.qos.min(granted),
+                        msg: m,
+                        retain: true,
+                        sub_ids: opts.subscription_id.into_iter().collect(),
+                        seq: None,
+                        dup: false,
+                    });
+                }
+            }
+            if a.persistent {
+                cmds.push(Command::Subscribe {
+                    key: a.key.clone(),
+                    sub: opts,
+                });
+            }
+            codes.push(granted);
+        }
+        let pkid = s.pkid;
+        if cmds.is_empty() && a.pending.is_empty() {
+            self.write_suback(a, pkid, &codes, retained);
+        } else {
+            let durable = broker.durable.clone();
+            a.pending.push_back(Box::pin(async move {
+                let mut result = Ok(());
+                for c in cmds {
+                    if let Err(e) = durable.propose(c).await {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                Done::Suback {
+                    pkid,
+                    codes,
+                    retained,
+                    result,
+                }
+            }));
+        }
+        Ok(())
+    }
+
+    fn sub_failure(&self, v5_code: u8) -> u8 {
+        if self.version.is_v5() {
+            v5_code
+        } else {
+            fleetmq_protocol::reason::v3::SUBACK_FAILURE
+        }
+    }
+
+    fn write_suback(&mut self, a: &mut Active, pkid: u16, codes: &[u8], retained: Vec<Delivery>) {
+        encode::encode_suback(self.version, pkid, codes, &mut self.wbuf);
+        metrics::packet_out("suback");
+        for d in retained {
+            self.broker.enqueue(&a.session, d);
+        }
+    }
+
+    fn on_unsubscribe(&mut self, a: &mut Active, u: Unsubscribe) {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        let mut cmds = Vec::new();
+        for f in u.filters {
+            let existed = self.broker.unsubscribe(&a.tenant, &a.session, &f);
+            codes.push(if existed {
+                rc::SUCCESS
+            } else {
+                rc::NO_SUBSCRIPTION_EXISTED
+            });
+            if existed && a.persistent {
+                cmds.push(Command::Unsubscribe {
+                    key: a.key.clone(),
+                    filter: f,
+                });
+            }
+        }
+        let pkid = u.pkid;
+        if cmds.is_empty() && a.pending.is_empty() {
+            encode::encode_unsuback(self.version, pkid, &codes, &mut self.wbuf);
+            metrics::packet_out("unsuback");
+        } else {
+            let durable = self.broker.durable.clone();
+            a.pending.push_back(Box::pin(async move {
+                let mut result = Ok(());
+                for c in cmds {
+                    if let Err(e) = durable.propose(c).await {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                Done::Unsuback {
+                    pkid,
+                    codes,
+                    result,
+                }
+            }));
+        }
+    }
+
+    fn on_done(&mut self, a: &mut Active, done: Done) -> Result<(), Close> {
+        match done {
+            Done::Publish {
+                prepared,
+                ack,
+                result,
+            } => self.complete_publish(a, prepared, ack, result)?,
+            Done::Suback {
+                pkid,
+                mut codes,
+                retained,
+                result,
+            } => {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "durable subscribe failed");
+                    let fail = self.sub_failure(rc::UNSPECIFIED_ERROR);
+                    codes.iter_mut().for_each(|c| *c = fail);
+                }
+                self.write_suback(a, pkid, &codes, retained);
+            }
+            Done::Unsuback {
+                pkid,
+                codes,
+                result,
+            } => {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "durable unsubscribe failed");
+                }
+                encode::encode_unsuback(self.version, pkid, &codes, &mut self.wbuf);
+                metrics::packet_out("unsuback");
+            }
+            Done::Released { pid } => {
+                if let Some(e) = a.session.state.lock().inflight.get_mut(&pid) {
+                    e.state = InflightState::AwaitComp;
+                }
+                encode::encode_ack(self.version, 6, pid, 0, &mut self.wbuf);
+                metrics::packet_out("pubrel");
+            }
+            Done::InboundReleased { pid, result } => {
+                let reason = if result.is_ok() {
+                    0
+                } else {
+                    rc::UNSPECIFIED_ERROR
+                };
+                encode::encode_ack(self.version, 7, pid, reason, &mut self.wbuf);
+                metrics::packet_out("pubcomp");
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves queued deliveries into the write buffer, within the client's inflight window.
+    fn fill(&mut self, a: &mut Active) {
+        let session = a.session.clone();
+        let mut dropped_acks = Vec::new();
+        {
+            let mut st = session.state.lock();
+            if st.conn != Some(self.conn_id) {
+                return;
+            }
+            let now = now_ms();
+            let start = self.wbuf.len();
+            let mut budget_hit = false;
+            st.take_sendable(a.window, |pid, d| {
+                if budget_hit {
+                    return false;
+                }
+                let sent = self.encode_delivery(a, pid, d, d.dup, now);
+                if !sent {
+                    if let Some(seq) = d.seq {
+                        dropped_acks.push(seq);
+                    }
+                }
+                if self.wbuf.len() - start > FILL_BUDGET_BYTES {
+                    budget_hit = true;
+                }
+                sent
+            });
+            if budget_hit && !st.queue.is_empty() {
+                // More is waiting: wake ourselves again after this batch is written.
+                session.notify.notify_one();
+            }
+        }
+        for seq in dropped_acks {
+            self.broker.durable.propose_nowait(Command::Ack {
+                key: a.key.clone(),
+                seq,
+            });
+        }
+    }
+
+    /// Encodes one PUBLISH for this client. Returns false if the message was dropped instead
+    /// (expired, or larger than the client's Maximum Packet Size: MQTT-3.1.2-25).
+    fn encode_delivery(
+        &mut self,
+        a: &mut Active,
+        pid: u16,
+        d: &Delivery,
+        dup: bool,
+        now: u64,
+    ) -> bool {
+        if d.msg.is_expired(now) {
+            metrics::dropped("expired", 1);
+            return false;
+        }
+        let mut out = OutPublish {
+            topic: &d.msg.topic,
+            payload: &d.msg.payload,
+            qos: d.qos,
+            retain: d.retain,
+            dup,
+            pkid: pid,
+            props: Some(&d.msg.props),
+            message_expiry: d.msg.remaining_expiry(now),
+            subscription_ids: &d.sub_ids,
+            topic_alias: None,
+            alias_only: false,
+        };
+        if encode::publish_len(self.version, &out) > a.client_max_packet {
+            metrics::dropped("client_packet_too_large", 1);
+            return false;
+        }
+        if a.client_alias_max > 0 {
+            match a.out_aliases.get(d.msg.topic.as_str()) {
+                Some(alias) => {
+                    out.topic_alias = Some(*alias);
+                    out.alias_only = true;
+                }
+                None => {
+                    let next = a.out_aliases.len() as u16 + 1;
+                    if next <= a.client_alias_max {
+                        a.out_aliases.insert(d.msg.topic.clone(), next);
+                        out.topic_alias = Some(next);
+                    }
+                }
+            }
+        }
+        encode::encode_publish(self.version, &out, &mut self.wbuf);
+        let m = &self.broker.metrics;
+        m.publish_out.increment(1);
+        if let Some(c) = m.messages_out.get(d.qos as usize) {
+            c.increment(1);
+        }
+        a.sample = a.sample.wrapping_add(1);
+        if a.sample % 16 == 0 {
+            m.deliver_latency
+                .record(d.msg.received_at.elapsed().as_secs_f64());
+        }
+        true
+    }
+
+    /// Ends the connection: tell the client why (MQTT 5), fire the will if due, detach.
+    async fn finish(&mut self, mut a: Active, close: Close) {
+        metrics::disconnect(close.label());
+        match close {
+            Close::Violation(code, why) => {
+                let reason = a.problem_info.then_some(why);
+                encode::encode_disconnect(self.version, code, reason, &mut self.wbuf);
+            }
+            Close::KeepAlive => encode::encode_disconnect(
+                self.version,
+                rc::KEEP_ALIVE_TIMEOUT,
+                None,
+                &mut self.wbuf,
+            ),
+            Close::Kicked(_) => encode::encode_disconnect(
+                self.version,
+                rc::SESSION_TAKEN_OVER,
+                None,
+                &mut self.wbuf,
+            ),
+            Close::Shutdown => encode::encode_disconnect(
+                self.version,
+                rc::SERVER_SHUTTING_DOWN,
+                None,
+                &mut self.wbuf,
+            ),
+            _ => {}
+        }
+        if !matches!(close, Close::PeerClosed) {
+            let _ = self.flush().await;
+            let _ = self.writer.shutdown().await;
+        }
+        self.broker
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        // Work already committed still gets delivered to its subscribers; its acks are moot.
+        while let Some(done) = a.pending.next().await {
+            if let Done::Publish {
+                prepared,
+                result: Ok(resp),
+                ..
+            } = done
+            {
+                let seqs = match resp {
+                    Response::Published { seqs } => seqs,
+                    _ => Vec::new(),
+                };
+                self.broker.deliver(prepared, &seqs);
+            }
+        }
+        let will = if close.will_fires() {
+            a.will.take()
+        } else {
+            None
+        };
+        match close {
+            Close::Kicked(Kick::TakenOver { session_continues }) => {
+                if let Some(w) = will {
+                    // A resumed session cancels a delayed will; an immediate one still fires.
+                    if !session_continues || w.delay_secs == 0 {
+                        self.broker
+                            .schedule_will(a.tenant.clone(), a.session.clone(), w, true);
+                    }
+                }
+            }
+            _ => {
+                let expiry = a
+                    .expiry_override
+                    .unwrap_or_else(|| a.session.state.lock().expiry_secs);
+                if let Some(w) = will {
+                    self.broker
+                        .schedule_will(a.tenant.clone(), a.session.clone(), w, expiry == 0);
+                }
+                self.broker
+                    .detach(&a.tenant, &a.session, self.conn_id, a.expiry_override);
+            }
+        }
+        tracing::debug!(peer = %self.peer, client = %a.key.client_id, reason = close.label(), "connection closed");
+    }
+}

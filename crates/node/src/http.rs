@@ -1,0 +1,49 @@
+//! The HTTP listener: Prometheus metrics and health probes. (The REST API joins it later.)
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+/// What the HTTP handlers need.
+#[derive(Clone)]
+pub struct HttpState {
+    pub prometheus: Option<PrometheusHandle>,
+    /// True once durable state is recovered and listeners are up; false again on shutdown.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Builds the router.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health/live", get(|| async { "ok\n" }))
+        .route("/health/ready", get(ready))
+        .with_state(state)
+}
+
+async fn metrics(
+    State(s): State<HttpState>,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    let body = match &s.prometheus {
+        Some(h) => h.render(),
+        None => String::new(),
+    };
+    (
+        StatusCode::OK,
+        [("content-type", "text/plain; version=0.0.4")],
+        body,
+    )
+}
+
+async fn ready(State(s): State<HttpState>) -> (StatusCode, &'static str) {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}

@@ -79,19 +79,16 @@ impl Durable {
     /// directory, and returns once this node is leader and has applied its whole log, so that
     /// [`sessions`](Self::sessions) and [`retained`](Self::retained) see recovered state.
     pub async fn open(cfg: DurableConfig) -> Result<Durable, ClusterError> {
+        Self::open_with(cfg, raft_config()?).await
+    }
+
+    async fn open_with(cfg: DurableConfig, config: Config) -> Result<Durable, ClusterError> {
         let storage = Storage::open(&cfg.data_dir)?;
         let log = LogAdapter::new(storage.log_store(GROUP)?);
         let sm = storage.state_machine(GROUP)?;
         let sm_adapter = SmAdapter::new(sm.clone(), storage.clone())
             .map_err(|e| ClusterError::Fatal(e.to_string()))?;
-        let raft = Raft::new(
-            cfg.node_id,
-            Arc::new(raft_config()?),
-            NoNetwork,
-            log,
-            sm_adapter,
-        )
-        .await?;
+        let raft = Raft::new(cfg.node_id, Arc::new(config), NoNetwork, log, sm_adapter).await?;
 
         if !raft.is_initialized().await? {
             let members = BTreeMap::from([(
@@ -179,6 +176,12 @@ impl Durable {
         self.inner.raft.metrics().borrow().clone()
     }
 
+    /// Builds a snapshot now (and purges the log behind it), instead of waiting for the
+    /// snapshot policy; for operations and tests. Returns before the snapshot is done.
+    pub async fn trigger_snapshot(&self) -> Result<(), ClusterError> {
+        Ok(self.inner.raft.trigger().snapshot().await?)
+    }
+
     /// Answers every proposal queued so far, refuses new ones, stops Raft and flushes sled.
     pub async fn shutdown(&self) -> Result<(), ClusterError> {
         self.inner.closing.store(true, Ordering::Release);
@@ -199,5 +202,79 @@ impl Durable {
             .map_err(|e| ClusterError::Fatal(e.to_string()))?;
         self.inner.storage.flush().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetmq_storage::SessionRecord;
+
+    fn key() -> fleetmq_storage::SessionKey {
+        fleetmq_storage::SessionKey::new("t", "c")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn snapshot_purges_log_and_restart_recovers_from_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = DurableConfig {
+            node_id: 7,
+            data_dir: dir.path().to_path_buf(),
+            max_batch: 16,
+            advertise_addr: "n7:7070".into(),
+        };
+        let config = Config {
+            max_in_snapshot_log_to_keep: 0,
+            purge_batch_size: 1,
+            ..raft_config().expect("config")
+        };
+        let d = Durable::open_with(cfg.clone(), config).await.expect("open");
+        let record = SessionRecord {
+            expiry_secs: 60,
+            protocol: 4,
+            disconnected_at_ms: None,
+            subscriptions: vec![],
+        };
+        d.propose(Command::PutSession {
+            key: key(),
+            record,
+            fresh: true,
+        })
+        .await
+        .expect("put");
+        for i in 0..20 {
+            d.propose(Command::SetDisconnected {
+                key: key(),
+                at_ms: Some(i),
+            })
+            .await
+            .expect("set");
+        }
+        let last = d.raft_metrics().last_applied;
+        d.trigger_snapshot().await.expect("trigger");
+        d.inner
+            .raft
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| m.snapshot == last && m.purged == last,
+                "snapshot and purge",
+            )
+            .await
+            .expect("snapshot built and log purged");
+        d.shutdown().await.expect("shutdown");
+        drop(d);
+
+        let d = Durable::open(cfg).await.expect("reopen");
+        let s = d.sessions().expect("sessions");
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].record.disconnected_at_ms, Some(19));
+        let r = d
+            .propose(Command::SetDisconnected {
+                key: key(),
+                at_ms: None,
+            })
+            .await;
+        assert_eq!(r.expect("after purge"), Response::Ok);
+        d.shutdown().await.expect("shutdown");
     }
 }

@@ -1,5 +1,8 @@
 //! openraft log storage over `fleetmq_storage::LogStore`; entries are bincode-encoded.
 
+// openraft fixes the error type of these traits; boxing it here would gain nothing.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 

@@ -24,6 +24,8 @@ pub(crate) const MAX_IN_FLIGHT: usize = 4;
 pub(crate) type Reply = Option<oneshot::Sender<Result<Response, ClusterError>>>;
 
 /// Messages to the batcher.
+// Shutdown is sent once; boxing Command would cost an allocation per proposal instead.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Msg {
     /// A command to commit.
     Propose(Command, Reply),

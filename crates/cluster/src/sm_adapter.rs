@@ -1,5 +1,8 @@
 //! openraft state machine over `fleetmq_storage::StateMachineStore`.
 
+// openraft fixes the error type of these traits; boxing it here would gain nothing.
+#![allow(clippy::result_large_err)]
+
 use std::io::Cursor;
 
 use fleetmq_storage::{StateMachineStore, Storage};

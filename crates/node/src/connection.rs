@@ -31,7 +31,9 @@ use crate::metrics;
 use crate::session::{Delivery, InflightState, Kick, Session};
 use crate::tenant::Tenant;
 
+/// Read buffer growth step under load; an idle connection keeps only `SMALL_BUF`.
 const READ_CHUNK: usize = 64 * 1024;
+const SMALL_BUF: usize = 512;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deliveries encoded per wake-up at most, so one busy subscriber cannot starve its own reads.
 const FILL_BUDGET_BYTES: usize = 256 * 1024;
@@ -121,8 +123,8 @@ where
         broker: broker.clone(),
         reader,
         writer,
-        rbuf: BytesMut::with_capacity(4096),
-        wbuf: BytesMut::with_capacity(4096),
+        rbuf: BytesMut::with_capacity(SMALL_BUF),
+        wbuf: BytesMut::new(),
         peer,
         conn_id: broker.next_id(),
         version: ProtocolVersion::V311,
@@ -430,9 +432,7 @@ where
                             if let Err(close) = self.on_bytes(a) {
                                 return close;
                             }
-                            if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-                                self.rbuf.reserve(READ_CHUNK);
-                            }
+                            self.size_read_buffer(n);
                         }
                     }
                 }
@@ -474,11 +474,23 @@ where
         }
         self.broker.metrics.bytes_out.increment(n as u64);
         self.wbuf.clear();
-        if self.wbuf.capacity() > 4 * 1024 * 1024 {
+        if self.wbuf.capacity() > 16 * 1024 {
             // Do not keep a burst's buffer for the life of an idle connection.
-            self.wbuf = BytesMut::with_capacity(4096);
+            self.wbuf = BytesMut::new();
         }
         Ok(())
+    }
+
+    /// Grows the read buffer while reads fill it (a busy publisher gets 64 KiB reads) and
+    /// gives memory back once it drains, so an idle connection holds only a few hundred bytes.
+    fn size_read_buffer(&mut self, last_read: usize) {
+        let spare = self.rbuf.capacity() - self.rbuf.len();
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 16 * 1024 && last_read < 4096 {
+            self.rbuf = BytesMut::with_capacity(SMALL_BUF);
+        } else if spare < 256 || last_read >= spare {
+            let grow = if last_read >= 4096 { READ_CHUNK } else { 4096 };
+            self.rbuf.reserve(grow);
+        }
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use crate::broker::{Broker, Prepared};
 use crate::message::{now_ms, Message};
 use crate::metrics;
-use crate::session::{Delivery, InflightState, Kick, Session};
+use crate::session::{Delivery, Emit, InflightState, Kick, Session};
 use crate::tenant::Tenant;
 
 /// Read buffer growth step under load; an idle connection keeps only `SMALL_BUF`.
@@ -1065,19 +1065,18 @@ where
             let start = self.wbuf.len();
             let mut budget_hit = false;
             st.take_sendable(a.window, |pid, d| {
-                if budget_hit {
-                    return false;
+                if self.wbuf.len() - start > FILL_BUDGET_BYTES {
+                    budget_hit = true;
+                    return Emit::Stop;
                 }
-                let sent = self.encode_delivery(a, pid, d, d.dup, now);
-                if !sent {
+                if self.encode_delivery(a, pid, d, d.dup, now) {
+                    Emit::Sent
+                } else {
                     if let Some(seq) = d.seq {
                         dropped_acks.push(seq);
                     }
+                    Emit::Dropped
                 }
-                if self.wbuf.len() - start > FILL_BUDGET_BYTES {
-                    budget_hit = true;
-                }
-                sent
             });
             if budget_hit && !st.queue.is_empty() {
                 // More is waiting: wake ourselves again after this batch is written.

@@ -54,6 +54,17 @@ pub struct Inflight {
     pub order: u64,
 }
 
+/// What the connection did with the head of the queue in [`SessionState::take_sendable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emit {
+    /// Written to the client.
+    Sent,
+    /// Discarded without sending (expired, too large for the client).
+    Dropped,
+    /// Not taken: the write budget of this pass is spent.
+    Stop,
+}
+
 /// Result of queueing a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueue {
@@ -145,48 +156,63 @@ impl SessionState {
 
     /// Takes the next deliveries that may be sent now, up to `window` messages in flight.
     /// QoS 0 deliveries come out with pid 0 and are not tracked. Stops (keeping order) when the
-    /// head's packet id is still in use. `out` returns false when it dropped the delivery
-    /// instead of sending it (expired, too large for the client); it is then not tracked.
-    pub fn take_sendable(&mut self, window: usize, mut out: impl FnMut(u16, &Delivery) -> bool) {
-        while let Some(front) = self.queue.front() {
-            if front.qos == 0 {
-                if let Some(d) = self.queue.pop_front() {
-                    out(0, &d);
+    /// head's packet id is still in use. `out` sees the head of the queue before it is taken:
+    /// `Emit::Sent` takes it (tracked in flight for QoS > 0), `Emit::Dropped` discards it
+    /// (expired, too large for the client), `Emit::Stop` leaves it queued and ends the pass
+    /// (the caller's write budget is spent).
+    pub fn take_sendable(&mut self, window: usize, mut out: impl FnMut(u16, &Delivery) -> Emit) {
+        loop {
+            let (qos, seq) = match self.queue.front() {
+                Some(front) => (front.qos, front.seq),
+                None => break,
+            };
+            let pid = if qos == 0 {
+                0
+            } else {
+                if self.inflight.len() >= window {
+                    break;
                 }
-                continue;
-            }
-            if self.inflight.len() >= window {
-                break;
-            }
-            let pid = match front.seq {
-                Some(seq) => {
-                    let pid = Self::pid_for_seq(seq);
-                    if self.inflight.contains_key(&pid) {
-                        break;
+                match seq {
+                    Some(seq) => {
+                        let pid = Self::pid_for_seq(seq);
+                        if self.inflight.contains_key(&pid) {
+                            break;
+                        }
+                        pid
                     }
-                    pid
+                    None => match self.allocate_pid() {
+                        Some(pid) => pid,
+                        None => break,
+                    },
                 }
-                None => match self.allocate_pid() {
-                    Some(pid) => pid,
-                    None => break,
-                },
             };
-            let Some(d) = self.queue.pop_front() else {
-                break;
+            let emit = match self.queue.front() {
+                Some(front) => out(pid, front),
+                None => break,
             };
-            if !out(pid, &d) {
-                continue;
+            match emit {
+                Emit::Stop => break,
+                Emit::Dropped => {
+                    self.queue.pop_front();
+                }
+                Emit::Sent => {
+                    let Some(d) = self.queue.pop_front() else {
+                        break;
+                    };
+                    if qos > 0 {
+                        let order = self.next_order;
+                        self.next_order += 1;
+                        self.inflight.insert(
+                            pid,
+                            Inflight {
+                                delivery: d,
+                                state: InflightState::AwaitAck,
+                                order,
+                            },
+                        );
+                    }
+                }
             }
-            let order = self.next_order;
-            self.next_order += 1;
-            self.inflight.insert(
-                pid,
-                Inflight {
-                    delivery: d,
-                    state: InflightState::AwaitAck,
-                    order,
-                },
-            );
         }
     }
 
@@ -302,7 +328,7 @@ mod tests {
         let mut sent = vec![];
         s.take_sendable(2, |pid, _| {
             sent.push(pid);
-            true
+            Emit::Sent
         });
         assert_eq!(sent, vec![1, 2]);
         assert_eq!(s.inflight.len(), 2);
@@ -310,7 +336,7 @@ mod tests {
         sent.clear();
         s.take_sendable(2, |pid, _| {
             sent.push(pid);
-            true
+            Emit::Sent
         });
         assert_eq!(sent, vec![3]);
     }
@@ -324,15 +350,41 @@ mod tests {
         let mut sent = vec![];
         s.take_sendable(100, |pid, _| {
             sent.push(pid);
-            true
+            Emit::Sent
         });
         assert_eq!(sent, vec![1], "second must wait until pid 1 is free");
         s.inflight.remove(&1);
         s.take_sendable(100, |pid, _| {
             sent.push(pid);
-            true
+            Emit::Sent
         });
         assert_eq!(sent, vec![1, 1]);
+    }
+
+    #[test]
+    fn stop_leaves_the_head_queued_and_dropped_discards_it() {
+        let mut s = SessionState::new(false, 0);
+        s.conn = Some(1);
+        for _ in 0..4 {
+            s.enqueue(d(0, None), 100);
+        }
+        let mut n = 0;
+        s.take_sendable(10, |_, _| {
+            n += 1;
+            if n <= 2 {
+                Emit::Sent
+            } else {
+                Emit::Stop
+            }
+        });
+        assert_eq!(
+            s.queue.len(),
+            2,
+            "a stopped pass must not lose the messages it did not send"
+        );
+        s.take_sendable(10, |_, _| Emit::Dropped);
+        assert!(s.queue.is_empty());
+        assert!(s.inflight.is_empty());
     }
 
     #[test]
@@ -344,7 +396,7 @@ mod tests {
         let mut sent = vec![];
         s.take_sendable(10, |pid, _| {
             sent.push(pid);
-            true
+            Emit::Sent
         });
         assert_eq!(sent, vec![2]);
         let order: Vec<u16> = s.inflight_in_order().into_iter().map(|(p, _)| p).collect();

@@ -63,7 +63,8 @@ impl Tenant {
         match wildcard {
             None => retained.get(filter).cloned().into_iter().collect(),
             Some(at) => {
-                let prefix = &filter[..at];
+                // Without the trailing '/', so `a/#` also finds the parent topic `a`.
+                let prefix = filter[..at].trim_end_matches('/');
                 retained
                     .range(prefix.to_string()..)
                     .take_while(|(t, _)| t.starts_with(prefix))

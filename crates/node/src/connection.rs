@@ -593,6 +593,14 @@ where
             ));
         }
         let topic = self.resolve_alias(a, &p)?;
+        if topic.contains('\0') {
+            // MQTT-1.5.4-2: a string with U+0000 makes the packet malformed.
+            metrics::counter_protocol_error("malformed");
+            return Err(Close::Violation(
+                rc::MALFORMED_PACKET,
+                "NUL character in topic name",
+            ));
+        }
         if validate_topic_name(&topic, &broker.limits).is_err() {
             metrics::counter_protocol_error("topic_name_invalid");
             tracing::info!(peer = %self.peer, client = %a.key.client_id, "invalid topic name in PUBLISH");

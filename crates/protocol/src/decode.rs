@@ -90,12 +90,15 @@ impl Decoder {
                 max: self.max_packet_size,
             });
         }
+        let packet_type = fh.byte1 >> 4;
+        // Decided from the first byte, so garbage is refused before waiting for a "body".
+        if self.version.is_none() && packet_type != 1 {
+            return Err(DecodeError::FirstPacketNotConnect);
+        }
+        check_flags(packet_type, fh.byte1 & 0x0f)?;
         if buf.len() < size {
             return Ok(None);
         }
-        let packet_type = fh.byte1 >> 4;
-        let flags = fh.byte1 & 0x0f;
-        check_flags(packet_type, flags)?;
         let frame = buf.split_to(size);
         match self.version {
             None => {
@@ -343,6 +346,10 @@ fn decode_after_connect(
                 if s.filters.is_empty() {
                     return Err(DecodeError::Protocol("SUBSCRIBE without filters"));
                 }
+                if s.pkid == 0 {
+                    // MQTT-2.2.1-3; mqttbytes checks this for PUBLISH only.
+                    return Err(DecodeError::Malformed("packet identifier 0"));
+                }
                 Ok(Incoming::Subscribe(Subscribe {
                     pkid: s.pkid,
                     filters: s
@@ -363,6 +370,10 @@ fn decode_after_connect(
             v4::Packet::Unsubscribe(u) => {
                 if u.topics.is_empty() {
                     return Err(DecodeError::Protocol("UNSUBSCRIBE without filters"));
+                }
+                if u.pkid == 0 {
+                    // MQTT-2.2.1-3; mqttbytes checks this for PUBLISH only.
+                    return Err(DecodeError::Malformed("packet identifier 0"));
                 }
                 Ok(Incoming::Unsubscribe(Unsubscribe {
                     pkid: u.pkid,
@@ -437,6 +448,10 @@ fn decode_after_connect(
             if s.filters.is_empty() {
                 return Err(DecodeError::Protocol("SUBSCRIBE without filters"));
             }
+            if s.pkid == 0 {
+                // MQTT-2.2.1-3; mqttbytes checks this for PUBLISH only.
+                return Err(DecodeError::Malformed("packet identifier 0"));
+            }
             let (subscription_id, user_properties) = match s.properties {
                 Some(p) => {
                     let id = match p.id {
@@ -475,6 +490,10 @@ fn decode_after_connect(
         v5::Packet::Unsubscribe(u) => {
             if u.filters.is_empty() {
                 return Err(DecodeError::Protocol("UNSUBSCRIBE without filters"));
+            }
+            if u.pkid == 0 {
+                // MQTT-2.2.1-3; mqttbytes checks this for PUBLISH only.
+                return Err(DecodeError::Malformed("packet identifier 0"));
             }
             Ok(Incoming::Unsubscribe(Unsubscribe {
                 pkid: u.pkid,

@@ -38,6 +38,7 @@ impl Storage {
         Ok(StateMachineStore {
             tree: self.db.open_tree(format!("sm/{group}"))?,
             snapshot_tree: self.db.open_tree(format!("sm/{group}/snapshot"))?,
+            pending: Default::default(),
         })
     }
 

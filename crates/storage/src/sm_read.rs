@@ -22,6 +22,7 @@ fn corrupt(what: &str) -> StorageError {
 impl StateMachineStore {
     /// All persistent sessions with their queues (in seq order) and inbound QoS 2 ids.
     pub fn sessions(&self) -> Result<Vec<RecoveredSession>> {
+        self.write_back()?;
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix([SESSION]) {
             let (k, v) = kv?;
@@ -37,6 +38,7 @@ impl StateMachineStore {
 
     /// One session, if it exists.
     pub fn session(&self, key: &SessionKey) -> Result<Option<RecoveredSession>> {
+        self.write_back()?;
         match self.tree.get(tagged(SESSION, key)?)? {
             Some(v) => Ok(Some(self.recover(key.clone(), decode(&v)?)?)),
             None => Ok(None),
@@ -75,6 +77,7 @@ impl StateMachineStore {
 
     /// All retained messages as `(tenant, topic, message)`, ordered by tenant then topic.
     pub fn retained(&self) -> Result<Vec<(String, String, StoredMessage)>> {
+        self.write_back()?;
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix([RETAINED]) {
             let (k, v) = kv?;
@@ -87,17 +90,20 @@ impl StateMachineStore {
 
     /// The opaque last-applied marker the cluster layer stored, if any.
     pub fn last_applied_raw(&self) -> Result<Option<Vec<u8>>> {
+        self.write_back()?;
         Ok(self.tree.get(META_APPLIED)?.map(|v| v.to_vec()))
     }
 
     /// The opaque last-membership marker the cluster layer stored, if any.
     pub fn last_membership_raw(&self) -> Result<Option<Vec<u8>>> {
+        self.write_back()?;
         Ok(self.tree.get(META_MEMBERSHIP)?.map(|v| v.to_vec()))
     }
 
     /// Every key/value of the state machine tree (including the meta markers), bincode-encoded.
     /// sled iteration is not a point-in-time view, so call this only while nothing applies.
     pub fn snapshot_bytes(&self) -> Result<Vec<u8>> {
+        self.write_back()?;
         let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         for kv in self.tree.iter() {
             let (k, v) = kv?;
@@ -109,6 +115,7 @@ impl StateMachineStore {
     /// Replaces the whole tree with a snapshot from [`snapshot_bytes`](Self::snapshot_bytes),
     /// in one batch so a crash leaves either the old or the new state.
     pub fn install_snapshot_bytes(&self, bytes: &[u8]) -> Result<()> {
+        self.discard_pending();
         let pairs: Vec<(Vec<u8>, Vec<u8>)> = decode(bytes)?;
         let mut batch = sled::Batch::default();
         for kv in self.tree.iter() {
@@ -140,6 +147,7 @@ impl StateMachineStore {
     /// Consistency check: every stored message is referenced by exactly `refcount` queue
     /// entries and every queue entry points at a stored message.
     pub fn verify_refcounts(&self) -> Result<()> {
+        self.write_back()?;
         let mut refs: HashMap<u64, u64> = HashMap::new();
         for kv in self.tree.scan_prefix([QUEUE]) {
             let (_, v) = kv?;

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StorageError};
 use crate::keys;
-use crate::overlay::Overlay;
+use crate::overlay::{Overlay, Pending};
 use crate::records::{
     Command, DeliveryState, QueueEntry, Response, SessionKey, SessionRecord, StoredMessage,
     SubscriptionRecord, Target,
@@ -57,6 +57,8 @@ pub(crate) struct MessageSlot {
 pub struct StateMachineStore {
     pub(crate) tree: sled::Tree,
     pub(crate) snapshot_tree: sled::Tree,
+    /// Applied entries not yet written to `tree` (see `overlay.rs` for why this is safe).
+    pub(crate) pending: std::sync::Arc<std::sync::Mutex<Pending>>,
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -144,7 +146,8 @@ impl StateMachineStore {
         if cmds.len() > MAX_COMMANDS_PER_ENTRY {
             return Err(StorageError::TooManyCommands(cmds.len()));
         }
-        let mut ov = Overlay::new(&self.tree);
+        let mut pending = self.lock_pending();
+        let mut ov = Overlay::new(&self.tree, &pending.writes);
         let mut out = Vec::with_capacity(cmds.len());
         for (i, cmd) in cmds.iter().enumerate() {
             let msg_id = (log_index << 16) | i as u64;
@@ -156,8 +159,35 @@ impl StateMachineStore {
                 ov.put(META_MEMBERSHIP.to_vec(), m.to_vec());
             }
         }
-        self.tree.apply_batch(ov.into_batch())?;
+        let writes = ov.into_writes();
+        pending.absorb(writes);
+        if pending.due() {
+            if let Some(batch) = pending.take_batch() {
+                self.tree.apply_batch(batch)?;
+            }
+        }
         Ok(out)
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // A panic while holding the lock cannot leave half-merged writes behind (absorb is
+        // the only mutation), so a poisoned lock is still usable.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes every applied-but-staged entry to the tree (atomically with its last-applied
+    /// marker). Reads and snapshots call this first; so does shutdown.
+    pub fn write_back(&self) -> Result<()> {
+        let mut pending = self.lock_pending();
+        if let Some(batch) = pending.take_batch() {
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(())
+    }
+
+    /// Drops staged writes (before installing a snapshot, which replaces everything).
+    pub(crate) fn discard_pending(&self) {
+        self.lock_pending().clear();
     }
 
     /// Records last applied (and membership) for an entry without commands (blank, membership).
@@ -342,7 +372,7 @@ fn publish(
             subscription_ids: t.subscription_ids.clone(),
             state: DeliveryState::Pending,
         };
-        ov.put(queue_key(&t.key, seq)?, encode(&entry)?);
+        ov.put_fresh(queue_key(&t.key, seq)?, encode(&entry)?);
         refs += 1;
         seqs.push(seq);
     }
@@ -351,7 +381,7 @@ fn publish(
             refcount: refs,
             message: message.clone(),
         };
-        ov.put(message_key(msg_id), encode(&slot)?);
+        ov.put_fresh(message_key(msg_id), encode(&slot)?);
     }
     Ok(Response::Published { seqs })
 }

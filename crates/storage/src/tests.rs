@@ -62,7 +62,37 @@ fn publish(targets: &[&str]) -> Command {
 }
 
 fn message_count(sm: &StateMachineStore) -> usize {
+    sm.write_back().expect("write back");
     sm.tree.scan_prefix([crate::state_machine::MESSAGE]).count()
+}
+
+#[test]
+fn publish_then_ack_before_write_back_never_reaches_the_tree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_st, sm) = open(&dir);
+    sm.apply(1, &[put("a")], None).expect("apply");
+    sm.apply(2, &[publish(&["a"])], None).expect("apply");
+    sm.apply(
+        3,
+        &[Command::Ack {
+            key: key("a"),
+            seq: 1,
+        }],
+        None,
+    )
+    .expect("ack");
+    assert_eq!(
+        sm.tree.scan_prefix([crate::state_machine::MESSAGE]).count(),
+        0,
+        "staged, not yet written"
+    );
+    assert_eq!(
+        message_count(&sm),
+        0,
+        "cancelled out: nothing written at all"
+    );
+    let sessions = sm.sessions().expect("sessions");
+    assert!(sessions[0].queue.is_empty());
 }
 
 #[test]

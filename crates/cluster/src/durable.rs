@@ -62,10 +62,11 @@ fn raft_config() -> Result<Config, ClusterError> {
         heartbeat_interval: 50,
         election_timeout_min: 150,
         election_timeout_max: 300,
-        // Snapshot every 20k entries and keep only a short tail, so the log does not grow
+        // Snapshot every 4k entries and keep only a short tail, so the log (and sled, whose
+        // memory grows with its size) does not grow
         // forever; with batching that is far more than 20k commands.
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(4_000),
+        max_in_snapshot_log_to_keep: 200,
         purge_batch_size: 256,
         ..Default::default()
     };

@@ -94,7 +94,7 @@ async fn submit(
     metrics::histogram!("fleetmq_raft_batch_size").record(cmds.len() as f64);
     metrics::counter!("fleetmq_raft_proposals_total").increment(cmds.len() as u64);
     let started = Instant::now();
-    match raft.client_write_ff(Batch(cmds)).await {
+    match raft.client_write_ff(Batch(std::sync::Arc::new(cmds))).await {
         Ok(rx) => {
             // Blocks while MAX_IN_FLIGHT entries are pending: that is when batches grow.
             if let Err(mpsc::error::SendError(f)) = flight_tx

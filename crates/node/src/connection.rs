@@ -31,9 +31,8 @@ use crate::metrics;
 use crate::session::{Delivery, Emit, InflightState, Kick, Session};
 use crate::tenant::Tenant;
 
-/// Read buffer growth step under load; an idle connection keeps only `SMALL_BUF`.
+/// Read buffer growth step under load; an idle connection keeps no read buffer at all.
 const READ_CHUNK: usize = 64 * 1024;
-const SMALL_BUF: usize = 512;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deliveries encoded per wake-up at most, so one busy subscriber cannot starve its own reads.
 const FILL_BUDGET_BYTES: usize = 256 * 1024;
@@ -123,7 +122,7 @@ where
         broker: broker.clone(),
         reader,
         writer,
-        rbuf: BytesMut::with_capacity(SMALL_BUF),
+        rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         peer,
         conn_id: broker.next_id(),
@@ -149,9 +148,9 @@ struct Conn<S> {
 struct Active {
     session: Arc<Session>,
     tenant: Arc<Tenant>,
-    key: SessionKey,
     persistent: bool,
-    will: Option<Will>,
+    /// Boxed: most devices have no will, and an inline one would size every connection.
+    will: Option<Box<Will>>,
     /// Expiry requested at CONNECT, to check DISCONNECT's change against (MQTT-3.14.2-2).
     connect_expiry: u32,
     expiry_override: Option<u32>,
@@ -174,7 +173,9 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     async fn run(&mut self) {
-        let connect = match self.read_connect().await {
+        // The rare phases (CONNECT, teardown) are boxed so their large state does not size
+        // the task of every idle connection.
+        let connect = match Box::pin(self.read_connect()).await {
             Ok(Some(c)) => c,
             Ok(None) => return,
             Err(e) => {
@@ -188,12 +189,12 @@ where
                 return;
             }
         };
-        let Some(mut active) = self.accept_connect(*connect).await else {
+        let Some(mut active) = Box::pin(self.accept_connect(*connect)).await else {
             let _ = self.flush().await;
             return;
         };
         let close = self.serve_session(&mut active).await;
-        self.finish(active, close).await;
+        Box::pin(self.finish(active, close)).await;
     }
 
     /// Reads until CONNECT arrives (or the connect timeout passes).
@@ -328,9 +329,8 @@ where
         let mut active = Active {
             session: attached.session,
             tenant: attached.tenant,
-            key,
             persistent: expiry > 0,
-            will: c.will,
+            will: c.will.map(Box::new),
             connect_expiry: requested_expiry,
             expiry_override: None,
             keep_alive: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
@@ -369,7 +369,7 @@ where
                         st.inflight.remove(&pid);
                         if let Some(seq) = inflight.delivery.seq {
                             self.broker.durable.propose_nowait(Command::Ack {
-                                key: a.key.clone(),
+                                key: a.session.key.clone(),
                                 seq,
                             });
                         }
@@ -379,7 +379,7 @@ where
                     if inflight.state == InflightState::Releasing {
                         if let Some(seq) = inflight.delivery.seq {
                             self.broker.durable.propose_nowait(Command::Release {
-                                key: a.key.clone(),
+                                key: a.session.key.clone(),
                                 seq,
                             });
                         }
@@ -409,6 +409,7 @@ where
                 }
             }
             let max_pending = self.broker.cfg.receive_maximum as usize * 2;
+            let spare_before = self.rbuf.capacity() - self.rbuf.len();
             tokio::select! {
                 biased;
                 kick = &mut a.kick => {
@@ -432,7 +433,7 @@ where
                             if let Err(close) = self.on_bytes(a) {
                                 return close;
                             }
-                            self.size_read_buffer(n);
+                            self.size_read_buffer(n, spare_before);
                         }
                     }
                 }
@@ -441,7 +442,7 @@ where
                     let timeout = a.keep_alive.unwrap_or_default();
                     let due = a.last_activity + timeout;
                     if Instant::now() >= due {
-                        tracing::info!(peer = %self.peer, client = %a.key.client_id, "keep-alive timeout");
+                        tracing::info!(peer = %self.peer, client = %a.session.key.client_id, "keep-alive timeout");
                         return Close::KeepAlive;
                     }
                     ka_sleep.as_mut().reset(due);
@@ -474,7 +475,7 @@ where
         }
         self.broker.metrics.bytes_out.increment(n as u64);
         self.wbuf.clear();
-        if self.wbuf.capacity() > 16 * 1024 {
+        if self.wbuf.capacity() > 4096 {
             // Do not keep a burst's buffer for the life of an idle connection.
             self.wbuf = BytesMut::new();
         }
@@ -483,13 +484,15 @@ where
 
     /// Grows the read buffer while reads fill it (a busy publisher gets 64 KiB reads) and
     /// gives memory back once it drains, so an idle connection holds only a few hundred bytes.
-    fn size_read_buffer(&mut self, last_read: usize) {
-        let spare = self.rbuf.capacity() - self.rbuf.len();
-        if self.rbuf.is_empty() && self.rbuf.capacity() > 16 * 1024 && last_read < 4096 {
-            self.rbuf = BytesMut::with_capacity(SMALL_BUF);
-        } else if spare < 256 || last_read >= spare {
+    fn size_read_buffer(&mut self, last_read: usize, spare_before: usize) {
+        if last_read >= spare_before {
+            // The read filled the buffer: more is probably waiting, so read bigger next time.
             let grow = if last_read >= 4096 { READ_CHUNK } else { 4096 };
             self.rbuf.reserve(grow);
+        } else if self.rbuf.is_empty() && self.rbuf.capacity() > 4096 && last_read < 512 {
+            // Traffic went quiet: an idle connection keeps no buffer (the next read starts
+            // with a few bytes and grows again).
+            self.rbuf = BytesMut::new();
         }
     }
 
@@ -510,7 +513,7 @@ where
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     metrics::counter_protocol_error(e.label());
-                    tracing::info!(peer = %self.peer, client = %a.key.client_id, error = %e, "closing on bad input");
+                    tracing::info!(peer = %self.peer, client = %a.session.key.client_id, error = %e, "closing on bad input");
                     return Err(Close::Violation(e.reason_code(), e.label()));
                 }
             };
@@ -603,7 +606,7 @@ where
         }
         if validate_topic_name(&topic, &broker.limits).is_err() {
             metrics::counter_protocol_error("topic_name_invalid");
-            tracing::info!(peer = %self.peer, client = %a.key.client_id, "invalid topic name in PUBLISH");
+            tracing::info!(peer = %self.peer, client = %a.session.key.client_id, "invalid topic name in PUBLISH");
             return Err(Close::Violation(
                 rc::TOPIC_NAME_INVALID,
                 "invalid topic name",
@@ -621,8 +624,8 @@ where
         let msg = Message::new(topic, p.payload, p.qos, p.retain, p.props);
         let retain_cmd = p.retain.then(|| broker.retain(&a.tenant, &msg));
         let prepared = broker.route(&a.tenant, &msg, Some(a.session.id));
-        let inbound = (p.qos == 2 && a.persistent).then(|| (a.key.clone(), p.pkid));
-        let cmd = broker.publish_command(&prepared, Some(&a.key), inbound);
+        let inbound = (p.qos == 2 && a.persistent).then(|| (a.session.key.clone(), p.pkid));
+        let cmd = broker.publish_command(&prepared, Some(&a.session.key), inbound);
         let ack = match p.qos {
             0 => Ack::None,
             1 => Ack::PubAck(p.pkid),
@@ -720,7 +723,7 @@ where
                 )
             }
             Err(e) => {
-                tracing::error!(error = %e, client = %a.key.client_id, "durable publish failed");
+                tracing::error!(error = %e, client = %a.session.key.client_id, "durable publish failed");
                 metrics::dropped("storage_error", 1);
                 (rc::IMPLEMENTATION_SPECIFIC, false)
             }
@@ -769,7 +772,7 @@ where
             // PUBCOMP only after the id is durably forgotten: otherwise a crash would make a new
             // message that reuses the id look like a duplicate and be lost.
             let durable = self.broker.durable.clone();
-            let key = a.key.clone();
+            let key = a.session.key.clone();
             a.pending.push_back(Box::pin(async move {
                 let result = durable
                     .propose(Command::InboundRelease { key, pid: pkid })
@@ -804,7 +807,7 @@ where
         if let Some(i) = removed {
             if let Some(seq) = i.delivery.seq {
                 self.broker.durable.propose_nowait(Command::Ack {
-                    key: a.key.clone(),
+                    key: a.session.key.clone(),
                     seq,
                 });
             }
@@ -843,7 +846,7 @@ where
             drop(st);
             if let Some(seq) = seq {
                 self.broker.durable.propose_nowait(Command::Ack {
-                    key: a.key.clone(),
+                    key: a.session.key.clone(),
                     seq,
                 });
             }
@@ -856,7 +859,7 @@ where
                 entry.state = InflightState::Releasing;
                 drop(st);
                 let durable = self.broker.durable.clone();
-                let key = a.key.clone();
+                let key = a.session.key.clone();
                 a.pending.push_back(Box::pin(async move {
                     if let Err(e) = durable.propose(Command::Release { key, seq }).await {
                         tracing::warn!(error = %e, "durable release failed; PUBREL sent anyway");
@@ -895,7 +898,7 @@ where
                 ));
             }
             if validate_topic_filter(&inner, &broker.limits).is_err() {
-                tracing::info!(client = %a.key.client_id, filter = %f.filter, "invalid topic filter");
+                tracing::info!(client = %a.session.key.client_id, filter = %f.filter, "invalid topic filter");
                 codes.push(self.sub_failure(rc::TOPIC_FILTER_INVALID));
                 continue;
             }
@@ -923,7 +926,7 @@ where
             }
             if a.persistent {
                 cmds.push(Command::Subscribe {
-                    key: a.key.clone(),
+                    key: a.session.key.clone(),
                     sub: opts,
                 });
             }
@@ -981,7 +984,7 @@ where
             });
             if existed && a.persistent {
                 cmds.push(Command::Unsubscribe {
-                    key: a.key.clone(),
+                    key: a.session.key.clone(),
                     filter: f,
                 });
             }
@@ -1093,7 +1096,7 @@ where
         }
         for seq in dropped_acks {
             self.broker.durable.propose_nowait(Command::Ack {
-                key: a.key.clone(),
+                key: a.session.key.clone(),
                 seq,
             });
         }
@@ -1220,7 +1223,7 @@ where
                     // A resumed session cancels a delayed will; an immediate one still fires.
                     if !session_continues || w.delay_secs == 0 {
                         self.broker
-                            .schedule_will(a.tenant.clone(), a.session.clone(), w, true);
+                            .schedule_will(a.tenant.clone(), a.session.clone(), *w, true);
                     }
                 }
             }
@@ -1230,12 +1233,12 @@ where
                     .unwrap_or_else(|| a.session.state.lock().expiry_secs);
                 if let Some(w) = will {
                     self.broker
-                        .schedule_will(a.tenant.clone(), a.session.clone(), w, expiry == 0);
+                        .schedule_will(a.tenant.clone(), a.session.clone(), *w, expiry == 0);
                 }
                 self.broker
                     .detach(&a.tenant, &a.session, self.conn_id, a.expiry_override);
             }
         }
-        tracing::debug!(peer = %self.peer, client = %a.key.client_id, reason = close.label(), "connection closed");
+        tracing::debug!(peer = %self.peer, client = %a.session.key.client_id, reason = close.label(), "connection closed");
     }
 }

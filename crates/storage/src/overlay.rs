@@ -146,6 +146,28 @@ impl<'a> Overlay<'a> {
         }
     }
 
+    /// The first 8 bytes of a value as a little-endian u64, without copying the value
+    /// (bincode puts a leading `u64` field there).
+    pub(crate) fn peek_u64(&self, key: &[u8]) -> Result<Option<u64>> {
+        fn first(v: &[u8]) -> Option<u64> {
+            v.get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+        }
+        match self.staged(key) {
+            Some(s) => Ok(s.value().and_then(|v| first(v))),
+            None => Ok(self.tree.get(key)?.and_then(|v| first(&v))),
+        }
+    }
+
+    /// Whether a key exists after the writes so far (no copy of the value).
+    pub(crate) fn contains(&self, key: &[u8]) -> Result<bool> {
+        match self.staged(key) {
+            Some(s) => Ok(s.value().is_some()),
+            None => Ok(self.tree.contains_key(key)?),
+        }
+    }
+
     /// Stages an insert or update.
     pub(crate) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         // A key first written by this or an earlier staged entry is still not in the tree.

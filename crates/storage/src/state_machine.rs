@@ -48,6 +48,7 @@ pub const MAX_COMMANDS_PER_ENTRY: usize = 1 << 16;
 /// A message as stored: once, with the number of queue entries that point at it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct MessageSlot {
+    /// Must stay the first field: `unref` reads it from the first 8 bytes (bincode, fixint LE).
     pub(crate) refcount: u64,
     pub(crate) message: StoredMessage,
 }
@@ -329,17 +330,22 @@ fn drop_session_state(ov: &mut Overlay<'_>, key: &SessionKey) -> Result<()> {
 
 fn unref(ov: &mut Overlay<'_>, msg_id: u64) -> Result<()> {
     let k = message_key(msg_id);
-    let Some(v) = ov.get(&k)? else {
+    // The refcount is the slot's first field, so the common case (last reference) deletes the
+    // message without decoding or copying it.
+    let Some(refcount) = ov.peek_u64(&k)? else {
         tracing::warn!(msg_id, "queue entry points at a missing message");
         return Ok(());
     };
-    let mut slot: MessageSlot = decode(&v)?;
-    slot.refcount = slot.refcount.saturating_sub(1);
-    if slot.refcount == 0 {
+    if refcount <= 1 {
         ov.del(k);
-    } else {
-        ov.put(k, encode(&slot)?);
+        return Ok(());
     }
+    let Some(v) = ov.get(&k)? else {
+        return Ok(());
+    };
+    let mut slot: MessageSlot = decode(&v)?;
+    slot.refcount = refcount - 1;
+    ov.put(k, encode(&slot)?);
     Ok(())
 }
 
@@ -352,7 +358,7 @@ fn publish(
 ) -> Result<Response> {
     if let Some((key, pid)) = inbound {
         let k = inbound_key(key, *pid)?;
-        if ov.get(&k)?.is_some() {
+        if ov.contains(&k)? {
             return Ok(Response::DuplicateInbound);
         }
         ov.put(k, Vec::new());
@@ -360,7 +366,7 @@ fn publish(
     let mut seqs = Vec::with_capacity(targets.len());
     let mut refs = 0u64;
     for t in targets {
-        if ov.get(&tagged(SESSION, &t.key)?)?.is_none() {
+        if !ov.contains(&tagged(SESSION, &t.key)?)? {
             seqs.push(NO_SESSION_SEQ);
             continue;
         }

@@ -397,3 +397,14 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn message_slot_refcount_is_the_first_eight_bytes() {
+    // unref reads the refcount without decoding the slot; this pins the encoding it relies on.
+    let slot = crate::state_machine::MessageSlot {
+        refcount: 0x0102_0304_0506_0708,
+        message: msg("x"),
+    };
+    let bytes = crate::state_machine::encode(&slot).expect("encode");
+    assert_eq!(&bytes[..8], &0x0102_0304_0506_0708u64.to_le_bytes());
+}

@@ -110,6 +110,17 @@ impl Broker {
             .clone()
     }
 
+    /// Tells every connected client's task to close with DISCONNECT 0x8B.
+    pub fn disconnect_all(&self) {
+        let _ = self.shutdown.send(true);
+        let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        for s in sessions {
+            if let Some(k) = s.state.lock().kick.take() {
+                let _ = k.send(Kick::Shutdown);
+            }
+        }
+    }
+
     /// Number of sessions held (for tests and health).
     pub fn session_count(&self) -> usize {
         self.sessions.lock().len()

@@ -34,6 +34,8 @@ use crate::tenant::Tenant;
 /// Read buffer growth step under load; an idle connection keeps no read buffer at all.
 const READ_CHUNK: usize = 64 * 1024;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Output kept unwritten at most before the connection stops reading and filling.
+const MAX_UNWRITTEN: usize = 1024 * 1024;
 /// Deliveries encoded per wake-up at most, so one busy subscriber cannot starve its own reads.
 const FILL_BUDGET_BYTES: usize = 256 * 1024;
 
@@ -110,6 +112,47 @@ enum Done {
 
 type Pending = FuturesOrdered<Pin<Box<dyn Future<Output = Done> + Send>>>;
 
+/// The ordered queue of work waiting for commits, allocated only while something waits:
+/// `FuturesOrdered::new` allocates, and most connections never wait for anything.
+#[derive(Default)]
+struct PendingQueue(Option<Box<Pending>>);
+
+impl PendingQueue {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|p| p.is_empty())
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |p| p.len())
+    }
+
+    fn push_back(&mut self, f: Pin<Box<dyn Future<Output = Done> + Send>>) {
+        self.0
+            .get_or_insert_with(|| Box::new(FuturesOrdered::new()))
+            .push_back(f);
+    }
+
+    async fn next(&mut self) -> Option<Done> {
+        let done = match &mut self.0 {
+            Some(p) => p.next().await,
+            None => None,
+        };
+        if self.is_empty() {
+            self.0 = None;
+        }
+        done
+    }
+}
+
+/// MQTT 5 topic aliases in both directions, allocated on first use.
+#[derive(Default)]
+struct Aliases {
+    /// Topic → alias we assigned for this client.
+    out: HashMap<String, u16>,
+    /// Alias → topic the client assigned.
+    inbound: HashMap<u16, String>,
+}
+
 /// Serves one client connection until it closes.
 pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr)
 where
@@ -127,6 +170,7 @@ where
         peer,
         conn_id: broker.next_id(),
         version: ProtocolVersion::V311,
+        last_write: Instant::now(),
     };
     conn.run().await;
     broker.metrics.connections.decrement(1.0);
@@ -142,6 +186,8 @@ struct Conn<S> {
     peer: SocketAddr,
     conn_id: u64,
     version: ProtocolVersion,
+    /// Last time a write made progress (for the stalled-write timeout).
+    last_write: Instant,
 }
 
 /// Per-connection state once CONNECT is accepted.
@@ -158,10 +204,9 @@ struct Active {
     window: usize,
     client_max_packet: usize,
     client_alias_max: u16,
-    out_aliases: HashMap<String, u16>,
-    in_aliases: HashMap<u16, String>,
+    aliases: Option<Box<Aliases>>,
     inbound_unacked: usize,
-    pending: Pending,
+    pending: PendingQueue,
     kick: oneshot::Receiver<Kick>,
     problem_info: bool,
     sample: u32,
@@ -189,7 +234,7 @@ where
                 return;
             }
         };
-        let Some(mut active) = Box::pin(self.accept_connect(*connect)).await else {
+        let Some(mut active) = Box::pin(self.accept_connect(connect)).await else {
             let _ = self.flush().await;
             return;
         };
@@ -232,7 +277,9 @@ where
     }
 
     /// Validates CONNECT, attaches the session and writes CONNACK plus any redeliveries.
-    async fn accept_connect(&mut self, c: Connect) -> Option<Active> {
+    async fn accept_connect(&mut self, c: Box<Connect>) -> Option<Active> {
+        // Moved out so the box is freed now, not when the connection ends.
+        let c = *c;
         let broker = self.broker.clone();
         let cfg = &broker.cfg;
         self.version = c.version;
@@ -344,10 +391,9 @@ where
             } else {
                 0
             },
-            out_aliases: HashMap::new(),
-            in_aliases: HashMap::new(),
+            aliases: None,
             inbound_unacked: 0,
-            pending: FuturesOrdered::new(),
+            pending: PendingQueue::default(),
             kick: attached.kick,
             problem_info: c.request_problem_info.unwrap_or(1) == 1,
             sample: 0,
@@ -396,35 +442,51 @@ where
 
     /// The main loop of a connected client.
     async fn serve_session(&mut self, a: &mut Active) -> Close {
-        let mut shutdown = self.broker.shutdown.subscribe();
         let session = a.session.clone();
-        let ka_sleep = tokio::time::sleep(a.keep_alive.unwrap_or(Duration::from_secs(86_400)));
-        tokio::pin!(ka_sleep);
+        // One timer serves both the keep-alive and a write that makes no progress.
+        let timer = tokio::time::sleep_until(self.next_deadline(a));
+        tokio::pin!(timer);
         // Deliveries already queued (a resumed session) go out with the CONNACK.
         self.fill(a);
         loop {
-            if !self.wbuf.is_empty() {
-                if let Err(close) = self.flush_guarded(a, &mut shutdown).await {
-                    return close;
-                }
-            }
             let max_pending = self.broker.cfg.receive_maximum as usize * 2;
             let spare_before = self.rbuf.capacity() - self.rbuf.len();
+            // A client that does not read stops being read from (and fed) once its output
+            // backs up; its messages wait in the bounded session queue instead.
+            let backed_up = self.wbuf.len() >= MAX_UNWRITTEN;
             tokio::select! {
                 biased;
+                // Takeover and node shutdown both arrive here (one channel instead of two
+                // futures in every idle connection).
                 kick = &mut a.kick => {
                     return match kick {
+                        Ok(Kick::Shutdown) => Close::Shutdown,
                         Ok(k) => Close::Kicked(k),
                         Err(_) => Close::Kicked(Kick::TakenOver { session_continues: true }),
                     };
                 }
-                _ = shutdown.changed() => return Close::Shutdown,
+                // `write` (not `write_all`) is cancel-safe, so the other branches keep being
+                // served while a slow client drains its socket.
+                written = self.writer.write(&self.wbuf), if !self.wbuf.is_empty() => {
+                    match written {
+                        Ok(0) | Err(_) => return Close::PeerClosed,
+                        Ok(n) => {
+                            self.wrote(n);
+                            if !self.wbuf.is_empty() {
+                                let due = self.next_deadline(a);
+                                if due < timer.deadline() {
+                                    timer.as_mut().reset(due);
+                                }
+                            }
+                        }
+                    }
+                }
                 Some(done) = a.pending.next(), if !a.pending.is_empty() => {
                     if let Err(close) = self.on_done(a, done) {
                         return close;
                     }
                 }
-                read = self.reader.read_buf(&mut self.rbuf), if a.pending.len() < max_pending => {
+                read = self.reader.read_buf(&mut self.rbuf), if a.pending.len() < max_pending && !backed_up => {
                     match read {
                         Ok(0) | Err(_) => return Close::PeerClosed,
                         Ok(n) => {
@@ -437,49 +499,51 @@ where
                         }
                     }
                 }
-                _ = session.notify.notified() => self.fill(a),
-                _ = &mut ka_sleep, if a.keep_alive.is_some() => {
-                    let timeout = a.keep_alive.unwrap_or_default();
-                    let due = a.last_activity + timeout;
-                    if Instant::now() >= due {
-                        tracing::info!(peer = %self.peer, client = %a.session.key.client_id, "keep-alive timeout");
-                        return Close::KeepAlive;
+                _ = session.notify.notified(), if !backed_up => self.fill(a),
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if let Some(ka) = a.keep_alive {
+                        if now >= a.last_activity + ka {
+                            tracing::info!(peer = %self.peer, client = %a.session.key.client_id, "keep-alive timeout");
+                            return Close::KeepAlive;
+                        }
                     }
-                    ka_sleep.as_mut().reset(due);
+                    if !self.wbuf.is_empty() && now >= self.last_write + WRITE_TIMEOUT {
+                        tracing::info!(peer = %self.peer, client = %a.session.key.client_id, "client stopped reading");
+                        return Close::PeerClosed;
+                    }
+                    timer.as_mut().reset(self.next_deadline(a));
                 }
             }
         }
     }
 
-    /// Writes the buffered output, unless the connection is kicked or the node stops first.
-    async fn flush_guarded(
-        &mut self,
-        a: &mut Active,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), Close> {
-        let n = self.wbuf.len();
-        tokio::select! {
-            r = tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(&self.wbuf)) => {
-                match r {
-                    Ok(Ok(())) => {}
-                    _ => return Err(Close::PeerClosed),
-                }
-            }
-            kick = &mut a.kick => {
-                return Err(match kick {
-                    Ok(k) => Close::Kicked(k),
-                    Err(_) => Close::Kicked(Kick::TakenOver { session_continues: true }),
-                });
-            }
-            _ = shutdown.changed() => return Err(Close::Shutdown),
+    /// When the timer must next look: keep-alive expiry, or a stalled write's deadline.
+    fn next_deadline(&self, a: &Active) -> Instant {
+        let ka = a.keep_alive.map(|k| a.last_activity + k);
+        let write = (!self.wbuf.is_empty()).then(|| self.last_write + WRITE_TIMEOUT);
+        match (ka, write) {
+            (Some(k), Some(w)) => k.min(w),
+            (Some(k), None) => k,
+            (None, Some(w)) => w,
+            // Nothing to watch: look again later (a write may start meanwhile).
+            (None, None) => Instant::now() + WRITE_TIMEOUT,
         }
+    }
+
+    /// Accounts for `n` bytes written from the front of the output buffer.
+    fn wrote(&mut self, n: usize) {
         self.broker.metrics.bytes_out.increment(n as u64);
-        self.wbuf.clear();
-        if self.wbuf.capacity() > 4096 {
-            // Do not keep a burst's buffer for the life of an idle connection.
-            self.wbuf = BytesMut::new();
+        self.last_write = Instant::now();
+        if n >= self.wbuf.len() {
+            self.wbuf.clear();
+            if self.wbuf.capacity() > 4096 {
+                // Do not keep a burst's buffer for the life of an idle connection.
+                self.wbuf = BytesMut::new();
+            }
+        } else {
+            bytes::Buf::advance(&mut self.wbuf, n);
         }
-        Ok(())
     }
 
     /// Grows the read buffer while reads fill it (a busy publisher gets 64 KiB reads) and
@@ -675,7 +739,7 @@ where
             ));
         }
         if p.topic.is_empty() {
-            match a.in_aliases.get(&alias) {
+            match a.aliases.as_ref().and_then(|x| x.inbound.get(&alias)) {
                 Some(t) => Ok(t.clone()),
                 None => {
                     metrics::counter_protocol_error("topic_alias_unknown");
@@ -683,7 +747,10 @@ where
                 }
             }
         } else {
-            a.in_aliases.insert(alias, p.topic.clone());
+            a.aliases
+                .get_or_insert_with(Box::default)
+                .inbound
+                .insert(alias, p.topic.clone());
             Ok(p.topic.clone())
         }
     }
@@ -1134,15 +1201,16 @@ where
             return false;
         }
         if a.client_alias_max > 0 {
-            match a.out_aliases.get(d.msg.topic.as_str()) {
+            let aliases = a.aliases.get_or_insert_with(Box::default);
+            match aliases.out.get(d.msg.topic.as_str()) {
                 Some(alias) => {
                     out.topic_alias = Some(*alias);
                     out.alias_only = true;
                 }
                 None => {
-                    let next = a.out_aliases.len() as u16 + 1;
+                    let next = aliases.out.len() as u16 + 1;
                     if next <= a.client_alias_max {
-                        a.out_aliases.insert(d.msg.topic.clone(), next);
+                        aliases.out.insert(d.msg.topic.clone(), next);
                         out.topic_alias = Some(next);
                     }
                 }
@@ -1218,6 +1286,7 @@ where
             None
         };
         match close {
+            Close::Kicked(Kick::Shutdown) => {}
             Close::Kicked(Kick::TakenOver { session_continues }) => {
                 if let Some(w) = will {
                     // A resumed session cancels a delayed will; an immediate one still fires.
@@ -1240,5 +1309,24 @@ where
             }
         }
         tracing::debug!(peer = %self.peer, client = %a.session.key.client_id, reason = close.label(), "connection closed");
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn print_sizes() {
+        eprintln!(
+            "Active {} Conn {} Pending {} Sleep {} Will {} HashMap {} Notified {}",
+            std::mem::size_of::<Active>(),
+            std::mem::size_of::<Conn<tokio::net::TcpStream>>(),
+            std::mem::size_of::<Pending>(),
+            std::mem::size_of::<tokio::time::Sleep>(),
+            std::mem::size_of::<Will>(),
+            std::mem::size_of::<HashMap<String, u16>>(),
+            std::mem::size_of::<tokio::sync::futures::Notified<'static>>(),
+        );
     }
 }

@@ -70,6 +70,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ready.store(false, Ordering::Relaxed);
     let _ = broker.shutdown.send(true);
     let _ = accept_task.await;
+    broker.disconnect_all();
     // Give connection tasks a moment to send DISCONNECT 0x8B and finish committed work.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while broker.connections.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {

@@ -16,6 +16,8 @@ pub enum Kick {
     /// A newer connection took the session; `session_continues` is true when the new
     /// connection resumes the session (its will must then wait for the delay, or not fire).
     TakenOver { session_continues: bool },
+    /// The node is shutting down: DISCONNECT 0x8B, no will, the session continues.
+    Shutdown,
 }
 
 /// One message on its way to this session's client.

@@ -291,6 +291,8 @@ pub fn encode_disconnect(
             buf.put_u8(0x1F);
             put_string(buf, s);
         }
-        None => buf.put_slice(&[0xE0, 0x01, reason]),
+        // The property length is written even when empty: the spec allows omitting it, but
+        // some clients (rumqttc 0.25) fail to decode the 3-byte form.
+        None => buf.put_slice(&[0xE0, 0x02, reason, 0x00]),
     }
 }

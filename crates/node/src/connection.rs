@@ -144,6 +144,16 @@ impl PendingQueue {
     }
 }
 
+/// Proposes commands together (they join the same group commit, in order) and waits for all.
+async fn commit_all(
+    durable: &fleetmq_cluster::Durable,
+    cmds: Vec<Command>,
+) -> Result<(), ClusterError> {
+    futures_util::future::try_join_all(cmds.into_iter().map(|c| durable.propose(c)))
+        .await
+        .map(|_| ())
+}
+
 /// MQTT 5 topic aliases in both directions, allocated on first use.
 #[derive(Default)]
 struct Aliases {
@@ -205,6 +215,8 @@ struct Active {
     client_max_packet: usize,
     client_alias_max: u16,
     aliases: Option<Box<Aliases>>,
+    /// Durable deliveries acknowledged during the current read, committed together.
+    acks: Vec<u64>,
     inbound_unacked: usize,
     pending: PendingQueue,
     kick: oneshot::Receiver<Kick>,
@@ -392,6 +404,7 @@ where
                 0
             },
             aliases: None,
+            acks: Vec::new(),
             inbound_unacked: 0,
             pending: PendingQueue::default(),
             kick: attached.kick,
@@ -492,7 +505,9 @@ where
                         Ok(n) => {
                             self.broker.metrics.bytes_in.increment(n as u64);
                             a.last_activity = Instant::now();
-                            if let Err(close) = self.on_bytes(a) {
+                            let handled = self.on_bytes(a);
+                            self.flush_acks(a);
+                            if let Err(close) = handled {
                                 return close;
                             }
                             self.size_read_buffer(n, spare_before);
@@ -873,12 +888,21 @@ where
         };
         if let Some(i) = removed {
             if let Some(seq) = i.delivery.seq {
-                self.broker.durable.propose_nowait(Command::Ack {
-                    key: a.session.key.clone(),
-                    seq,
-                });
+                // Collected and committed as one command per read (see `flush_acks`).
+                a.acks.push(seq);
             }
             self.fill(a);
+        }
+    }
+
+    /// Commits the acknowledgements collected while handling one read.
+    fn flush_acks(&mut self, a: &mut Active) {
+        if !a.acks.is_empty() {
+            let seqs = std::mem::take(&mut a.acks);
+            self.broker.durable.propose_nowait(Command::AckMany {
+                key: a.session.key.clone(),
+                seqs,
+            });
         }
     }
 
@@ -1005,13 +1029,7 @@ where
         } else {
             let durable = broker.durable.clone();
             a.pending.push_back(Box::pin(async move {
-                let mut result = Ok(());
-                for c in cmds {
-                    if let Err(e) = durable.propose(c).await {
-                        result = Err(e);
-                        break;
-                    }
-                }
+                let result = commit_all(&durable, cmds).await;
                 Done::Suback {
                     pkid,
                     codes,
@@ -1063,13 +1081,7 @@ where
         } else {
             let durable = self.broker.durable.clone();
             a.pending.push_back(Box::pin(async move {
-                let mut result = Ok(());
-                for c in cmds {
-                    if let Err(e) = durable.propose(c).await {
-                        result = Err(e);
-                        break;
-                    }
-                }
+                let result = commit_all(&durable, cmds).await;
                 Done::Unsuback {
                     pkid,
                     codes,

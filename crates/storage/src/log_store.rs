@@ -59,19 +59,32 @@ impl LogStore {
 
     /// Removes every entry with index `>= since` (conflicting suffix).
     pub fn truncate(&self, since: u64) -> Result<()> {
-        self.remove_range(since..)
+        match self.last()? {
+            Some((last, _)) if last >= since => self.remove_indices(since, last),
+            _ => Ok(()),
+        }
     }
 
     /// Records `purged` first, then removes every entry with index `<= upto`, so a crash in
     /// between leaves stale entries below the marker, never a gap above it.
     pub fn purge(&self, upto: u64, purged: &[u8]) -> Result<()> {
         self.meta.insert(PURGED, purged)?;
-        self.remove_range(..=upto)
+        let first = match self.log.first()? {
+            Some((k, _)) => index_of(&k)?,
+            None => return Ok(()),
+        };
+        if first > upto {
+            return Ok(());
+        }
+        self.remove_indices(first, upto)
     }
 
-    fn remove_range<R: RangeBounds<u64>>(&self, range: R) -> Result<()> {
+    /// Removes `from..=to` by computing the keys: log indices are contiguous, and reading
+    /// the entries just to learn their keys made purging the main cost of the durable path
+    /// (large entries live in separate sled blob files).
+    fn remove_indices(&self, from: u64, to: u64) -> Result<()> {
         let mut batch = sled::Batch::default();
-        for (index, _) in self.range(range)? {
+        for index in from..=to {
             batch.remove(&keys::u64_key(index));
         }
         self.log.apply_batch(batch)?;

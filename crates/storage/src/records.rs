@@ -136,6 +136,9 @@ pub enum Command {
     Release { key: SessionKey, seq: u64 },
     /// Delivery finished (PUBACK for QoS 1, PUBCOMP for QoS 2) or dropped (expired, over limit).
     Ack { key: SessionKey, seq: u64 },
+    /// Several deliveries of one session finished at once (acknowledgements that arrived
+    /// together are committed as one command, not one each).
+    AckMany { key: SessionKey, seqs: Vec<u64> },
     /// PUBREL received from the publishing session: forget its inbound QoS 2 packet id.
     InboundRelease { key: SessionKey, pid: u16 },
     /// Set (`Some`) or clear (`None`) the retained message of a topic in a tenant.

@@ -116,6 +116,7 @@ pub fn validate(cmd: &Command) -> Result<()> {
         | Command::Unsubscribe { key: k, .. }
         | Command::Release { key: k, .. }
         | Command::Ack { key: k, .. }
+        | Command::AckMany { key: k, .. }
         | Command::InboundRelease { key: k, .. } => key(k),
         Command::Publish {
             targets, inbound, ..
@@ -227,12 +228,10 @@ fn apply_one(ov: &mut Overlay<'_>, msg_id: u64, cmd: &Command) -> Result<Respons
                 ov.put(k, encode(&entry)?);
             }
         }
-        Command::Ack { key, seq } => {
-            let k = queue_key(key, *seq)?;
-            if let Some(v) = ov.get(&k)? {
-                let entry: QueueEntry = decode(&v)?;
-                ov.del(k);
-                unref(ov, entry.msg_id)?;
+        Command::Ack { key, seq } => ack(ov, key, *seq)?,
+        Command::AckMany { key, seqs } => {
+            for seq in seqs {
+                ack(ov, key, *seq)?;
             }
         }
         Command::InboundRelease { key, pid } => ov.del(inbound_key(key, *pid)?),
@@ -324,6 +323,16 @@ fn drop_session_state(ov: &mut Overlay<'_>, key: &SessionKey) -> Result<()> {
     }
     for k in ov.keys_with_prefix(&tagged(INBOUND, key)?)? {
         ov.del(k);
+    }
+    Ok(())
+}
+
+fn ack(ov: &mut Overlay<'_>, key: &SessionKey, seq: u64) -> Result<()> {
+    let k = queue_key(key, seq)?;
+    if let Some(v) = ov.get(&k)? {
+        let entry: QueueEntry = decode(&v)?;
+        ov.del(k);
+        unref(ov, entry.msg_id)?;
     }
     Ok(())
 }

@@ -241,6 +241,13 @@ fn malformed_packets_close_only_the_sender() {
         ANY_V5_MALFORMED,
         m,
     );
+    f.reject_both(
+        "NUL in SUBSCRIBE filter",
+        &subscribe_packet(false, 1, b"a/\0/#", 0),
+        &subscribe_packet(true, 1, b"a/\0/#", 0),
+        ANY_V5_MALFORMED,
+        m,
+    );
 
     // v5 property id that does not exist (0x7F), and one not allowed in PUBLISH (0x11).
     for (case, props) in [

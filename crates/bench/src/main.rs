@@ -667,6 +667,23 @@ async fn mqtt_disconnect(mut s: TcpStream) {
     let _ = s.shutdown().await;
 }
 
+/// DISCONNECT, then wait for the broker to close first. The side that closes first keeps the
+/// TIME_WAIT entry; leaving tens of thousands of them on the generator side made the
+/// generator's own connect() the bottleneck of the connect-rate scenario for every broker.
+async fn mqtt_disconnect_wait(mut s: TcpStream, deadline: TInstant) {
+    let mut b = BytesMut::with_capacity(2);
+    if Disconnect.write(&mut b).is_ok() {
+        let _ = s.write_all(&b).await;
+    }
+    let mut buf = [0u8; 64];
+    let wait = deadline.min(TInstant::now() + Duration::from_secs(2));
+    while let Ok(Ok(n)) = timeout_at(wait, s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Publisher / subscriber
 // ---------------------------------------------------------------------------
@@ -1274,7 +1291,7 @@ async fn connects(addr: SocketAddr, c: &Common, conns: usize, concurrency: usize
                 let t = Instant::now();
                 match mqtt_connect(addr, &format!("{run_id}-c-{i}"), true, 60, deadline).await {
                     Ok((s, _)) => {
-                        mqtt_disconnect(s).await;
+                        mqtt_disconnect_wait(s, deadline).await;
                         ok += 1;
                         h.record(t.elapsed().as_micros() as u64);
                     }

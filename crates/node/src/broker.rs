@@ -683,6 +683,17 @@ impl Broker {
                         dup: true,
                     };
                     match entry.state {
+                        DeliveryState::Pending
+                            if st.queue.len() >= self.cfg.max_queued_messages =>
+                        {
+                            // Publishes committed just before a crash may exceed the bound (it is
+                            // checked at routing time); enforce it again, as live routing would.
+                            metrics::dropped("queue_full", 1);
+                            self.durable.propose_nowait(Command::Ack {
+                                key: rs.key.clone(),
+                                seq,
+                            });
+                        }
                         DeliveryState::Pending => st.queue.push_back(d),
                         DeliveryState::Released => st.restore_inflight(
                             SessionState::pid_for_seq(seq),

@@ -988,6 +988,14 @@ where
                     "no local on a shared subscription",
                 ));
             }
+            if f.filter.contains('\0') {
+                // U+0000 makes the whole packet malformed (MQTT-1.5.4-2), not just this filter.
+                metrics::counter_protocol_error("malformed");
+                return Err(Close::Violation(
+                    rc::MALFORMED_PACKET,
+                    "NUL in topic filter",
+                ));
+            }
             if validate_topic_filter(&inner, &broker.limits).is_err() {
                 tracing::info!(client = %a.session.key.client_id, filter = %f.filter, "invalid topic filter");
                 codes.push(self.sub_failure(rc::TOPIC_FILTER_INVALID));

@@ -64,7 +64,8 @@ pub struct Broker {
     pub durable: Durable,
     pub limits: TopicLimits,
     tenants: RwLock<HashMap<String, Arc<Tenant>>>,
-    sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    /// Sessions by key; the key lives once, inside the session (see `SessionMap`).
+    sessions: Mutex<SessionMap>,
     next_id: AtomicU64,
     /// Open connections, for the node's connection limit.
     pub connections: AtomicUsize,
@@ -86,7 +87,7 @@ impl Broker {
             durable,
             limits,
             tenants: RwLock::new(HashMap::new()),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(SessionMap::default()),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             shutdown,
@@ -113,7 +114,8 @@ impl Broker {
     /// Tells every connected client's task to close with DISCONNECT 0x8B.
     pub fn disconnect_all(&self) {
         let _ = self.shutdown.send(true);
-        let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        let sessions: Vec<Arc<Session>> =
+            self.sessions.lock().iter().map(|b| b.0.clone()).collect();
         for s in sessions {
             if let Some(k) = s.state.lock().kick.take() {
                 let _ = k.send(Kick::Shutdown);
@@ -146,7 +148,7 @@ impl Broker {
         let mut old_will = None;
         let (session, present, was_persistent, subs) = {
             let mut map = self.sessions.lock();
-            let existing = map.get(&key).cloned();
+            let existing = map.get(&key).map(|b| b.0.clone());
             let mut resumed = None;
             let mut was_persistent = false;
             if let Some(old) = existing {
@@ -191,7 +193,7 @@ impl Broker {
                         st.kick = kick_tx.take();
                         st.generation = 1;
                     }
-                    map.insert(key.clone(), s.clone());
+                    map.replace(ByKey(s.clone()));
                     self.metrics.sessions.increment(1.0);
                     (s, false, was_persistent, Vec::new())
                 }
@@ -300,7 +302,7 @@ impl Broker {
         }
         self.remove_subscriptions(tenant, session, &filters);
         let mut map = self.sessions.lock();
-        if map.get(&session.key).map(|s| s.id) == Some(session.id) {
+        if map.get(&session.key).map(|s| s.0.id) == Some(session.id) {
             map.remove(&session.key);
             self.metrics.sessions.decrement(1.0);
             if persistent {
@@ -706,7 +708,7 @@ impl Broker {
             for sub in rs.record.subscriptions {
                 self.subscribe(&tenant, &session, sub);
             }
-            self.sessions.lock().insert(rs.key, session.clone());
+            self.sessions.lock().replace(ByKey(session.clone()));
             self.metrics.sessions.increment(1.0);
             let remaining = if expiry == u32::MAX {
                 u32::MAX
@@ -719,6 +721,32 @@ impl Broker {
         tracing::info!(sessions = restored, "restored persistent sessions");
     }
 }
+
+/// A session stored in the session map under its own key, so the key's strings are not
+/// kept twice for every connected device.
+#[derive(Debug, Clone)]
+pub struct ByKey(pub Arc<Session>);
+
+impl std::borrow::Borrow<SessionKey> for ByKey {
+    fn borrow(&self) -> &SessionKey {
+        &self.0.key
+    }
+}
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+impl Eq for ByKey {}
+impl std::hash::Hash for ByKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Must hash exactly like `SessionKey` for `Borrow` lookups to work.
+        self.0.key.hash(state);
+    }
+}
+
+/// All sessions of this node.
+pub type SessionMap = std::collections::HashSet<ByKey>;
 
 /// Splits `$share/<group>/<filter>` into its group and inner filter.
 pub fn split_share(filter: &str) -> (Option<Arc<str>>, String) {

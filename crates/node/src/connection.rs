@@ -21,7 +21,9 @@ use fleetmq_protocol::{
 };
 use fleetmq_storage::records::{Command, Response, SessionKey, SubscriptionRecord};
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -154,6 +156,41 @@ async fn commit_all(
         .map(|_| ())
 }
 
+/// What `poll_io` saw first.
+enum Io {
+    Wrote(std::io::Result<usize>),
+    Read(std::io::Result<usize>),
+}
+
+/// Waits until some of `wbuf` is written or something is read into `rbuf` (if `read`).
+fn poll_io<'a, S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &'a mut S,
+    rbuf: &'a mut BytesMut,
+    wbuf: &'a BytesMut,
+    read: bool,
+) -> impl Future<Output = Io> + 'a {
+    std::future::poll_fn(move |cx| {
+        if !wbuf.is_empty() {
+            if let Poll::Ready(r) = Pin::new(&mut *stream).poll_write(cx, wbuf) {
+                return Poll::Ready(Io::Wrote(r));
+            }
+        }
+        if read {
+            if rbuf.capacity() == rbuf.len() {
+                rbuf.reserve(64);
+            }
+            let mut rb = ReadBuf::uninit(rbuf.spare_capacity_mut());
+            if let Poll::Ready(r) = Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+                let n = rb.filled().len();
+                // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
+                unsafe { rbuf.set_len(rbuf.len() + n) };
+                return Poll::Ready(Io::Read(r.map(|()| n)));
+            }
+        }
+        Poll::Pending
+    })
+}
+
 /// MQTT 5 topic aliases in both directions, allocated on first use.
 #[derive(Default)]
 struct Aliases {
@@ -166,15 +203,14 @@ struct Aliases {
 /// Serves one client connection until it closes.
 pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr)
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     broker.metrics.connections.increment(1.0);
-    let (reader, writer) = tokio::io::split(stream);
+
     let mut conn = Conn {
         decoder: Decoder::new(broker.cfg.max_packet_size),
         broker: broker.clone(),
-        reader,
-        writer,
+        stream,
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         peer,
@@ -188,8 +224,9 @@ where
 
 struct Conn<S> {
     broker: Arc<Broker>,
-    reader: ReadHalf<S>,
-    writer: WriteHalf<S>,
+    /// Not split into halves: one future polls both directions (see `poll_io`), which spares
+    /// every connection the `Arc` that `tokio::io::split` allocates.
+    stream: S,
     rbuf: BytesMut,
     wbuf: BytesMut,
     decoder: Decoder,
@@ -227,7 +264,7 @@ struct Active {
 
 impl<S> Conn<S>
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async fn run(&mut self) {
         // The rare phases (CONNECT, teardown) are boxed so their large state does not size
@@ -264,7 +301,7 @@ where
                     _ => Err(DecodeError::FirstPacketNotConnect),
                 };
             }
-            match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.rbuf)).await {
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
                 Ok(Ok(n)) => self.broker.metrics.bytes_in.increment(n as u64),
                 Err(_) => {
@@ -478,12 +515,20 @@ where
                         Err(_) => Close::Kicked(Kick::TakenOver { session_continues: true }),
                     };
                 }
-                // `write` (not `write_all`) is cancel-safe, so the other branches keep being
-                // served while a slow client drains its socket.
-                written = self.writer.write(&self.wbuf), if !self.wbuf.is_empty() => {
-                    match written {
-                        Ok(0) | Err(_) => return Close::PeerClosed,
-                        Ok(n) => {
+                // One future for both directions: writing what is buffered (a single `write`,
+                // cancel-safe, so other branches keep being served while a slow client
+                // drains) and reading unless backpressure says not to.
+                io = poll_io(
+                    &mut self.stream,
+                    &mut self.rbuf,
+                    &self.wbuf,
+                    a.pending.len() < max_pending && !backed_up,
+                ) => {
+                    match io {
+                        Io::Wrote(Ok(0)) | Io::Wrote(Err(_)) | Io::Read(Ok(0)) | Io::Read(Err(_)) => {
+                            return Close::PeerClosed;
+                        }
+                        Io::Wrote(Ok(n)) => {
                             self.wrote(n);
                             if !self.wbuf.is_empty() {
                                 let due = self.next_deadline(a);
@@ -492,17 +537,7 @@ where
                                 }
                             }
                         }
-                    }
-                }
-                Some(done) = a.pending.next(), if !a.pending.is_empty() => {
-                    if let Err(close) = self.on_done(a, done) {
-                        return close;
-                    }
-                }
-                read = self.reader.read_buf(&mut self.rbuf), if a.pending.len() < max_pending && !backed_up => {
-                    match read {
-                        Ok(0) | Err(_) => return Close::PeerClosed,
-                        Ok(n) => {
+                        Io::Read(Ok(n)) => {
                             self.broker.metrics.bytes_in.increment(n as u64);
                             a.last_activity = Instant::now();
                             let handled = self.on_bytes(a);
@@ -512,6 +547,11 @@ where
                             }
                             self.size_read_buffer(n, spare_before);
                         }
+                    }
+                }
+                Some(done) = a.pending.next(), if !a.pending.is_empty() => {
+                    if let Err(close) = self.on_done(a, done) {
+                        return close;
                     }
                 }
                 _ = session.notify.notified(), if !backed_up => self.fill(a),
@@ -551,11 +591,9 @@ where
         self.broker.metrics.bytes_out.increment(n as u64);
         self.last_write = Instant::now();
         if n >= self.wbuf.len() {
-            self.wbuf.clear();
-            if self.wbuf.capacity() > 4096 {
-                // Do not keep a burst's buffer for the life of an idle connection.
-                self.wbuf = BytesMut::new();
-            }
+            // Everything is out: keep no buffer, so an idle connection holds none (a busy
+            // one re-allocates per batch, which the allocator's thread cache absorbs).
+            self.wbuf = BytesMut::new();
         } else {
             bytes::Buf::advance(&mut self.wbuf, n);
         }
@@ -568,20 +606,20 @@ where
             // The read filled the buffer: more is probably waiting, so read bigger next time.
             let grow = if last_read >= 4096 { READ_CHUNK } else { 4096 };
             self.rbuf.reserve(grow);
-        } else if self.rbuf.is_empty() && self.rbuf.capacity() > 4096 && last_read < 512 {
-            // Traffic went quiet: an idle connection keeps no buffer (the next read starts
-            // with a few bytes and grows again).
+        } else if self.rbuf.is_empty() && (self.rbuf.capacity() > 4096 || last_read < 256) {
+            // Traffic is quiet: an idle connection keeps no buffer (the next read starts with
+            // a few bytes and grows again; jemalloc's thread cache makes that cheap).
             self.rbuf = BytesMut::new();
         }
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.wbuf.is_empty() {
-            let r = tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(&self.wbuf)).await;
+            let r = tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(&self.wbuf)).await;
             self.wbuf.clear();
             r.map_err(|_| std::io::ErrorKind::TimedOut)??;
         }
-        self.writer.flush().await
+        self.stream.flush().await
     }
 
     /// Decodes and handles every complete packet in the read buffer.
@@ -1280,7 +1318,7 @@ where
         }
         if !matches!(close, Close::PeerClosed) {
             let _ = self.flush().await;
-            let _ = self.writer.shutdown().await;
+            let _ = self.stream.shutdown().await;
         }
         self.broker
             .connections

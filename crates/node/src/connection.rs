@@ -217,6 +217,7 @@ where
         conn_id: broker.next_id(),
         version: ProtocolVersion::V311,
         last_write: Instant::now(),
+        counts: Counts::default(),
     };
     conn.run().await;
     broker.metrics.connections.decrement(1.0);
@@ -235,6 +236,17 @@ struct Conn<S> {
     version: ProtocolVersion,
     /// Last time a write made progress (for the stalled-write timeout).
     last_write: Instant,
+    /// Message counts not yet added to the shared metrics (see `Counts`).
+    counts: Counts,
+}
+
+/// Per-connection message counters, added to the shared Prometheus counters once per socket
+/// read or write pass instead of once per message: four shared atomic increments per message
+/// were a tenth of the broker's CPU under QoS 0 fan-in (cache lines bouncing between cores).
+#[derive(Default)]
+struct Counts {
+    messages_in: [u64; 3],
+    messages_out: [u64; 3],
 }
 
 /// Per-connection state once CONNECT is accepted.
@@ -499,6 +511,7 @@ where
         // Deliveries already queued (a resumed session) go out with the CONNACK.
         self.fill(a);
         loop {
+            self.flush_counts();
             let max_pending = self.broker.cfg.receive_maximum as usize * 2;
             let spare_before = self.rbuf.capacity() - self.rbuf.len();
             // A client that does not read stops being read from (and fed) once its output
@@ -569,6 +582,24 @@ where
                     }
                     timer.as_mut().reset(self.next_deadline(a));
                 }
+            }
+        }
+    }
+
+    /// Adds the locally counted messages to the shared metrics.
+    fn flush_counts(&mut self) {
+        let m = &self.broker.metrics;
+        let c = &mut self.counts;
+        for q in 0..3 {
+            if c.messages_in[q] > 0 {
+                m.messages_in[q].increment(c.messages_in[q]);
+                m.publish_in.increment(c.messages_in[q]);
+                c.messages_in[q] = 0;
+            }
+            if c.messages_out[q] > 0 {
+                m.messages_out[q].increment(c.messages_out[q]);
+                m.publish_out.increment(c.messages_out[q]);
+                c.messages_out[q] = 0;
             }
         }
     }
@@ -698,9 +729,8 @@ where
 
     fn on_publish(&mut self, a: &mut Active, p: Publish) -> Result<(), Close> {
         let broker = self.broker.clone();
-        broker.metrics.publish_in.increment(1);
-        if let Some(c) = broker.metrics.messages_in.get(p.qos as usize) {
-            c.increment(1);
+        if let Some(c) = self.counts.messages_in.get_mut(p.qos as usize) {
+            *c += 1;
         }
         if p.qos > 0
             && a.inbound_unacked >= broker.cfg.receive_maximum as usize
@@ -1275,14 +1305,14 @@ where
             }
         }
         encode::encode_publish(self.version, &out, &mut self.wbuf);
-        let m = &self.broker.metrics;
-        m.publish_out.increment(1);
-        if let Some(c) = m.messages_out.get(d.qos as usize) {
-            c.increment(1);
+        if let Some(c) = self.counts.messages_out.get_mut(d.qos as usize) {
+            *c += 1;
         }
         a.sample = a.sample.wrapping_add(1);
         if a.sample % 16 == 0 {
-            m.deliver_latency
+            self.broker
+                .metrics
+                .deliver_latency
                 .record(d.msg.received_at.elapsed().as_secs_f64());
         }
         true
@@ -1290,6 +1320,7 @@ where
 
     /// Ends the connection: tell the client why (MQTT 5), fire the will if due, detach.
     async fn finish(&mut self, mut a: Active, close: Close) {
+        self.flush_counts();
         metrics::disconnect(close.label());
         match close {
             Close::Violation(code, why) => {

@@ -160,13 +160,13 @@ fi
 SCENARIOS=(
     "idle|0|idle --conns $IDLE_CONNS --hold-secs 3 --concurrency 200"
     "connects|0|connects --conns $CONNS --concurrency 50"
-    "fanin_q0|0|fanin --pubs 10 --qos 0 --msgs $((500000 / S)) --size 64"
-    "fanin_q1|0|fanin --pubs 10 --qos 1 --msgs $((200000 / S)) --size 64 --window 128"
+    "fanin_q0|0|fanin --pubs 10 --qos 0 --msgs $((2000000 / S)) --size 64"
+    "fanin_q1|0|fanin --pubs 10 --qos 1 --msgs $((1000000 / S)) --size 64 --window 128"
     "fanin_q2|0|fanin --pubs 10 --qos 2 --msgs $((100000 / S)) --size 64 --window 128"
     "fanout_q1|0|fanout --subs 20 --qos 1 --msgs $((20000 / S)) --size 64 --window 128"
     "latency_q0|0|latency --rate 20000 --secs $LAT_SECS --qos 0 --size 64"
     "latency_q1|0|latency --rate 20000 --secs $LAT_SECS --qos 1 --size 64"
-    "persistent_q1|1|--clean false fanin --pubs 10 --qos 1 --msgs $((200000 / S)) --size 64 --window 128"
+    "persistent_q1|1|--clean false fanin --pubs 10 --qos 1 --msgs $((1000000 / S)) --size 64 --window 128"
 )
 
 for entry in "${SCENARIOS[@]}"; do

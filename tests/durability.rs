@@ -163,8 +163,8 @@ fn inbound_qos2_resend(restart: bool, v5: bool) {
     let want = vec![b"once".to_vec(), b"next".to_vec()];
     let got = collect_all(&mut s, &want, 10, Duration::from_millis(700));
     let counts = count_by_payload(&got);
-    assert_eq!(counts.get(&b"once".to_vec()), Some(&1), "once: {got:?}");
-    assert_eq!(counts.get(&b"next".to_vec()), Some(&1), "next: {got:?}");
+    assert_eq!(counts.get(&b"once"[..]), Some(&1), "once: {got:?}");
+    assert_eq!(counts.get(&b"next"[..]), Some(&1), "next: {got:?}");
     assert_eq!(got.len(), 2, "{got:?}");
 }
 

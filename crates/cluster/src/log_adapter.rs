@@ -40,7 +40,7 @@ impl LogAdapter {
     }
 
     /// The entries of `range` if all of them are in memory.
-    fn from_memory<RB: RangeBounds<u64>>(&self, range: &RB) -> Option<Vec<Entry<TypeConfig>>> {
+    fn cached<RB: RangeBounds<u64>>(&self, range: &RB) -> Option<Vec<Entry<TypeConfig>>> {
         let recent = self.recent();
         let first = *recent.keys().next()?;
         let start = match range.start_bound() {
@@ -81,7 +81,7 @@ impl RaftLogReader<TypeConfig> for LogAdapter {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, RaftStorageError> {
-        if let Some(entries) = self.from_memory(&range) {
+        if let Some(entries) = self.cached(&range) {
             return Ok(entries);
         }
         let raw = self

@@ -373,7 +373,9 @@ impl Broker {
     /// with all matching subscription identifiers (MQTT-3.3.5-1), one member per share group.
     pub fn route(&self, tenant: &Tenant, msg: &Arc<Message>, publisher: Option<u64>) -> Prepared {
         let mut out: Vec<Match> = Vec::new();
-        let mut shared: Vec<(Arc<str>, String, Vec<(Arc<Session>, SubOptions)>)> = Vec::new();
+        // (group, filter, members): one pick per group and filter.
+        type ShareGroup = (Arc<str>, String, Vec<(Arc<Session>, SubOptions)>);
+        let mut shared: Vec<ShareGroup> = Vec::new();
         tenant
             .subs
             .read()

@@ -80,9 +80,11 @@ impl Close {
 /// An acknowledgement owed to the client once its PUBLISH is committed.
 #[derive(Debug, Clone, Copy)]
 enum Ack {
-    None,
-    PubAck(u16),
-    PubRec(u16),
+    Nothing,
+    /// QoS 1: PUBACK.
+    Puback(u16),
+    /// QoS 2: PUBREC.
+    Pubrec(u16),
 }
 
 /// Work that finished its durable commit, in client order.
@@ -774,9 +776,9 @@ where
         let inbound = (p.qos == 2 && a.persistent).then(|| (a.session.key.clone(), p.pkid));
         let cmd = broker.publish_command(&prepared, Some(&a.session.key), inbound);
         let ack = match p.qos {
-            0 => Ack::None,
-            1 => Ack::PubAck(p.pkid),
-            _ => Ack::PubRec(p.pkid),
+            0 => Ack::Nothing,
+            1 => Ack::Puback(p.pkid),
+            _ => Ack::Pubrec(p.pkid),
         };
         if p.qos > 0 {
             a.inbound_unacked += 1;
@@ -878,7 +880,7 @@ where
                 (rc::IMPLEMENTATION_SPECIFIC, false)
             }
         };
-        if !ok && !self.version.is_v5() && !matches!(ack, Ack::None) {
+        if !ok && !self.version.is_v5() && !matches!(ack, Ack::Nothing) {
             // 3.1.1 cannot refuse a PUBLISH: closing without an ack makes the client resend.
             return Err(Close::Violation(
                 rc::UNSPECIFIED_ERROR,
@@ -886,13 +888,13 @@ where
             ));
         }
         match ack {
-            Ack::None => {}
-            Ack::PubAck(pid) => {
+            Ack::Nothing => {}
+            Ack::Puback(pid) => {
                 encode::encode_ack(self.version, 4, pid, reason, &mut self.wbuf);
                 metrics::packet_out("puback");
                 a.inbound_unacked = a.inbound_unacked.saturating_sub(1);
             }
-            Ack::PubRec(pid) => {
+            Ack::Pubrec(pid) => {
                 if !ok {
                     a.session.state.lock().inbound_qos2.remove(&pid);
                     a.inbound_unacked = a.inbound_unacked.saturating_sub(1);
@@ -1309,7 +1311,7 @@ where
             *c += 1;
         }
         a.sample = a.sample.wrapping_add(1);
-        if a.sample % 16 == 0 {
+        if a.sample.is_multiple_of(16) {
             self.broker
                 .metrics
                 .deliver_latency

@@ -171,11 +171,7 @@ impl SessionState {
     /// (expired, too large for the client), `Emit::Stop` leaves it queued and ends the pass
     /// (the caller's write budget is spent).
     pub fn take_sendable(&mut self, window: usize, mut out: impl FnMut(u16, &Delivery) -> Emit) {
-        loop {
-            let (qos, seq) = match self.queue.front() {
-                Some(front) => (front.qos, front.seq),
-                None => break,
-            };
+        while let Some((qos, seq)) = self.queue.front().map(|f| (f.qos, f.seq)) {
             let pid = if qos == 0 {
                 0
             } else {

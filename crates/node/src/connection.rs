@@ -1349,9 +1349,17 @@ where
             ),
             _ => {}
         }
-        if !matches!(close, Close::PeerClosed) {
-            let _ = self.flush().await;
-            let _ = self.stream.shutdown().await;
+        match close {
+            Close::PeerClosed => {}
+            // The client said goodbye and nothing is left to send: dropping the socket closes
+            // it (one syscall fewer per connection than an explicit shutdown).
+            Close::Normal | Close::WithWill if self.wbuf.is_empty() => {}
+            _ => {
+                // A half-close first, so our last packet (e.g. a DISCONNECT with a reason) is
+                // not lost to a reset if unread input is still in the socket.
+                let _ = self.flush().await;
+                let _ = self.stream.shutdown().await;
+            }
         }
         self.broker
             .connections

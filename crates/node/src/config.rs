@@ -297,6 +297,21 @@ mod tests {
     }
 
     #[test]
+    fn env_var_sets_a_value_and_a_flag_beats_it() {
+        use clap::Parser;
+        // Only this test touches this variable, so setting it in-process is safe here.
+        std::env::set_var("FLEETMQ_MAX_QUEUED_MESSAGES", "7");
+        let from_env = Config::resolve(Cli::try_parse_from(["fleetmq"]).unwrap()).unwrap();
+        let from_flag = Config::resolve(
+            Cli::try_parse_from(["fleetmq", "--max-queued-messages", "9"]).unwrap(),
+        )
+        .unwrap();
+        std::env::remove_var("FLEETMQ_MAX_QUEUED_MESSAGES");
+        assert_eq!(from_env.max_queued_messages, 7);
+        assert_eq!(from_flag.max_queued_messages, 9);
+    }
+
+    #[test]
     fn unknown_file_key_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.toml");

@@ -3,6 +3,7 @@
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use fleetmq_protocol::decode::frame;
 use fleetmq_protocol::encode::{encode_publish, OutPublish};
 use fleetmq_protocol::{Decoder, ProtocolVersion, PublishProps};
 
@@ -29,20 +30,7 @@ fn publishes(level: u8, n: usize, payload: usize) -> Vec<u8> {
             body.push(0);
         }
         body.extend(std::iter::repeat_n(b'x', payload));
-        out.push(0x32);
-        let mut len = body.len();
-        loop {
-            let mut b = (len % 128) as u8;
-            len /= 128;
-            if len > 0 {
-                b |= 0x80;
-            }
-            out.push(b);
-            if len == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(&body);
+        out.extend_from_slice(&frame(0x32, &body));
     }
     out
 }

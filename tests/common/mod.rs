@@ -3,6 +3,7 @@
 //! SIGTERM and restart it on the same data directory and port.
 #![allow(dead_code)]
 
+pub use fleetmq_protocol::decode::frame;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -307,25 +308,6 @@ pub fn connect_v5(client_id: &str, clean: bool, keep_alive: u16) -> Vec<u8> {
     body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
     body.extend_from_slice(client_id.as_bytes());
     frame(0x10, &body)
-}
-
-/// Wraps a body in a fixed header.
-pub fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![byte1];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
 }
 
 /// Path to a scratch file inside the test's temp dir.

@@ -343,13 +343,7 @@ fn decode_after_connect(
             v4::Packet::PubRel(p) => Ok(Incoming::PubRel { pkid: p.pkid }),
             v4::Packet::PubComp(p) => Ok(Incoming::PubComp { pkid: p.pkid }),
             v4::Packet::Subscribe(s) => {
-                if s.filters.is_empty() {
-                    return Err(DecodeError::Protocol("SUBSCRIBE without filters"));
-                }
-                if s.pkid == 0 {
-                    // MQTT-2.2.1-3; mqttbytes checks this for PUBLISH only.
-                    return Err(DecodeError::Malformed("packet identifier 0"));
-                }
+                check_list_packet(s.pkid, s.filters.len(), "SUBSCRIBE without filters")?;
                 Ok(Incoming::Subscribe(Subscribe {
                     pkid: s.pkid,
                     filters: s
@@ -368,13 +362,7 @@ fn decode_after_connect(
                 }))
             }
             v4::Packet::Unsubscribe(u) => {
-                if u.topics.is_empty() {
-                    return Err(DecodeError::Protocol("UNSUBSCRIBE without filters"));
-                }
-                if u.pkid == 0 {
-                    // MQTT-2.2.1-3; mqttbytes checks this for PUBLISH only.
-                    return Err(DecodeError::Malformed("packet identifier 0"));
-                }
+                check_list_packet(u.pkid, u.topics.len(), "UNSUBSCRIBE without filters")?;
                 Ok(Incoming::Unsubscribe(Unsubscribe {
                     pkid: u.pkid,
                     filters: u.topics,
@@ -445,13 +433,7 @@ fn decode_after_connect(
         v5::Packet::PubRel(p) => Ok(Incoming::PubRel { pkid: p.pkid }),
         v5::Packet::PubComp(p) => Ok(Incoming::PubComp { pkid: p.pkid }),
         v5::Packet::Subscribe(s) => {
-            if s.filters.is_empty() {
-                return Err(DecodeError::Protocol("SUBSCRIBE without filters"));
-            }
-            if s.pkid == 0 {
-                // MQTT-2.2.1-3; mqttbytes checks this for PUBLISH only.
-                return Err(DecodeError::Malformed("packet identifier 0"));
-            }
+            check_list_packet(s.pkid, s.filters.len(), "SUBSCRIBE without filters")?;
             let (subscription_id, user_properties) = match s.properties {
                 Some(p) => {
                     let id = match p.id {
@@ -488,13 +470,7 @@ fn decode_after_connect(
             }))
         }
         v5::Packet::Unsubscribe(u) => {
-            if u.filters.is_empty() {
-                return Err(DecodeError::Protocol("UNSUBSCRIBE without filters"));
-            }
-            if u.pkid == 0 {
-                // MQTT-2.2.1-3; mqttbytes checks this for PUBLISH only.
-                return Err(DecodeError::Malformed("packet identifier 0"));
-            }
+            check_list_packet(u.pkid, u.filters.len(), "UNSUBSCRIBE without filters")?;
             Ok(Incoming::Unsubscribe(Unsubscribe {
                 pkid: u.pkid,
                 filters: u.filters,
@@ -507,6 +483,18 @@ fn decode_after_connect(
         })),
         _ => Err(DecodeError::Protocol("unexpected packet type")),
     }
+}
+
+/// SUBSCRIBE and UNSUBSCRIBE carry at least one filter (MQTT-3.8.3-3, 3.10.3-2) and a
+/// non-zero packet id (MQTT-2.2.1-3; mqttbytes checks the id for PUBLISH only).
+fn check_list_packet(pkid: u16, filters: usize, empty: &'static str) -> Result<(), DecodeError> {
+    if filters == 0 {
+        return Err(DecodeError::Protocol(empty));
+    }
+    if pkid == 0 {
+        return Err(DecodeError::Malformed("packet identifier 0"));
+    }
+    Ok(())
 }
 
 /// Writes an MQTT variable byte integer.
@@ -522,6 +510,15 @@ pub fn put_varint(buf: &mut BytesMut, mut value: u32) {
             break;
         }
     }
+}
+
+/// Wraps a packet body in its fixed header (for tests, tools and the load generator).
+pub fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut buf = BytesMut::with_capacity(body.len() + 5);
+    buf.put_u8(byte1);
+    put_varint(&mut buf, body.len() as u32);
+    buf.put_slice(body);
+    buf.to_vec()
 }
 
 /// Bytes an MQTT variable byte integer takes.

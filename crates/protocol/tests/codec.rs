@@ -3,27 +3,10 @@
 //! property test standing in for a fuzzer (no nightly toolchain for cargo-fuzz here).
 
 use bytes::{Bytes, BytesMut};
+use fleetmq_protocol::decode::frame;
 use fleetmq_protocol::encode::{self, ConnAckProps, OutPublish};
 use fleetmq_protocol::{DecodeError, Decoder, Incoming, ProtocolVersion, PublishProps};
 use proptest::prelude::*;
-
-fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![byte1];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
 
 fn connect(name: &[u8], level: u8, flags: u8, props: bool, rest: &[u8]) -> Vec<u8> {
     let mut body = (name.len() as u16).to_be_bytes().to_vec();

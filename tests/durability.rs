@@ -463,3 +463,36 @@ fn raft_metrics_and_health() {
         "fleetmq_raft_batch_size missing:\n{text}"
     );
 }
+
+/// A device that reconnects over and over to a persistent session with an expiry and a delayed
+/// will must not leave a sleeping timer behind per disconnect (the complaint about brokers
+/// whose memory grows under connection storms).
+#[test]
+fn reconnect_storm_leaves_no_timers_behind() {
+    let node = Node::start();
+    let baseline = node.metric("fleetmq_runtime_tasks");
+    for i in 0..60 {
+        let mut raw = Raw::connect(node.mqtt);
+        // v5, clean start 0, session expiry 3600 s, will with delay 600 s.
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0b0000_0100, 0, 60];
+        body.extend_from_slice(&[5, 0x11, 0, 0, 0x0E, 0x10]); // session expiry 3600
+        body.extend_from_slice(&[0, 5]);
+        body.extend_from_slice(b"storm");
+        body.extend_from_slice(&[5, 0x18, 0, 0, 0x02, 0x58]); // will delay 600
+        body.extend_from_slice(&[0, 3]);
+        body.extend_from_slice(b"w/s");
+        body.extend_from_slice(&[0, 1, b'x']);
+        raw.send(&frame(0x10, &body));
+        let ack = raw.read_n(4);
+        assert_eq!(ack.first(), Some(&0x20), "CONNACK on round {i}: {ack:?}");
+        // Drop without DISCONNECT: the will is armed with its delay, expiry starts.
+        drop(raw);
+    }
+    // Let the last disconnect be processed.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let after = node.metric("fleetmq_runtime_tasks");
+    assert!(
+        after < baseline + 10.0,
+        "tasks grew from {baseline} to {after} over 60 reconnects: timers are piling up"
+    );
+}

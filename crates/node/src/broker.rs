@@ -162,6 +162,7 @@ impl Broker {
                 }
                 st.conn = None;
                 st.generation += 1;
+                st.cancel_timers();
                 let will = st.pending_will.take();
                 if !resume {
                     old_will = will;
@@ -275,7 +276,9 @@ impl Broker {
             return;
         }
         let broker = self.clone();
-        tokio::spawn(async move {
+        let task = session.clone();
+        let handle = tokio::spawn(async move {
+            let session = task;
             tokio::time::sleep(Duration::from_secs(secs as u64)).await;
             let stale = {
                 let st = session.state.lock();
@@ -283,9 +286,18 @@ impl Broker {
             };
             if !stale {
                 tracing::debug!(client = %session.key.client_id, "session expired");
+                session.state.lock().expiry_timer = None;
                 broker.end_session(&tenant, &session);
             }
         });
+        if let Some(old) = session
+            .state
+            .lock()
+            .expiry_timer
+            .replace(handle.abort_handle())
+        {
+            old.abort();
+        }
     }
 
     /// Removes a session and everything it holds, in memory and durably.
@@ -295,6 +307,7 @@ impl Broker {
             let filters: Vec<String> = st.subscriptions.keys().cloned().collect();
             st.reset();
             st.generation += 1;
+            st.cancel_timers();
             (filters, st.persistent, st.pending_will.take())
         };
         if let Some(msg) = will {
@@ -618,10 +631,13 @@ impl Broker {
             st.generation
         };
         let broker = self.clone();
-        tokio::spawn(async move {
+        let task = session.clone();
+        let handle = tokio::spawn(async move {
+            let session = task;
             tokio::time::sleep(Duration::from_secs(will.delay_secs as u64)).await;
             let due = {
                 let mut st = session.state.lock();
+                st.will_timer = None;
                 if st.generation == generation && st.conn.is_none() {
                     st.pending_will.take()
                 } else {
@@ -632,6 +648,14 @@ impl Broker {
                 broker.publish_detached(tenant, msg);
             }
         });
+        if let Some(old) = session
+            .state
+            .lock()
+            .will_timer
+            .replace(handle.abort_handle())
+        {
+            old.abort();
+        }
     }
 
     // ----- recovery -------------------------------------------------------------------------

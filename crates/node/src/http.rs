@@ -29,6 +29,12 @@ pub fn router(state: HttpState) -> Router {
 async fn metrics(
     State(s): State<HttpState>,
 ) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    // Sampled at scrape time: live tasks are one per connection plus timers, so a count that
+    // grows without connections growing is a leak (e.g. timers piling up under reconnects).
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    metrics::gauge!(crate::metrics::RUNTIME_TASKS).set(tasks as f64);
     let body = match &s.prometheus {
         Some(h) => h.render(),
         None => String::new(),

@@ -20,6 +20,7 @@ pub const RETAINED: &str = "fleetmq_retained_messages";
 pub const DELIVER_LATENCY: &str = "fleetmq_publish_to_deliver_seconds";
 pub const PROTOCOL_ERRORS: &str = "fleetmq_protocol_errors_total";
 pub const DISCONNECTS: &str = "fleetmq_disconnects_total";
+pub const RUNTIME_TASKS: &str = "fleetmq_runtime_tasks";
 
 /// Installs the Prometheus recorder for this process. Returns `None` if one is installed
 /// already (several nodes inside one test process share the first one).
@@ -70,6 +71,10 @@ fn describe() {
         "Connections closed for bad input, by reason"
     );
     describe_counter!(DISCONNECTS, "Connections ended, by reason");
+    describe_gauge!(
+        RUNTIME_TASKS,
+        "Live tokio tasks (connections, timers, internals), sampled at scrape"
+    );
 }
 
 /// Hot-path handles, created once.

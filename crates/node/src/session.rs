@@ -107,6 +107,11 @@ pub struct SessionState {
     /// A will waiting for its delay; published when the delay ends or the session ends,
     /// dropped when the client reconnects to the session first.
     pub pending_will: Option<Arc<Message>>,
+    /// The running session-expiry and delayed-will timers. Aborted when the client comes back,
+    /// so a device that reconnects every few seconds does not pile up sleeping tasks (each of
+    /// which would also keep the session's memory alive until its deadline).
+    pub expiry_timer: Option<tokio::task::AbortHandle>,
+    pub will_timer: Option<tokio::task::AbortHandle>,
     next_pid: u16,
     next_order: u64,
 }
@@ -125,6 +130,8 @@ impl SessionState {
             kick: None,
             generation: 0,
             pending_will: None,
+            expiry_timer: None,
+            will_timer: None,
             next_pid: 1,
             next_order: 0,
         }
@@ -242,6 +249,16 @@ impl SessionState {
                 order,
             },
         );
+    }
+
+    /// Stops the expiry and delayed-will timers (the client is back, or the session ended).
+    pub fn cancel_timers(&mut self) {
+        if let Some(t) = self.expiry_timer.take() {
+            t.abort();
+        }
+        if let Some(t) = self.will_timer.take() {
+            t.abort();
+        }
     }
 
     /// Clears everything a clean start discards.

@@ -668,3 +668,39 @@ fn mosquitto_v31_retained() {
         "mosq31/ret stay"
     );
 }
+
+/// `--max-subscriptions` caps one session's subscriptions: the filters past the cap get the
+/// SUBACK failure code (3.1.1: 0x80) while the others are granted, and re-subscribing to a
+/// filter the session already has is not counted twice.
+#[tokio::test]
+async fn subscription_quota_per_session() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, SubscribeFilter, SubscribeReasonCode};
+    let node = Node::start_with(&["--max-subscriptions", "2"]);
+    let (c, mut el) = AsyncClient::new(MqttOptions::new("quota", "127.0.0.1", node.port()), 10);
+    c.subscribe_many(vec![
+        SubscribeFilter::new("q/a".into(), Q4::AtLeastOnce),
+        SubscribeFilter::new("q/b".into(), Q4::AtLeastOnce),
+        SubscribeFilter::new("q/c".into(), Q4::AtLeastOnce),
+        SubscribeFilter::new("q/a".into(), Q4::AtMostOnce),
+    ])
+    .await
+    .unwrap();
+    let codes = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Event::Incoming(Packet::SubAck(a)) = el.poll().await.unwrap() {
+                return a.return_codes;
+            }
+        }
+    })
+    .await
+    .expect("SUBACK");
+    assert_eq!(
+        codes,
+        vec![
+            SubscribeReasonCode::Success(Q4::AtLeastOnce),
+            SubscribeReasonCode::Success(Q4::AtLeastOnce),
+            SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Success(Q4::AtMostOnce),
+        ]
+    );
+}

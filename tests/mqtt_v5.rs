@@ -104,6 +104,22 @@ async fn will_on_disconnect_with_will_message() {
     assert_eq!(&m.payload[..], b"with-will");
 }
 
+/// Only reason 0x00 discards the will (MQTT-3.14.4-3): a client that disconnects reporting an
+/// error (here 0x80) still has its will published.
+#[tokio::test]
+async fn will_on_disconnect_with_error_reason() {
+    let node = Node::start();
+    let mut w = will_watcher(&node, "w5e-watch").await;
+    let mut o = Opts::clean();
+    o.will = Some(will5("will/error", "failed", None));
+    let (mut c, _) = C5::connect_with(node.mqtt, "w5-err", o).await;
+    c.disconnect(DisconnectReasonCode::UnspecifiedError, None)
+        .await;
+    let m = w.expect_publish().await;
+    assert_eq!(topic(&m), "will/error");
+    assert_eq!(&m.payload[..], b"failed");
+}
+
 /// A will with a delay is published after the delay, not before.
 #[tokio::test]
 async fn will_delay_is_honoured() {

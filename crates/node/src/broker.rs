@@ -249,17 +249,18 @@ impl Broker {
         }
         let expiry = st.expiry_secs;
         let generation = st.generation;
-        let persistent = st.persistent;
-        drop(st);
-        if expiry == 0 {
-            self.end_session(tenant, session);
-            return true;
-        }
-        if persistent {
+        if expiry > 0 && st.persistent {
+            // Proposed under the session lock, so a resuming CONNECT's PutSession (proposed
+            // after it takes this lock) is always applied after it, never before.
             self.durable.propose_nowait(Command::SetDisconnected {
                 key: session.key.clone(),
                 at_ms: Some(now_ms()),
             });
+        }
+        drop(st);
+        if expiry == 0 {
+            self.end_session(tenant, session, Some(generation));
+            return true;
         }
         self.schedule_expiry(tenant.clone(), session.clone(), generation, expiry);
         true
@@ -280,15 +281,9 @@ impl Broker {
         let handle = tokio::spawn(async move {
             let session = task;
             tokio::time::sleep(Duration::from_secs(secs as u64)).await;
-            let stale = {
-                let st = session.state.lock();
-                st.conn.is_some() || st.generation != generation
-            };
-            if !stale {
-                tracing::debug!(client = %session.key.client_id, "session expired");
-                session.state.lock().expiry_timer = None;
-                broker.end_session(&tenant, &session);
-            }
+            tracing::debug!(client = %session.key.client_id, "session expiry due");
+            // end_session re-checks under the locks: a client may resume at this very moment.
+            broker.end_session(&tenant, &session, Some(generation));
         });
         if let Some(old) = session
             .state
@@ -300,29 +295,45 @@ impl Broker {
         }
     }
 
-    /// Removes a session and everything it holds, in memory and durably.
-    fn end_session(self: &Arc<Self>, tenant: &Arc<Tenant>, session: &Arc<Session>) {
-        let (filters, persistent, will) = {
+    /// Removes a session and everything it holds, in memory and durably. With `expected`, only
+    /// if the session is still disconnected at that generation: checked under the map lock and
+    /// the session lock (the order `attach` takes them), so a client resuming at the same
+    /// moment keeps its session.
+    fn end_session(
+        self: &Arc<Self>,
+        tenant: &Arc<Tenant>,
+        session: &Arc<Session>,
+        expected: Option<u64>,
+    ) {
+        let (filters, will) = {
+            let mut map = self.sessions.lock();
             let mut st = session.state.lock();
+            if let Some(generation) = expected {
+                if st.conn.is_some() || st.generation != generation {
+                    return;
+                }
+            }
             let filters: Vec<String> = st.subscriptions.keys().cloned().collect();
             st.reset();
             st.generation += 1;
             st.cancel_timers();
-            (filters, st.persistent, st.pending_will.take())
+            let will = st.pending_will.take();
+            let persistent = st.persistent;
+            drop(st);
+            if map.get(&session.key).map(|s| s.0.id) == Some(session.id) {
+                map.remove(&session.key);
+                self.metrics.sessions.decrement(1.0);
+                if persistent {
+                    self.durable.propose_nowait(Command::DeleteSession {
+                        key: session.key.clone(),
+                    });
+                }
+            }
+            (filters, will)
         };
+        self.remove_subscriptions(tenant, session, &filters);
         if let Some(msg) = will {
             self.publish_detached(tenant.clone(), msg);
-        }
-        self.remove_subscriptions(tenant, session, &filters);
-        let mut map = self.sessions.lock();
-        if map.get(&session.key).map(|s| s.0.id) == Some(session.id) {
-            map.remove(&session.key);
-            self.metrics.sessions.decrement(1.0);
-            if persistent {
-                self.durable.propose_nowait(Command::DeleteSession {
-                    key: session.key.clone(),
-                });
-            }
         }
     }
 
@@ -695,7 +706,7 @@ impl Broker {
                 let mut st: parking_lot::MutexGuard<'_, SessionState> = session.state.lock();
                 st.generation = 1;
                 for pid in rs.inbound_pids {
-                    st.inbound_qos2.insert(pid);
+                    st.inbound_qos2.insert(pid, true);
                 }
                 for (seq, entry, stored) in rs.queue {
                     let msg = messages

@@ -57,6 +57,9 @@ pub struct Cli {
     /// Connections this node accepts at once.
     #[arg(long, env = "FLEETMQ_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Subscriptions one session may hold; more are refused in SUBACK (0x97 / 0x80).
+    #[arg(long, env = "FLEETMQ_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
     /// Largest keep-alive a client may use, in seconds; larger or 0 values are replaced and
     /// returned as Server Keep Alive (MQTT 5).
     #[arg(long, env = "FLEETMQ_MAX_KEEP_ALIVE")]
@@ -98,6 +101,7 @@ pub struct FileConfig {
     pub max_inflight: Option<u16>,
     pub max_queued_messages: Option<usize>,
     pub max_connections: Option<usize>,
+    pub max_subscriptions: Option<usize>,
     pub max_keep_alive: Option<u16>,
     pub max_session_expiry: Option<u32>,
     pub topic_alias_maximum: Option<u16>,
@@ -123,6 +127,7 @@ pub struct Config {
     pub max_inflight: u16,
     pub max_queued_messages: usize,
     pub max_connections: usize,
+    pub max_subscriptions: usize,
     pub max_keep_alive: u16,
     pub max_session_expiry: u32,
     pub topic_alias_maximum: u16,
@@ -148,6 +153,7 @@ impl Default for Config {
             max_inflight: 1024,
             max_queued_messages: 10_000,
             max_connections: 1_000_000,
+            max_subscriptions: 1_000,
             max_keep_alive: 3_600,
             max_session_expiry: u32::MAX,
             topic_alias_maximum: 64,
@@ -231,6 +237,10 @@ impl Config {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(d.max_connections),
+            max_subscriptions: cli
+                .max_subscriptions
+                .or(file.max_subscriptions)
+                .unwrap_or(d.max_subscriptions),
             max_keep_alive: cli
                 .max_keep_alive
                 .or(file.max_keep_alive)

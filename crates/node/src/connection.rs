@@ -97,7 +97,6 @@ enum Done {
     Suback {
         pkid: u16,
         codes: Vec<u8>,
-        retained: Vec<Delivery>,
         result: Result<(), ClusterError>,
     },
     Unsuback {
@@ -105,8 +104,15 @@ enum Done {
         codes: Vec<u8>,
         result: Result<(), ClusterError>,
     },
-    /// Outbound QoS 2: the Release is durable, PUBREL may go.
-    Released { pid: u16 },
+    /// Outbound QoS 2: the Release is durable, PUBREL may go (on failure the connection
+    /// closes instead: a PUBREL without a durable Release could lead to the PUBLISH being
+    /// resent after a crash and delivered twice).
+    Released {
+        pid: u16,
+        result: Result<(), ClusterError>,
+    },
+    /// Inbound QoS 2 retransmission whose original has now been committed (`ok`) or failed.
+    DupPubrec { pid: u16, ok: bool },
     /// Inbound QoS 2: the packet id is forgotten durably, PUBCOMP may go.
     InboundReleased {
         pid: u16,
@@ -146,6 +152,41 @@ impl PendingQueue {
         }
         done
     }
+}
+
+/// Waits until the original of a retransmitted QoS 2 PUBLISH is committed (or failed).
+fn await_inbound_commit(
+    session: Arc<Session>,
+    pid: u16,
+) -> Pin<Box<dyn Future<Output = Done> + Send>> {
+    Box::pin(async move {
+        // The original's commit is a group commit away (milliseconds); give up after 30 s.
+        for _ in 0..15_000 {
+            match session.state.lock().inbound_qos2.get(&pid).copied() {
+                Some(true) => return Done::DupPubrec { pid, ok: true },
+                None => return Done::DupPubrec { pid, ok: false },
+                Some(false) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Done::DupPubrec { pid, ok: false }
+    })
+}
+
+/// Commits an outbound QoS 2 Release, then lets the connection send PUBREL.
+fn release_then_pubrel(
+    durable: fleetmq_cluster::Durable,
+    key: SessionKey,
+    seq: u64,
+    pid: u16,
+) -> Pin<Box<dyn Future<Output = Done> + Send>> {
+    Box::pin(async move {
+        let result = durable
+            .propose(Command::Release { key, seq })
+            .await
+            .map(|_| ());
+        Done::Released { pid, result }
+    })
 }
 
 /// Proposes commands together (they join the same group commit, in order) and waits for all.
@@ -485,17 +526,22 @@ where
                         }
                     }
                 }
+                InflightState::Releasing if inflight.delivery.seq.is_some() => {
+                    // The previous connection's Release may not be durable yet: PUBREL waits
+                    // for it, as in `on_pubrec`.
+                    if let Some(seq) = inflight.delivery.seq {
+                        let durable = self.broker.durable.clone();
+                        a.pending.push_back(release_then_pubrel(
+                            durable,
+                            a.session.key.clone(),
+                            seq,
+                            pid,
+                        ));
+                    }
+                }
                 InflightState::Releasing | InflightState::AwaitComp => {
-                    if inflight.state == InflightState::Releasing {
-                        if let Some(seq) = inflight.delivery.seq {
-                            self.broker.durable.propose_nowait(Command::Release {
-                                key: a.session.key.clone(),
-                                seq,
-                            });
-                        }
-                        if let Some(e) = st.inflight.get_mut(&pid) {
-                            e.state = InflightState::AwaitComp;
-                        }
+                    if let Some(e) = st.inflight.get_mut(&pid) {
+                        e.state = InflightState::AwaitComp;
                     }
                     encode::encode_ack(self.version, 6, pid, 0, &mut self.wbuf);
                     metrics::packet_out("pubrel");
@@ -709,10 +755,12 @@ where
                         }
                         a.expiry_override = Some(e.min(self.broker.cfg.max_session_expiry));
                     }
-                    return Err(if d.reason == rc::DISCONNECT_WITH_WILL {
-                        Close::WithWill
-                    } else {
+                    // Only reason 0x00 discards the will (MQTT-3.14.4-3): 0x04 asks for it, and
+                    // a client reporting an error (>= 0x80) gets it too.
+                    return Err(if d.reason == rc::SUCCESS {
                         Close::Normal
+                    } else {
+                        Close::WithWill
                     });
                 }
                 Incoming::Auth => {
@@ -762,12 +810,30 @@ where
             ));
         }
         if p.qos == 2 {
-            let duplicate = !a.session.state.lock().inbound_qos2.insert(p.pkid);
-            if duplicate {
-                // Retransmission of a message we already took: acknowledge, never route again.
-                encode::encode_ack(self.version, 5, p.pkid, 0, &mut self.wbuf);
-                metrics::packet_out("pubrec");
-                return Ok(());
+            let known = {
+                let mut st = a.session.state.lock();
+                let known = st.inbound_qos2.get(&p.pkid).copied();
+                if known.is_none() {
+                    st.inbound_qos2.insert(p.pkid, false);
+                }
+                known
+            };
+            match known {
+                Some(true) => {
+                    // Retransmission of a message we already took: acknowledge, never route
+                    // it again.
+                    encode::encode_ack(self.version, 5, p.pkid, 0, &mut self.wbuf);
+                    metrics::packet_out("pubrec");
+                    return Ok(());
+                }
+                Some(false) => {
+                    // The original is still being committed (perhaps by the previous
+                    // connection): PUBREC only once it is durable.
+                    a.pending
+                        .push_back(await_inbound_commit(a.session.clone(), p.pkid));
+                    return Ok(());
+                }
+                None => {}
             }
         }
         let msg = Message::new(topic, p.payload, p.qos, p.retain, p.props);
@@ -788,19 +854,22 @@ where
         } else {
             let durable = broker.durable.clone();
             a.pending.push_back(Box::pin(async move {
-                if let Some(rc) = retain_cmd {
-                    if let Err(e) = durable.propose(rc).await {
-                        return Done::Publish {
-                            prepared,
-                            ack,
-                            result: Err(e),
-                        };
+                // Both proposals are made at the first poll, in this order, so a later publish
+                // of the same client can never get an earlier queue position.
+                let retained = async {
+                    match retain_cmd {
+                        Some(rc) => durable.propose(rc).await.map(|_| ()),
+                        None => Ok(()),
                     }
-                }
-                let result = match cmd {
-                    Some(c) => durable.propose(c).await,
-                    None => Ok(Response::Ok),
                 };
+                let published = async {
+                    match cmd {
+                        Some(c) => durable.propose(c).await,
+                        None => Ok(Response::Ok),
+                    }
+                };
+                let (r, p) = futures_util::future::join(retained, published).await;
+                let result = r.and(p);
                 Done::Publish {
                     prepared,
                     ack,
@@ -880,6 +949,15 @@ where
                 (rc::IMPLEMENTATION_SPECIFIC, false)
             }
         };
+        if let Ack::Pubrec(pid) = ack {
+            let mut st = a.session.state.lock();
+            if ok {
+                st.inbound_qos2.insert(pid, true);
+            } else {
+                // Not taken: a retransmission must be routed, not acknowledged.
+                st.inbound_qos2.remove(&pid);
+            }
+        }
         if !ok && !self.version.is_v5() && !matches!(ack, Ack::Nothing) {
             // 3.1.1 cannot refuse a PUBLISH: closing without an ack makes the client resend.
             return Err(Close::Violation(
@@ -896,7 +974,6 @@ where
             }
             Ack::Pubrec(pid) => {
                 if !ok {
-                    a.session.state.lock().inbound_qos2.remove(&pid);
                     a.inbound_unacked = a.inbound_unacked.saturating_sub(1);
                 }
                 encode::encode_ack(self.version, 5, pid, reason, &mut self.wbuf);
@@ -907,7 +984,7 @@ where
     }
 
     fn on_pubrel(&mut self, a: &mut Active, pkid: u16) {
-        let known = a.session.state.lock().inbound_qos2.remove(&pkid);
+        let known = a.session.state.lock().inbound_qos2.remove(&pkid).is_some();
         if !known {
             encode::encode_ack(
                 self.version,
@@ -1021,12 +1098,8 @@ where
                 drop(st);
                 let durable = self.broker.durable.clone();
                 let key = a.session.key.clone();
-                a.pending.push_back(Box::pin(async move {
-                    if let Err(e) = durable.propose(Command::Release { key, seq }).await {
-                        tracing::warn!(error = %e, "durable release failed; PUBREL sent anyway");
-                    }
-                    Done::Released { pid: pkid }
-                }));
+                a.pending
+                    .push_back(release_then_pubrel(durable, key, seq, pkid));
             }
             None => {
                 entry.state = InflightState::AwaitComp;
@@ -1039,9 +1112,14 @@ where
 
     fn on_subscribe(&mut self, a: &mut Active, s: Subscribe) -> Result<(), Close> {
         let broker = self.broker.clone();
+        if a.session.state.lock().conn != Some(self.conn_id) {
+            // Taken over while this packet was still in our buffer: the session is no longer
+            // ours to change (the kick that closes us is on its way).
+            return Ok(());
+        }
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut cmds = Vec::new();
-        let mut retained = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for f in s.filters {
             let (shared, inner) = match parse_shared(&f.filter) {
                 Ok(Some((_, inner))) => (true, inner.to_string()),
@@ -1071,6 +1149,18 @@ where
                 codes.push(self.sub_failure(rc::TOPIC_FILTER_INVALID));
                 continue;
             }
+            let (count, known) = {
+                let st = a.session.state.lock();
+                (
+                    st.subscriptions.len(),
+                    st.subscriptions.contains_key(&f.filter),
+                )
+            };
+            if !known && count >= broker.cfg.max_subscriptions {
+                metrics::dropped("subscription_quota", 1);
+                codes.push(self.sub_failure(rc::QUOTA_EXCEEDED));
+                continue;
+            }
             let granted = f.qos.min(2);
             let opts = SubscriptionRecord {
                 filter: f.filter,
@@ -1081,16 +1171,26 @@ where
                 subscription_id: s.subscription_id,
             };
             let existed = broker.subscribe(&a.tenant, &a.session, opts.clone());
-            if !shared && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed)) {
+            // Retained messages go out now, before SUBACK (allowed by both versions), so a live
+            // publish can never overtake the older retained one. A filter repeated within one
+            // packet is served once, and the session queue bound caps the total.
+            let first_time = seen.insert(opts.filter.clone());
+            if first_time
+                && !shared
+                && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed))
+            {
                 for m in a.tenant.retained_matching(&inner) {
-                    retained.push(Delivery {
+                    let d = Delivery {
                         qos: m.qos.min(granted),
                         msg: m,
                         retain: true,
                         sub_ids: opts.subscription_id.into_iter().collect(),
                         seq: None,
                         dup: false,
-                    });
+                    };
+                    if !broker.enqueue(&a.session, d) {
+                        break;
+                    }
                 }
             }
             if a.persistent {
@@ -1103,7 +1203,7 @@ where
         }
         let pkid = s.pkid;
         if cmds.is_empty() && a.pending.is_empty() {
-            self.write_suback(a, pkid, &codes, retained);
+            self.write_suback(pkid, &codes);
         } else {
             let durable = broker.durable.clone();
             a.pending.push_back(Box::pin(async move {
@@ -1111,7 +1211,6 @@ where
                 Done::Suback {
                     pkid,
                     codes,
-                    retained,
                     result,
                 }
             }));
@@ -1127,15 +1226,15 @@ where
         }
     }
 
-    fn write_suback(&mut self, a: &mut Active, pkid: u16, codes: &[u8], retained: Vec<Delivery>) {
+    fn write_suback(&mut self, pkid: u16, codes: &[u8]) {
         encode::encode_suback(self.version, pkid, codes, &mut self.wbuf);
         metrics::packet_out("suback");
-        for d in retained {
-            self.broker.enqueue(&a.session, d);
-        }
     }
 
     fn on_unsubscribe(&mut self, a: &mut Active, u: Unsubscribe) {
+        if a.session.state.lock().conn != Some(self.conn_id) {
+            return; // taken over; see on_subscribe
+        }
         let mut codes = Vec::with_capacity(u.filters.len());
         let mut cmds = Vec::new();
         for f in u.filters {
@@ -1179,7 +1278,6 @@ where
             Done::Suback {
                 pkid,
                 mut codes,
-                retained,
                 result,
             } => {
                 if let Err(e) = result {
@@ -1187,7 +1285,7 @@ where
                     let fail = self.sub_failure(rc::UNSPECIFIED_ERROR);
                     codes.iter_mut().for_each(|c| *c = fail);
                 }
-                self.write_suback(a, pkid, &codes, retained);
+                self.write_suback(pkid, &codes);
             }
             Done::Unsuback {
                 pkid,
@@ -1200,12 +1298,34 @@ where
                 encode::encode_unsuback(self.version, pkid, &codes, &mut self.wbuf);
                 metrics::packet_out("unsuback");
             }
-            Done::Released { pid } => {
+            Done::Released { pid, result } => {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "durable release failed");
+                    return Err(Close::Violation(
+                        rc::UNSPECIFIED_ERROR,
+                        "storage unavailable",
+                    ));
+                }
                 if let Some(e) = a.session.state.lock().inflight.get_mut(&pid) {
                     e.state = InflightState::AwaitComp;
                 }
                 encode::encode_ack(self.version, 6, pid, 0, &mut self.wbuf);
                 metrics::packet_out("pubrel");
+            }
+            Done::DupPubrec { pid, ok } => {
+                if !ok && !self.version.is_v5() {
+                    return Err(Close::Violation(
+                        rc::UNSPECIFIED_ERROR,
+                        "storage unavailable",
+                    ));
+                }
+                let reason = if ok {
+                    rc::SUCCESS
+                } else {
+                    rc::UNSPECIFIED_ERROR
+                };
+                encode::encode_ack(self.version, 5, pid, reason, &mut self.wbuf);
+                metrics::packet_out("pubrec");
             }
             Done::InboundReleased { pid, result } => {
                 let reason = if result.is_ok() {
@@ -1286,10 +1406,9 @@ where
             topic_alias: None,
             alias_only: false,
         };
-        if encode::publish_len(self.version, &out) > a.client_max_packet {
-            metrics::dropped("client_packet_too_large", 1);
-            return false;
-        }
+        // The alias is chosen first so the size check sees the packet as it will be sent; a
+        // new alias is recorded only once the packet is really sent.
+        let mut new_alias = None;
         if a.client_alias_max > 0 {
             let aliases = a.aliases.get_or_insert_with(Box::default);
             match aliases.out.get(d.msg.topic.as_str()) {
@@ -1298,13 +1417,20 @@ where
                     out.alias_only = true;
                 }
                 None => {
-                    let next = aliases.out.len() as u16 + 1;
-                    if next <= a.client_alias_max {
-                        aliases.out.insert(d.msg.topic.clone(), next);
-                        out.topic_alias = Some(next);
+                    let next = aliases.out.len() + 1;
+                    if next <= a.client_alias_max as usize {
+                        out.topic_alias = Some(next as u16);
+                        new_alias = Some(next as u16);
                     }
                 }
             }
+        }
+        if encode::publish_len(self.version, &out) > a.client_max_packet {
+            metrics::dropped("client_packet_too_large", 1);
+            return false;
+        }
+        if let (Some(alias), Some(aliases)) = (new_alias, a.aliases.as_mut()) {
+            aliases.out.insert(d.msg.topic.clone(), alias);
         }
         encode::encode_publish(self.version, &out, &mut self.wbuf);
         if let Some(c) = self.counts.messages_out.get_mut(d.qos as usize) {
@@ -1367,6 +1493,20 @@ where
         // Work already committed still gets delivered to its subscribers; its acks are moot.
         while let Some(done) = a.pending.next().await {
             if let Done::Publish {
+                ack: Ack::Pubrec(pid),
+                result,
+                ..
+            } = &done
+            {
+                // Record the outcome for a retransmission on the next connection.
+                let mut st = a.session.state.lock();
+                if result.is_ok() {
+                    st.inbound_qos2.insert(*pid, true);
+                } else {
+                    st.inbound_qos2.remove(pid);
+                }
+            }
+            if let Done::Publish {
                 prepared,
                 result: Ok(resp),
                 ..
@@ -1374,7 +1514,8 @@ where
             {
                 let seqs = match resp {
                     Response::Published { seqs } => seqs,
-                    _ => Vec::new(),
+                    Response::DuplicateInbound => continue,
+                    Response::Ok => Vec::new(),
                 };
                 self.broker.deliver(prepared, &seqs);
             }

@@ -2,7 +2,7 @@
 //! QoS 2 packet ids. Pure data and rules; the connection task drives it and the broker shares it
 //! behind a mutex. It outlives connections: a persistent session keeps queueing while offline.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use fleetmq_storage::records::{SessionKey, SubscriptionRecord};
@@ -98,7 +98,9 @@ pub struct SessionState {
     pub subscriptions: SmallMap<String, SubOptions>,
     pub queue: VecDeque<Delivery>,
     pub inflight: SmallMap<u16, Inflight>,
-    pub inbound_qos2: HashSet<u16, FixedState>,
+    /// Inbound QoS 2 packet ids awaiting PUBREL; `true` once the message is committed (a
+    /// retransmission is acknowledged only then).
+    pub inbound_qos2: SmallMap<u16, bool>,
     /// The connection currently attached, if any.
     pub conn: Option<u64>,
     pub kick: Option<oneshot::Sender<Kick>>,
@@ -125,7 +127,7 @@ impl SessionState {
             subscriptions: SmallMap::default(),
             queue: VecDeque::new(),
             inflight: SmallMap::default(),
-            inbound_qos2: HashSet::default(),
+            inbound_qos2: SmallMap::default(),
             conn: None,
             kick: None,
             generation: 0,

@@ -20,6 +20,10 @@ pub enum StorageError {
     /// A string is longer than the u16 length prefix of the key encoding allows.
     #[error("string of {0} bytes is too long for a key (max 65535)")]
     KeyTooLong(usize),
+    /// Staged state-machine writes could not be written earlier; the state machine refuses
+    /// further work so that a restart re-applies the log from the last persisted marker.
+    #[error("state machine write-back failed earlier; restart to recover from the log")]
+    WriteBackFailed,
     /// One log entry carried more commands than message ids can distinguish.
     #[error("{0} commands in one entry; at most 65536 are allowed")]
     TooManyCommands(usize),

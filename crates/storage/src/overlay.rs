@@ -51,6 +51,9 @@ pub(crate) struct Pending {
     pub(crate) writes: BTreeMap<Vec<u8>, Staged>,
     entries: usize,
     since: Instant,
+    /// A write to sled failed: the staged writes are gone, so applying more would leave a gap
+    /// behind a newer marker. Everything fails from then on; a restart replays the log.
+    pub(crate) failed: bool,
 }
 
 impl Default for Pending {
@@ -59,6 +62,7 @@ impl Default for Pending {
             writes: BTreeMap::new(),
             entries: 0,
             since: Instant::now(),
+            failed: false,
         }
     }
 }

@@ -149,6 +149,9 @@ impl StateMachineStore {
             return Err(StorageError::TooManyCommands(cmds.len()));
         }
         let mut pending = self.lock_pending();
+        if pending.failed {
+            return Err(StorageError::WriteBackFailed);
+        }
         let mut ov = Overlay::new(&self.tree, &pending.writes);
         let mut out = Vec::with_capacity(cmds.len());
         for (i, cmd) in cmds.iter().enumerate() {
@@ -165,7 +168,10 @@ impl StateMachineStore {
         pending.absorb(writes);
         if pending.due() {
             if let Some(batch) = pending.take_batch() {
-                self.tree.apply_batch(batch)?;
+                if let Err(e) = self.tree.apply_batch(batch) {
+                    pending.failed = true;
+                    return Err(e.into());
+                }
             }
         }
         Ok(out)
@@ -181,8 +187,14 @@ impl StateMachineStore {
     /// marker). Reads and snapshots call this first; so does shutdown.
     pub fn write_back(&self) -> Result<()> {
         let mut pending = self.lock_pending();
+        if pending.failed {
+            return Err(StorageError::WriteBackFailed);
+        }
         if let Some(batch) = pending.take_batch() {
-            self.tree.apply_batch(batch)?;
+            if let Err(e) = self.tree.apply_batch(batch) {
+                pending.failed = true;
+                return Err(e.into());
+            }
         }
         Ok(())
     }

@@ -496,3 +496,37 @@ fn reconnect_storm_leaves_no_timers_behind() {
         "tasks grew from {baseline} to {after} over 60 reconnects: timers are piling up"
     );
 }
+
+/// An MQTT 5 DISCONNECT that shortens the session expiry is durable: after kill -9 and a
+/// restart past the new expiry, the session is gone (it would have lived an hour otherwise).
+#[test]
+fn expiry_changed_on_disconnect_survives_restart() {
+    fn connect(clean: bool) -> Vec<u8> {
+        let flags = if clean { 0x02 } else { 0x00 };
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, flags, 0, 60];
+        body.extend_from_slice(&[5, 0x11, 0, 0, 0x0E, 0x10]); // session expiry 3600
+        body.extend_from_slice(&[0, 6]);
+        body.extend_from_slice(b"shrink");
+        frame(0x10, &body)
+    }
+    let mut node = Node::start();
+    let mut raw = Raw::connect(node.mqtt);
+    raw.send(&connect(true));
+    assert_eq!(raw.read_n(4).first(), Some(&0x20));
+    // DISCONNECT reason 0 with Session Expiry Interval 1.
+    raw.send(&[0xE0, 0x07, 0x00, 0x05, 0x11, 0, 0, 0, 1]);
+    let _ = raw.closed();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    node.kill9();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    node.restart();
+    let mut raw = Raw::connect(node.mqtt);
+    raw.send(&connect(false));
+    let ack = raw.read_n(4);
+    assert_eq!(ack.first(), Some(&0x20), "{ack:?}");
+    assert_eq!(
+        ack.get(2),
+        Some(&0),
+        "session must have expired (present flag): {ack:?}"
+    );
+}

@@ -244,6 +244,7 @@ impl Broker {
         }
         st.conn = None;
         st.kick = None;
+        let changed = expiry.is_some_and(|e| e != st.expiry_secs);
         if let Some(e) = expiry {
             st.expiry_secs = e;
         }
@@ -252,9 +253,23 @@ impl Broker {
         if expiry > 0 && st.persistent {
             // Proposed under the session lock, so a resuming CONNECT's PutSession (proposed
             // after it takes this lock) is always applied after it, never before.
-            self.durable.propose_nowait(Command::SetDisconnected {
-                key: session.key.clone(),
-                at_ms: Some(now_ms()),
+            let key = session.key.clone();
+            let at_ms = Some(now_ms());
+            self.durable.propose_nowait(if changed {
+                // MQTT 5 DISCONNECT changed the expiry: make the new one durable too (only
+                // v5 can do this; the stored subscriptions are kept by the merge).
+                Command::PutSession {
+                    key,
+                    record: SessionRecord {
+                        expiry_secs: expiry,
+                        protocol: 5,
+                        disconnected_at_ms: at_ms,
+                        subscriptions: Vec::new(),
+                    },
+                    fresh: false,
+                }
+            } else {
+                Command::SetDisconnected { key, at_ms }
             });
         }
         drop(st);
@@ -400,6 +415,7 @@ impl Broker {
         // (group, filter, members): one pick per group and filter.
         type ShareGroup = (Arc<str>, String, Vec<(Arc<Session>, SubOptions)>);
         let mut shared: Vec<ShareGroup> = Vec::new();
+        let mut group_index: HashMap<(Arc<str>, String), usize> = HashMap::new();
         tenant
             .subs
             .read()
@@ -416,18 +432,26 @@ impl Broker {
                         durable: false,
                     }),
                     Some(group) => {
-                        let pos = shared
-                            .iter()
-                            .position(|(g, f, _)| g == group && f == filter);
-                        let entry = match pos {
-                            Some(i) => &mut shared[i],
+                        // Members of one group and filter usually come one after another; the
+                        // index keeps many groups from making this quadratic.
+                        let pos = match shared.last() {
+                            Some((g, f, _)) if g == group && f == filter => Some(shared.len() - 1),
+                            _ => group_index
+                                .get(&(group.clone(), filter.to_string()))
+                                .copied(),
+                        };
+                        let i = match pos {
+                            Some(i) => i,
                             None => {
                                 shared.push((group.clone(), filter.to_string(), Vec::new()));
-                                let last = shared.len() - 1;
-                                &mut shared[last]
+                                group_index
+                                    .insert((group.clone(), filter.to_string()), shared.len() - 1);
+                                shared.len() - 1
                             }
                         };
-                        entry.2.push((key.session.clone(), opts.clone()));
+                        if let Some(entry) = shared.get_mut(i) {
+                            entry.2.push((key.session.clone(), opts.clone()));
+                        }
                     }
                 }
             });

@@ -229,6 +229,19 @@ impl Broker {
         })
     }
 
+    /// Releases a session whose CONNECT failed after `attach` placed it (a failed commit):
+    /// it no longer counts as connected, so it can expire or be taken by the next CONNECT.
+    pub fn abandon(&self, key: &SessionKey, conn_id: u64) {
+        let session = self.sessions.lock().get(key).map(|b| b.0.clone());
+        if let Some(session) = session {
+            let mut st = session.state.lock();
+            if st.conn == Some(conn_id) {
+                st.conn = None;
+                st.kick = None;
+            }
+        }
+    }
+
     /// Detaches a connection that ended. Ends the session when its expiry is 0, otherwise
     /// starts its expiry clock. Returns false when the connection had already been taken over.
     pub fn detach(

@@ -450,6 +450,9 @@ where
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "durable session write failed");
+                // The session was attached in memory before the commit failed: let go of it,
+                // so it does not look connected forever.
+                broker.abandon(&key, self.conn_id);
                 self.connack_error(rc::SERVER_UNAVAILABLE, "storage_error");
                 return None;
             }

@@ -541,6 +541,52 @@ async fn receive_maximum_limits_inflight() {
         .await;
 }
 
+/// A client that comes back with a smaller Receive Maximum gets only that many of its
+/// unacknowledged PUBLISHes resent (MQTT-3.3.4-9); the rest follow, in order, as it acks.
+#[tokio::test]
+async fn redelivery_respects_a_smaller_receive_maximum() {
+    let node = Node::start();
+    let mut o = Opts::clean();
+    o.clean_start = false;
+    o.props = expiry_props(60);
+    o.props.receive_maximum = Some(5);
+    let (mut sub, _) = C5::connect_with(node.mqtt, "rm2-sub", o.clone()).await;
+    sub.sub("rm2/t", qos(1)).await;
+    let mut publ = C5::connect(node.mqtt, "rm2-pub").await;
+    for i in 0..5 {
+        publ.publish("rm2/t", qos(1), false, format!("{i}"), None)
+            .await;
+    }
+    for _ in 0..5 {
+        sub.expect_publish_noack().await;
+    }
+    drop(sub);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    o.props.receive_maximum = Some(2);
+    let (mut sub, _) = C5::connect_with(node.mqtt, "rm2-sub", o).await;
+    let again: Vec<Publish> = sub
+        .quiet(Duration::from_millis(700))
+        .await
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        again.len(),
+        2,
+        "resent above the new Receive Maximum: {again:?}"
+    );
+    assert!(again.iter().all(|p| p.dup), "redeliveries carry DUP");
+    assert_eq!(&again[0].payload[..], b"0");
+    assert_eq!(&again[1].payload[..], b"1");
+    sub.ack(&again[0]).await;
+    let next = sub.expect_publish_noack().await;
+    assert_eq!(&next.payload[..], b"2", "the rest follow in order");
+    assert!(next.dup);
+}
+
 /// Maximum Packet Size 100 from the client: larger PUBLISHes are dropped for it, smaller ones
 /// still arrive.
 #[tokio::test]

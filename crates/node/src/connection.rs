@@ -516,9 +516,27 @@ where
         let session = a.session.clone();
         let mut st = session.state.lock();
         let now = now_ms();
-        for (pid, inflight) in st.inflight_in_order() {
+        // Everything in flight counts against the client's (possibly smaller) new Receive
+        // Maximum (MQTT-3.3.4-9). PUBLISHes beyond it go back to the front of the queue, in
+        // order, and are resent as the window opens.
+        let in_order = st.inflight_in_order();
+        // QoS 2 deliveries past PUBREC must be completed whatever the window: they count first.
+        let releasing = in_order
+            .iter()
+            .filter(|(_, i)| i.state != InflightState::AwaitAck)
+            .count();
+        let mut budget = a.window.saturating_sub(releasing);
+        let mut requeue = Vec::new();
+        for (pid, inflight) in in_order {
             match inflight.state {
+                InflightState::AwaitAck if budget == 0 => {
+                    st.inflight.remove(&pid);
+                    let mut d = inflight.delivery;
+                    d.dup = true;
+                    requeue.push(d);
+                }
                 InflightState::AwaitAck => {
+                    budget -= 1;
                     if !self.encode_delivery(a, pid, &inflight.delivery, true, now) {
                         st.inflight.remove(&pid);
                         if let Some(seq) = inflight.delivery.seq {
@@ -550,6 +568,9 @@ where
                     metrics::packet_out("pubrel");
                 }
             }
+        }
+        for d in requeue.into_iter().rev() {
+            st.queue.push_front(d);
         }
     }
 

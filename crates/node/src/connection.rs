@@ -1561,12 +1561,37 @@ where
                 }
             }
             _ => {
-                let expiry = a
-                    .expiry_override
-                    .unwrap_or_else(|| a.session.state.lock().expiry_secs);
+                let (expiry, owner) = {
+                    let st = a.session.state.lock();
+                    (a.expiry_override.unwrap_or(st.expiry_secs), st.conn)
+                };
                 if let Some(w) = will {
-                    self.broker
-                        .schedule_will(a.tenant.clone(), a.session.clone(), *w, expiry == 0);
+                    match owner {
+                        Some(c) if c == self.conn_id => self.broker.schedule_will(
+                            a.tenant.clone(),
+                            a.session.clone(),
+                            *w,
+                            expiry == 0,
+                        ),
+                        // We closed just as a new connection resumed the session: as in a
+                        // takeover, only an immediate will fires (a delayed one must not be
+                        // parked on a session that is back).
+                        Some(_) => {
+                            if w.delay_secs == 0 {
+                                self.broker.schedule_will(
+                                    a.tenant.clone(),
+                                    a.session.clone(),
+                                    *w,
+                                    true,
+                                );
+                            }
+                        }
+                        // ... or as a clean start ended it: the session is over, the will is due.
+                        None => {
+                            self.broker
+                                .schedule_will(a.tenant.clone(), a.session.clone(), *w, true)
+                        }
+                    }
                 }
                 self.broker
                     .detach(&a.tenant, &a.session, self.conn_id, a.expiry_override);

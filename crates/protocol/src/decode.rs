@@ -318,6 +318,9 @@ fn decode_after_connect(
     fh: FixedHeader,
 ) -> Result<Incoming, DecodeError> {
     let packet_type = fh.byte1 >> 4;
+    if packet_type == 8 {
+        check_subscription_options(version, &frame, fh)?;
+    }
     if !version.is_v5() {
         if packet_type == 15 {
             return Err(DecodeError::Malformed("AUTH is not an MQTT 3.1.1 packet"));
@@ -483,6 +486,56 @@ fn decode_after_connect(
         })),
         _ => Err(DecodeError::Protocol("unexpected packet type")),
     }
+}
+
+/// Reserved bits of each SUBSCRIBE option byte must be 0 (3.1.1: bits 2-7, MQTT-3.8.3-4;
+/// 5.0: bits 6-7, MQTT-3.8.3-5); mqttbytes ignores them. Walks the raw payload; any length
+/// problem is left to mqttbytes, which reports it as malformed.
+fn check_subscription_options(
+    version: ProtocolVersion,
+    frame: &[u8],
+    fh: FixedHeader,
+) -> Result<(), DecodeError> {
+    let reserved: u8 = if version.is_v5() {
+        0b1100_0000
+    } else {
+        0b1111_1100
+    };
+    let Some(mut rest) = frame.get(fh.header_len + 2..) else {
+        return Ok(());
+    };
+    if version.is_v5() {
+        // Skip the properties: a variable byte integer length, then that many bytes.
+        let mut len = 0usize;
+        let mut used = 0usize;
+        for (i, b) in rest.iter().take(4).enumerate() {
+            len |= ((b & 0x7f) as usize) << (7 * i);
+            used = i + 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let Some(r) = rest.get(used + len..) else {
+            return Ok(());
+        };
+        rest = r;
+    }
+    while let [hi, lo, tail @ ..] = rest {
+        let n = u16::from_be_bytes([*hi, *lo]) as usize;
+        let Some(&options) = tail.get(n) else {
+            return Ok(());
+        };
+        if options & reserved != 0 {
+            return Err(DecodeError::Malformed(
+                "reserved bits set in subscription options",
+            ));
+        }
+        let Some(r) = tail.get(n + 1..) else {
+            return Ok(());
+        };
+        rest = r;
+    }
+    Ok(())
 }
 
 /// SUBSCRIBE and UNSUBSCRIBE carry at least one filter (MQTT-3.8.3-3, 3.10.3-2) and a

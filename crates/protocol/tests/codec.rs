@@ -156,6 +156,28 @@ fn reserved_flags_and_qos3_are_malformed() {
 }
 
 #[test]
+fn reserved_subscription_option_bits_are_malformed() {
+    // 3.1.1: options byte 0x05 (QoS 1 plus reserved bit 2).
+    let mut d = connected(4);
+    let e = decode_all(&mut d, &frame(0x82, &[0, 1, 0, 1, b'a', 0x05])).unwrap_err();
+    assert!(matches!(e, DecodeError::Malformed(_)), "{e:?}");
+    // 5.0: no-local (bit 2) is fine, bit 6 is reserved.
+    let mut d = connected(5);
+    assert!(decode_all(&mut d, &frame(0x82, &[0, 1, 0, 0, 1, b'a', 0x05])).is_ok());
+    let mut d = connected(5);
+    let e = decode_all(&mut d, &frame(0x82, &[0, 1, 0, 0, 1, b'a', 0x41])).unwrap_err();
+    assert!(matches!(e, DecodeError::Malformed(_)), "{e:?}");
+    // Second filter of several is checked too.
+    let mut d = connected(4);
+    let e = decode_all(
+        &mut d,
+        &frame(0x82, &[0, 1, 0, 1, b'a', 0x01, 0, 1, b'b', 0x80]),
+    )
+    .unwrap_err();
+    assert!(matches!(e, DecodeError::Malformed(_)), "{e:?}");
+}
+
+#[test]
 fn invalid_utf8_topic_is_malformed() {
     let mut d = connected(4);
     let e = decode_all(&mut d, &frame(0x30, &[0, 2, 0xC3, 0x28, b'x'])).unwrap_err();

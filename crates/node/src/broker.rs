@@ -178,6 +178,7 @@ impl Broker {
                 } else {
                     let filters: Vec<String> = st.subscriptions.keys().cloned().collect();
                     st.reset();
+                    st.ended = true;
                     drop(st);
                     self.remove_subscriptions(&tenant, &old, &filters);
                     map.remove(&key);
@@ -345,6 +346,7 @@ impl Broker {
             st.reset();
             st.generation += 1;
             st.cancel_timers();
+            st.ended = true;
             let will = st.pending_will.take();
             let persistent = st.persistent;
             drop(st);
@@ -583,12 +585,12 @@ impl Broker {
                 }
                 true
             }
-            Enqueue::Full | Enqueue::Offline => {
+            Enqueue::Full | Enqueue::Offline | Enqueue::Ended => {
                 metrics::dropped(
-                    if outcome == Enqueue::Full {
-                        "queue_full"
-                    } else {
-                        "qos0_offline"
+                    match outcome {
+                        Enqueue::Full => "queue_full",
+                        Enqueue::Offline => "qos0_offline",
+                        _ => "session_ended",
                     },
                     1,
                 );

@@ -76,6 +76,9 @@ pub enum Enqueue {
     Full,
     /// Dropped: QoS 0 to a client that is not connected.
     Offline,
+    /// Dropped: the session ended (expired, or replaced by a clean start) after the message
+    /// was routed to it.
+    Ended,
 }
 
 /// Hash state with no per-map random keys: 16 bytes less in each of a session's maps, which
@@ -113,6 +116,9 @@ pub struct SessionState {
     /// so a device that reconnects every few seconds does not pile up sleeping tasks (each of
     /// which would also keep the session's memory alive until its deadline).
     pub expiry_timer: Option<tokio::task::AbortHandle>,
+    /// Set when the session is over (expired, or discarded by a clean start); a message routed
+    /// to it just before is dropped instead of being queued on a dead object.
+    pub ended: bool,
     pub will_timer: Option<tokio::task::AbortHandle>,
     next_pid: u16,
     next_order: u64,
@@ -133,6 +139,7 @@ impl SessionState {
             generation: 0,
             pending_will: None,
             expiry_timer: None,
+            ended: false,
             will_timer: None,
             next_pid: 1,
             next_order: 0,
@@ -141,6 +148,9 @@ impl SessionState {
 
     /// Adds a delivery, honouring the queue bound and the offline rule for QoS 0.
     pub fn enqueue(&mut self, d: Delivery, max_queued: usize) -> Enqueue {
+        if self.ended {
+            return Enqueue::Ended;
+        }
         if self.conn.is_none() && d.qos == 0 {
             return Enqueue::Offline;
         }
@@ -327,6 +337,15 @@ mod tests {
             s.enqueue(d(1, Some(2)), 10),
             Enqueue::Queued { wake: false }
         );
+    }
+
+    #[test]
+    fn an_ended_session_takes_nothing() {
+        let mut s = SessionState::new(true, 100);
+        s.conn = Some(1);
+        s.ended = true;
+        assert_eq!(s.enqueue(d(1, Some(7)), 10), Enqueue::Ended);
+        assert!(s.queue.is_empty());
     }
 
     #[test]

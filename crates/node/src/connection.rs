@@ -860,9 +860,19 @@ where
                 None => {}
             }
         }
-        let msg = Message::new(topic, p.payload, p.qos, p.retain, p.props);
+        let mut msg = Message::new(topic, p.payload, p.qos, p.retain, p.props);
+        if p.retain {
+            // Kept indefinitely: must not pin the 64 KiB read buffer its payload was sliced from.
+            msg = msg.detached();
+        }
         let retain_cmd = p.retain.then(|| broker.retain(&a.tenant, &msg));
-        let prepared = broker.route(&a.tenant, &msg, Some(a.session.id));
+        let mut prepared = broker.route(&a.tenant, &msg, Some(a.session.id));
+        if !p.retain && prepared.needs_commit() {
+            // Queued for persistent sessions, possibly for a long time (offline devices): own
+            // the payload instead of pinning the publisher's read buffer. Messages to
+            // connected clean sessions stay zero-copy.
+            prepared.msg = prepared.msg.detached();
+        }
         let inbound = (p.qos == 2 && a.persistent).then(|| (a.session.key.clone(), p.pkid));
         let cmd = broker.publish_command(&prepared, Some(&a.session.key), inbound);
         let ack = match p.qos {

@@ -57,6 +57,21 @@ impl Message {
         })
     }
 
+    /// A copy whose payload has its own allocation. Payloads are zero-copy slices of the
+    /// publisher's read buffer; a message that will be held for long (retained, queued for an
+    /// offline session) must not keep that whole buffer alive.
+    pub fn detached(&self) -> Arc<Message> {
+        Arc::new(Message {
+            topic: self.topic.clone(),
+            payload: Bytes::copy_from_slice(&self.payload),
+            qos: self.qos,
+            retain: self.retain,
+            props: self.props.clone(),
+            expires_at_ms: self.expires_at_ms,
+            received_at: self.received_at,
+        })
+    }
+
     /// Seconds left before expiry: `None` if it never expires, `Some(0)` if already expired.
     pub fn remaining_expiry(&self, now_ms: u64) -> Option<u32> {
         self.expires_at_ms
@@ -116,6 +131,20 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detached_payload_does_not_share_the_read_buffer() {
+        let buffer = Bytes::from(vec![7u8; 65_536]);
+        let slice = buffer.slice(100..164);
+        let m = Message::new("t".into(), slice.clone(), 1, false, PublishProps::default());
+        let d = m.detached();
+        assert_eq!(d.payload, slice);
+        assert_ne!(
+            d.payload.as_ptr(),
+            slice.as_ptr(),
+            "copied, so the 64 KiB buffer can be freed"
+        );
+    }
 
     #[test]
     fn stored_round_trip_keeps_props_and_expiry() {

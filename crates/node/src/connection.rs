@@ -290,6 +290,8 @@ struct Conn<S> {
 struct Counts {
     messages_in: [u64; 3],
     messages_out: [u64; 3],
+    acks_in: [u64; 4],
+    acks_out: [u64; 4],
 }
 
 /// Per-connection state once CONNECT is accepted.
@@ -564,8 +566,7 @@ where
                     if let Some(e) = st.inflight.get_mut(&pid) {
                         e.state = InflightState::AwaitComp;
                     }
-                    encode::encode_ack(self.version, 6, pid, 0, &mut self.wbuf);
-                    metrics::packet_out("pubrel");
+                    self.write_ack(6, pid, 0);
                 }
             }
         }
@@ -662,6 +663,16 @@ where
     fn flush_counts(&mut self) {
         let m = &self.broker.metrics;
         let c = &mut self.counts;
+        for t in 0..4 {
+            if c.acks_in[t] > 0 {
+                m.acks_in[t].increment(c.acks_in[t]);
+                c.acks_in[t] = 0;
+            }
+            if c.acks_out[t] > 0 {
+                m.acks_out[t].increment(c.acks_out[t]);
+                c.acks_out[t] = 0;
+            }
+        }
         for q in 0..3 {
             if c.messages_in[q] > 0 {
                 m.messages_in[q].increment(c.messages_in[q]);
@@ -740,19 +751,19 @@ where
             match packet {
                 Incoming::Publish(p) => self.on_publish(a, p)?,
                 Incoming::PubAck { pkid, .. } => {
-                    metrics::packet_in("puback");
+                    self.counts.acks_in[0] += 1;
                     self.on_outbound_done(a, pkid, InflightState::AwaitAck, 1);
                 }
                 Incoming::PubRec { pkid, reason } => {
-                    metrics::packet_in("pubrec");
+                    self.counts.acks_in[1] += 1;
                     self.on_pubrec(a, pkid, reason);
                 }
                 Incoming::PubComp { pkid } => {
-                    metrics::packet_in("pubcomp");
+                    self.counts.acks_in[3] += 1;
                     self.on_outbound_done(a, pkid, InflightState::AwaitComp, 2);
                 }
                 Incoming::PubRel { pkid } => {
-                    metrics::packet_in("pubrel");
+                    self.counts.acks_in[2] += 1;
                     self.on_pubrel(a, pkid);
                 }
                 Incoming::Subscribe(s) => {
@@ -846,8 +857,7 @@ where
                 Some(true) => {
                     // Retransmission of a message we already took: acknowledge, never route
                     // it again.
-                    encode::encode_ack(self.version, 5, p.pkid, 0, &mut self.wbuf);
-                    metrics::packet_out("pubrec");
+                    self.write_ack(5, p.pkid, 0);
                     return Ok(());
                 }
                 Some(false) => {
@@ -1002,32 +1012,35 @@ where
         match ack {
             Ack::Nothing => {}
             Ack::Puback(pid) => {
-                encode::encode_ack(self.version, 4, pid, reason, &mut self.wbuf);
-                metrics::packet_out("puback");
+                self.write_ack(4, pid, reason);
                 a.inbound_unacked = a.inbound_unacked.saturating_sub(1);
             }
             Ack::Pubrec(pid) => {
                 if !ok {
                     a.inbound_unacked = a.inbound_unacked.saturating_sub(1);
                 }
-                encode::encode_ack(self.version, 5, pid, reason, &mut self.wbuf);
-                metrics::packet_out("pubrec");
+                self.write_ack(5, pid, reason);
             }
         }
         Ok(())
     }
 
+    /// Writes PUBACK (4), PUBREC (5), PUBREL (6) or PUBCOMP (7) and counts it.
+    fn write_ack(&mut self, packet_type: u8, pkid: u16, reason: u8) {
+        encode::encode_ack(self.version, packet_type, pkid, reason, &mut self.wbuf);
+        if let Some(c) = self
+            .counts
+            .acks_out
+            .get_mut(packet_type.wrapping_sub(4) as usize)
+        {
+            *c += 1;
+        }
+    }
+
     fn on_pubrel(&mut self, a: &mut Active, pkid: u16) {
         let known = a.session.state.lock().inbound_qos2.remove(&pkid).is_some();
         if !known {
-            encode::encode_ack(
-                self.version,
-                7,
-                pkid,
-                rc::PACKET_ID_NOT_FOUND,
-                &mut self.wbuf,
-            );
-            metrics::packet_out("pubcomp");
+            self.write_ack(7, pkid, rc::PACKET_ID_NOT_FOUND);
             return;
         }
         a.inbound_unacked = a.inbound_unacked.saturating_sub(1);
@@ -1044,8 +1057,7 @@ where
                 Done::InboundReleased { pid: pkid, result }
             }));
         } else if a.pending.is_empty() {
-            encode::encode_ack(self.version, 7, pkid, 0, &mut self.wbuf);
-            metrics::packet_out("pubcomp");
+            self.write_ack(7, pkid, 0);
         } else {
             a.pending.push_back(Box::pin(async move {
                 Done::InboundReleased {
@@ -1091,14 +1103,7 @@ where
         let mut st = a.session.state.lock();
         let Some(entry) = st.inflight.get_mut(&pkid) else {
             drop(st);
-            encode::encode_ack(
-                self.version,
-                6,
-                pkid,
-                rc::PACKET_ID_NOT_FOUND,
-                &mut self.wbuf,
-            );
-            metrics::packet_out("pubrel");
+            self.write_ack(6, pkid, rc::PACKET_ID_NOT_FOUND);
             return;
         };
         if entry.state != InflightState::AwaitAck || entry.delivery.qos != 2 {
@@ -1106,8 +1111,7 @@ where
             let releasing = entry.state == InflightState::Releasing;
             drop(st);
             if !releasing {
-                encode::encode_ack(self.version, 6, pkid, 0, &mut self.wbuf);
-                metrics::packet_out("pubrel");
+                self.write_ack(6, pkid, 0);
             }
             return;
         }
@@ -1138,8 +1142,7 @@ where
             None => {
                 entry.state = InflightState::AwaitComp;
                 drop(st);
-                encode::encode_ack(self.version, 6, pkid, 0, &mut self.wbuf);
-                metrics::packet_out("pubrel");
+                self.write_ack(6, pkid, 0);
             }
         }
     }
@@ -1343,8 +1346,7 @@ where
                 if let Some(e) = a.session.state.lock().inflight.get_mut(&pid) {
                     e.state = InflightState::AwaitComp;
                 }
-                encode::encode_ack(self.version, 6, pid, 0, &mut self.wbuf);
-                metrics::packet_out("pubrel");
+                self.write_ack(6, pid, 0);
             }
             Done::DupPubrec { pid, ok } => {
                 if !ok && !self.version.is_v5() {
@@ -1358,8 +1360,7 @@ where
                 } else {
                     rc::UNSPECIFIED_ERROR
                 };
-                encode::encode_ack(self.version, 5, pid, reason, &mut self.wbuf);
-                metrics::packet_out("pubrec");
+                self.write_ack(5, pid, reason);
             }
             Done::InboundReleased { pid, result } => {
                 let reason = if result.is_ok() {
@@ -1367,8 +1368,7 @@ where
                 } else {
                     rc::UNSPECIFIED_ERROR
                 };
-                encode::encode_ack(self.version, 7, pid, reason, &mut self.wbuf);
-                metrics::packet_out("pubcomp");
+                self.write_ack(7, pid, reason);
             }
         }
         Ok(())

@@ -77,6 +77,9 @@ fn describe() {
     );
 }
 
+/// Names of packet types 4..=7, the acknowledgements of QoS 1/2 flows.
+pub const ACK_TYPES: [&str; 4] = ["puback", "pubrec", "pubrel", "pubcomp"];
+
 /// Hot-path handles, created once.
 pub struct Handles {
     pub connections: Gauge,
@@ -89,6 +92,9 @@ pub struct Handles {
     pub messages_out: [Counter; 3],
     pub publish_in: Counter,
     pub publish_out: Counter,
+    /// PUBACK, PUBREC, PUBREL, PUBCOMP (index = packet type − 4), one per QoS 1/2 message.
+    pub acks_in: [Counter; 4],
+    pub acks_out: [Counter; 4],
     pub deliver_latency: Histogram,
 }
 
@@ -114,6 +120,8 @@ impl Handles {
             ],
             publish_in: counter!(PACKETS_IN, "type" => "publish"),
             publish_out: counter!(PACKETS_OUT, "type" => "publish"),
+            acks_in: ACK_TYPES.map(|t| counter!(PACKETS_IN, "type" => t)),
+            acks_out: ACK_TYPES.map(|t| counter!(PACKETS_OUT, "type" => t)),
             deliver_latency: histogram!(DELIVER_LATENCY),
         }
     }

@@ -225,16 +225,7 @@ impl SessionState {
                         break;
                     };
                     if qos > 0 {
-                        let order = self.next_order;
-                        self.next_order += 1;
-                        self.inflight.insert(
-                            pid,
-                            Inflight {
-                                delivery: d,
-                                state: InflightState::AwaitAck,
-                                order,
-                            },
-                        );
+                        self.restore_inflight(pid, d, InflightState::AwaitAck);
                     }
                 }
             }
@@ -249,7 +240,8 @@ impl SessionState {
         v
     }
 
-    /// Places a recovered in-flight delivery (after a restart) with its fixed packet id.
+    /// Tracks a delivery as in flight under `pid`, after those already in flight (sending it,
+    /// or placing a recovered one after a restart).
     pub fn restore_inflight(&mut self, pid: u16, d: Delivery, state: InflightState) {
         let order = self.next_order;
         self.next_order += 1;

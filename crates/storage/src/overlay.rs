@@ -176,27 +176,22 @@ impl<'a> Overlay<'a> {
     pub(crate) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         // A key first written by this or an earlier staged entry is still not in the tree.
         let fresh = matches!(self.staged(&key), Some(Staged::Fresh(_)));
-        self.writes.insert(
-            key,
-            if fresh {
-                Staged::Fresh(value)
-            } else {
-                Staged::Put(value)
-            },
-        );
+        self.stage(key, value, fresh);
+    }
+
+    fn stage(&mut self, key: Vec<u8>, value: Vec<u8>, fresh: bool) {
+        let staged = if fresh {
+            Staged::Fresh(value)
+        } else {
+            Staged::Put(value)
+        };
+        self.writes.insert(key, staged);
     }
 
     /// Stages an insert of a key that cannot be in the tree yet (new seq, new message id).
     pub(crate) fn put_fresh(&mut self, key: Vec<u8>, value: Vec<u8>) {
         let fresh = !matches!(self.staged(&key), Some(Staged::Put(_)) | Some(Staged::Del));
-        self.writes.insert(
-            key,
-            if fresh {
-                Staged::Fresh(value)
-            } else {
-                Staged::Put(value)
-            },
-        );
+        self.stage(key, value, fresh);
     }
 
     /// Stages a removal.

@@ -678,10 +678,10 @@ async fn subscription_quota_per_session() {
     let node = Node::start_with(&["--max-subscriptions", "2"]);
     let (c, mut el) = AsyncClient::new(MqttOptions::new("quota", "127.0.0.1", node.port()), 10);
     c.subscribe_many(vec![
-        SubscribeFilter::new("q/a".into(), Q4::AtLeastOnce),
-        SubscribeFilter::new("q/b".into(), Q4::AtLeastOnce),
-        SubscribeFilter::new("q/c".into(), Q4::AtLeastOnce),
-        SubscribeFilter::new("q/a".into(), Q4::AtMostOnce),
+        SubscribeFilter::new("quota/a".into(), Q4::AtLeastOnce),
+        SubscribeFilter::new("quota/b".into(), Q4::AtLeastOnce),
+        SubscribeFilter::new("quota/c".into(), Q4::AtLeastOnce),
+        SubscribeFilter::new("quota/a".into(), Q4::AtMostOnce),
     ])
     .await
     .unwrap();

@@ -10,35 +10,68 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// Password of `management/admin` in every test node.
+pub const ADMIN_PW: &str = "test-admin-pw";
+/// Password of `management/devicebootstrap` in every test node.
+pub const BOOTSTRAP_PW: &str = "test-bootstrap-pw";
+/// The tenant `Node::start` admits clients without credentials into.
+pub const ANON_TENANT: &str = "public";
+
 /// A running node (or one that was stopped and can be restarted).
 pub struct Node {
     child: Option<Child>,
     pub mqtt: SocketAddr,
     pub http: SocketAddr,
+    /// MQTT over WebSocket (always on).
+    pub ws: Option<SocketAddr>,
+    /// MQTT over TLS and secure WebSocket (with `start_tls`).
+    pub tls: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
     dir: tempfile::TempDir,
     args: Vec<String>,
     starts: u32,
 }
 
 impl Node {
-    /// Starts a node with default settings.
+    /// Starts a node that admits clients without credentials into tenant `public` (for the
+    /// MQTT protocol tests, which are not about logins).
     pub fn start() -> Node {
         Node::start_with(&[])
     }
 
-    /// Starts a node with extra flags.
+    /// Like `start`, with extra flags.
     pub fn start_with(args: &[&str]) -> Node {
+        let mut all = vec!["--anonymous-tenant", ANON_TENANT];
+        all.extend_from_slice(args);
+        Node::start_secure_with(&all)
+    }
+
+    /// Starts a node as a production one runs: credentials required.
+    pub fn start_secure() -> Node {
+        Node::start_secure_with(&[])
+    }
+
+    /// Like `start_secure`, with extra flags.
+    pub fn start_secure_with(args: &[&str]) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut node = Node {
             child: None,
             mqtt: "127.0.0.1:0".parse().unwrap(),
             http: "127.0.0.1:0".parse().unwrap(),
+            ws: None,
+            tls: None,
+            wss: None,
             dir,
             args: args.iter().map(|s| s.to_string()).collect(),
             starts: 0,
         };
         node.spawn("127.0.0.1:0", "127.0.0.1:0");
         node
+    }
+
+    /// The node's temporary directory (for certificates a test writes).
+    pub fn temp_dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The node's data directory.
@@ -65,9 +98,17 @@ impl Node {
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(self.data_dir())
+            .arg("--ws-addr")
+            .arg("127.0.0.1:0")
+            .arg("--tls-addr")
+            .arg("127.0.0.1:0")
+            .arg("--wss-addr")
+            .arg("127.0.0.1:0")
             .arg("--print-addrs")
             .args(&self.args)
             .env("FLEETMQ_LOG", "info,openraft=warn")
+            .env("FLEETMQ_ADMIN_PASSWORD", ADMIN_PW)
+            .env("FLEETMQ_BOOTSTRAP_PASSWORD", BOOTSTRAP_PW)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
         let mut child = cmd.spawn().expect("spawn fleetmq");
@@ -89,6 +130,10 @@ impl Node {
         let v: serde_json::Value = serde_json::from_str(&line).expect("addrs json");
         self.mqtt = v["mqtt"].as_str().unwrap().parse().unwrap();
         self.http = v["http"].as_str().unwrap().parse().unwrap();
+        let opt = |k: &str| v[k].as_str().map(|a| a.parse().unwrap());
+        self.ws = opt("ws");
+        self.tls = opt("tls");
+        self.wss = opt("wss");
         self.child = Some(child);
     }
 

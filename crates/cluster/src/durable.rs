@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetmq_storage::{
-    Command, RecoveredSession, Response, StateMachineStore, Storage, StoredMessage,
+    Command, Entry, Space, RecoveredSession, Response, StateMachineStore, Storage, StoredMessage,
     MAX_COMMANDS_PER_ENTRY,
 };
 use openraft::error::{InitializeError, RaftError};
@@ -170,6 +170,11 @@ impl Durable {
     /// All retained messages as `(tenant, topic, message)`.
     pub fn retained(&self) -> Result<Vec<(String, String, StoredMessage)>, ClusterError> {
         Ok(self.inner.sm.retained()?)
+    }
+
+    /// Every directory entry of a space as last applied: `(space, tenant, name, value)`.
+    pub fn entries(&self, space: Space) -> Result<Vec<Entry>, ClusterError> {
+        Ok(self.inner.sm.entries(space)?)
     }
 
     /// Current Raft metrics (leadership, log and applied index), for health checks.

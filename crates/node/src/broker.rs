@@ -19,6 +19,10 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::Config;
+use crate::identity::acl::{self, FilterClass, TopicClass};
+use crate::identity::auth::Auth;
+use crate::identity::records::TenantRec;
+use crate::quota::Limits;
 use crate::message::{now_ms, Message};
 use crate::metrics::{self, Handles};
 use crate::session::{Delivery, Enqueue, InflightState, Kick, Session, SessionState, SubOptions};
@@ -40,6 +44,9 @@ pub struct Match {
 pub struct Prepared {
     pub msg: Arc<Message>,
     pub matches: Vec<Match>,
+    /// Taken by the device-API pipeline (a reserved upstream topic), not routed: the
+    /// publisher is answered "success", not "no matching subscribers".
+    pub device_api: bool,
 }
 
 impl Prepared {
@@ -62,6 +69,8 @@ pub struct Broker {
     pub cfg: Config,
     pub metrics: Handles,
     pub durable: Durable,
+    /// Logins and the directory (tenants, users, certificates).
+    pub auth: Arc<Auth>,
     pub limits: TopicLimits,
     tenants: RwLock<HashMap<String, Arc<Tenant>>>,
     /// Sessions by key; the key lives once, inside the session (see `SessionMap`).
@@ -75,7 +84,7 @@ pub struct Broker {
 
 impl Broker {
     /// A broker over an opened durable store.
-    pub fn new(cfg: Config, durable: Durable) -> Arc<Broker> {
+    pub fn new(cfg: Config, durable: Durable, auth: Arc<Auth>) -> Arc<Broker> {
         let limits = TopicLimits {
             max_len: cfg.max_topic_length,
             max_levels: cfg.max_topic_levels,
@@ -85,6 +94,7 @@ impl Broker {
             cfg,
             metrics: Handles::new(),
             durable,
+            auth,
             limits,
             tenants: RwLock::new(HashMap::new()),
             sessions: Mutex::new(SessionMap::default()),
@@ -109,6 +119,19 @@ impl Broker {
             .entry(name.to_string())
             .or_insert_with(|| Tenant::new(name))
             .clone()
+    }
+
+    /// The effective limits of a tenant (its overrides over this node's defaults).
+    pub fn tenant_limits(&self, t: &TenantRec) -> Limits {
+        Limits::resolve(&self.cfg, &t.limits)
+    }
+
+    /// Whether a persistent session is held for `key` (a CONNECT resuming it creates none).
+    pub fn has_persistent_session(&self, key: &SessionKey) -> bool {
+        self.sessions
+            .lock()
+            .get(key)
+            .is_some_and(|s| s.0.state.lock().persistent)
     }
 
     /// Tells every connected client's task to close with DISCONNECT 0x8B.
@@ -171,6 +194,9 @@ impl Broker {
                     st.conn = Some(conn_id);
                     st.kick = kick_tx.take();
                     st.expiry_secs = expiry_secs;
+                    if st.persistent != persistent {
+                        track_persistent(&tenant, persistent);
+                    }
                     st.persistent = persistent;
                     let subs: Vec<SubOptions> = st.subscriptions.values().cloned().collect();
                     drop(st);
@@ -180,6 +206,9 @@ impl Broker {
                     st.reset();
                     st.ended = true;
                     drop(st);
+                    if was_persistent {
+                        track_persistent(&tenant, false);
+                    }
                     self.remove_subscriptions(&tenant, &old, &filters);
                     map.remove(&key);
                     self.metrics.sessions.decrement(1.0);
@@ -197,6 +226,9 @@ impl Broker {
                     }
                     map.replace(ByKey(s.clone()));
                     self.metrics.sessions.increment(1.0);
+                    if persistent {
+                        track_persistent(&tenant, true);
+                    }
                     (s, false, was_persistent, Vec::new())
                 }
             }
@@ -354,6 +386,7 @@ impl Broker {
                 map.remove(&session.key);
                 self.metrics.sessions.decrement(1.0);
                 if persistent {
+                    track_persistent(tenant, false);
                     self.durable.propose_nowait(Command::DeleteSession {
                         key: session.key.clone(),
                     });
@@ -383,9 +416,14 @@ impl Broker {
             .subscriptions
             .insert(opts.filter.clone(), opts.clone())
             .is_some();
-        tenant.subs.write().insert(&inner, key, opts);
-        if !existed {
-            self.metrics.subscriptions.increment(1.0);
+        // A downstream (device interface) filter matches only messages addressed to this
+        // device (`send_downstream`), never the tenant's free-form publishes.
+        if acl::classify_filter(&inner) != FilterClass::Downstream {
+            tenant.subs.write().insert(&inner, key, opts);
+            if !existed {
+                self.metrics.subscriptions.increment(1.0);
+                tenant.usage.subscriptions.fetch_add(1, Ordering::Relaxed);
+            }
         }
         existed
     }
@@ -417,6 +455,7 @@ impl Broker {
                 .is_some()
             {
                 self.metrics.subscriptions.decrement(1.0);
+                tenant.usage.subscriptions.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -427,6 +466,15 @@ impl Broker {
     /// with all matching subscription identifiers (MQTT-3.3.5-1), one member per share group.
     pub fn route(&self, tenant: &Tenant, msg: &Arc<Message>, publisher: Option<u64>) -> Prepared {
         let mut out: Vec<Match> = Vec::new();
+        if acl::classify_topic(&msg.topic) != TopicClass::Free {
+            // Reserved topics never reach the tenant's trie (a `#` must not see another
+            // device's SmartREST traffic); wills on them included.
+            return Prepared {
+                msg: msg.clone(),
+                matches: out,
+                device_api: true,
+            };
+        }
         // (group, filter, members): one pick per group and filter.
         type ShareGroup = (Arc<str>, String, Vec<(Arc<Session>, SubOptions)>);
         let mut shared: Vec<ShareGroup> = Vec::new();
@@ -510,6 +558,7 @@ impl Broker {
         Prepared {
             msg: msg.clone(),
             matches: out,
+            device_api: false,
         }
     }
 
@@ -603,6 +652,43 @@ impl Broker {
                 false
             }
         }
+    }
+
+    /// Delivers a message addressed to one device (`s/dcr`, `s/dat`, `s/e`, ...) on the
+    /// downstream subscriptions it holds, at the highest QoS it subscribed with. Not durable:
+    /// such answers are produced again on the device's next request. Returns false if the
+    /// device holds no matching subscription.
+    pub fn send_downstream(&self, session: &Arc<Session>, topic: &str, payload: bytes::Bytes) -> bool {
+        let qos = {
+            let st = session.state.lock();
+            st.subscriptions
+                .values()
+                .filter(|o| fleetmq_protocol::topic::matches(&o.filter, topic))
+                .map(|o| o.qos)
+                .max()
+        };
+        let Some(qos) = qos else {
+            metrics::dropped("downstream_not_subscribed", 1);
+            return false;
+        };
+        let msg = Message::new(
+            topic.to_string(),
+            payload,
+            qos,
+            false,
+            fleetmq_protocol::PublishProps::default(),
+        );
+        self.enqueue(
+            session,
+            Delivery {
+                msg,
+                qos,
+                retain: false,
+                sub_ids: Vec::new(),
+                seq: None,
+                dup: false,
+            },
+        )
     }
 
     /// Updates the retained message of a topic; returns the durable command for it.
@@ -784,6 +870,7 @@ impl Broker {
             for sub in rs.record.subscriptions {
                 self.subscribe(&tenant, &session, sub);
             }
+            track_persistent(&tenant, true);
             self.sessions.lock().replace(ByKey(session.clone()));
             self.metrics.sessions.increment(1.0);
             let remaining = if expiry == u32::MAX {
@@ -795,6 +882,15 @@ impl Broker {
             restored += 1;
         }
         tracing::info!(sessions = restored, "restored persistent sessions");
+    }
+}
+
+/// Counts a persistent session of a tenant in (`true`) or out (`false`).
+fn track_persistent(tenant: &Tenant, added: bool) {
+    if added {
+        tenant.usage.sessions.fetch_add(1, Ordering::Relaxed);
+    } else {
+        tenant.usage.sessions.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -33,9 +33,6 @@ pub struct Cli {
     /// Numeric node id, unique in the cluster.
     #[arg(long, env = "FLEETMQ_NODE_ID")]
     pub node_id: Option<u64>,
-    /// Tenant that clients belong to until tenants and credentials exist.
-    #[arg(long, env = "FLEETMQ_DEFAULT_TENANT")]
-    pub default_tenant: Option<String>,
     /// Largest MQTT packet accepted or sent, in bytes.
     #[arg(long, env = "FLEETMQ_MAX_PACKET_SIZE")]
     pub max_packet_size: Option<usize>,
@@ -76,6 +73,63 @@ pub struct Cli {
     /// Commands per Raft entry at most (group commit size).
     #[arg(long, env = "FLEETMQ_RAFT_MAX_BATCH")]
     pub raft_max_batch: Option<usize>,
+    /// Admit clients that send no credentials into this tenant (created if missing). Off by default.
+    #[arg(long, env = "FLEETMQ_ANONYMOUS_TENANT")]
+    pub anonymous_tenant: Option<String>,
+    /// Password of management/admin, used only when an empty data directory is initialised (otherwise one is generated and printed once).
+    #[arg(long, env = "FLEETMQ_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
+    /// Password of the device bootstrap user management/devicebootstrap (no bootstrap user without it).
+    #[arg(long, env = "FLEETMQ_BOOTSTRAP_PASSWORD", hide_env_values = true)]
+    pub bootstrap_password: Option<String>,
+    /// MQTT over TLS listen address (used when --tls-cert and --tls-key are set).
+    #[arg(long, env = "FLEETMQ_TLS_ADDR")]
+    pub tls_addr: Option<SocketAddr>,
+    /// MQTT over WebSocket listen address (path /mqtt).
+    #[arg(long, env = "FLEETMQ_WS_ADDR")]
+    pub ws_addr: Option<SocketAddr>,
+    /// MQTT over secure WebSocket listen address (used when a certificate is set).
+    #[arg(long, env = "FLEETMQ_WSS_ADDR")]
+    pub wss_addr: Option<SocketAddr>,
+    /// Server certificate chain (PEM). Re-read on SIGHUP and when the file changes.
+    #[arg(long, env = "FLEETMQ_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "FLEETMQ_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Default largest packet on reserved Cumulocity topics (s/, t/, q/, c/, JSON via MQTT), bytes; per-tenant override.
+    #[arg(long, env = "FLEETMQ_RESERVED_PACKET_SIZE")]
+    pub reserved_packet_size: Option<usize>,
+    /// Default per-tenant connections on this node (0 = unlimited); per-tenant override.
+    #[arg(long, env = "FLEETMQ_TENANT_MAX_CONNECTIONS")]
+    pub tenant_max_connections: Option<u32>,
+    /// Default per-tenant persistent sessions on this node (0 = unlimited).
+    #[arg(long, env = "FLEETMQ_TENANT_MAX_SESSIONS")]
+    pub tenant_max_sessions: Option<u32>,
+    /// Default per-tenant inbound PUBLISH rate on this node (0 = unlimited).
+    #[arg(long, env = "FLEETMQ_TENANT_MESSAGES_PER_SECOND")]
+    pub tenant_messages_per_second: Option<u32>,
+    /// Default per-tenant inbound byte rate on this node (0 = unlimited).
+    #[arg(long, env = "FLEETMQ_TENANT_BYTES_PER_SECOND")]
+    pub tenant_bytes_per_second: Option<u64>,
+    /// Default per-tenant subscriptions on this node (0 = unlimited).
+    #[arg(long, env = "FLEETMQ_TENANT_MAX_SUBSCRIPTIONS")]
+    pub tenant_max_subscriptions: Option<u32>,
+    /// Failed logins one source address may make at once before it is throttled.
+    #[arg(long, env = "FLEETMQ_LOGIN_IP_BURST")]
+    pub login_ip_burst: Option<u32>,
+    /// Failed logins per minute one source address is allowed after its burst.
+    #[arg(long, env = "FLEETMQ_LOGIN_IP_PER_MINUTE")]
+    pub login_ip_per_minute: Option<u32>,
+    /// Failed logins against one tenant at once before only known credentials get in.
+    #[arg(long, env = "FLEETMQ_LOGIN_TENANT_BURST")]
+    pub login_tenant_burst: Option<u32>,
+    /// Failed logins per minute against one tenant after its burst.
+    #[arg(long, env = "FLEETMQ_LOGIN_TENANT_PER_MINUTE")]
+    pub login_tenant_per_minute: Option<u32>,
+    /// Lifetime of device tokens issued on s/uat, seconds.
+    #[arg(long, env = "FLEETMQ_DEVICE_TOKEN_LIFETIME")]
+    pub device_token_lifetime_secs: Option<u64>,
     /// Print the bound addresses as one JSON line on stdout once listening (for tests/scripts).
     #[arg(long, env = "FLEETMQ_PRINT_ADDRS")]
     pub print_addrs: bool,
@@ -93,7 +147,6 @@ pub struct FileConfig {
     pub grpc_addr: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub node_id: Option<u64>,
-    pub default_tenant: Option<String>,
     pub max_packet_size: Option<usize>,
     pub max_topic_length: Option<usize>,
     pub max_topic_levels: Option<usize>,
@@ -107,19 +160,38 @@ pub struct FileConfig {
     pub topic_alias_maximum: Option<u16>,
     pub connect_timeout_secs: Option<u64>,
     pub raft_max_batch: Option<usize>,
+    pub anonymous_tenant: Option<String>,
+    pub admin_password: Option<String>,
+    pub bootstrap_password: Option<String>,
+    pub tls_addr: Option<SocketAddr>,
+    pub ws_addr: Option<SocketAddr>,
+    pub wss_addr: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub reserved_packet_size: Option<usize>,
+    pub tenant_max_connections: Option<u32>,
+    pub tenant_max_sessions: Option<u32>,
+    pub tenant_messages_per_second: Option<u32>,
+    pub tenant_bytes_per_second: Option<u64>,
+    pub tenant_max_subscriptions: Option<u32>,
+    pub login_ip_burst: Option<u32>,
+    pub login_ip_per_minute: Option<u32>,
+    pub login_tenant_burst: Option<u32>,
+    pub login_tenant_per_minute: Option<u32>,
+    pub device_token_lifetime_secs: Option<u64>,
     pub print_addrs: Option<bool>,
     pub log: Option<String>,
 }
 
-/// Resolved settings of a node.
-#[derive(Debug, Clone)]
+/// Resolved settings of a node. `Debug` is written by hand so that the passwords it holds
+/// can never reach a log line.
+#[derive(Clone)]
 pub struct Config {
     pub mqtt_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub node_id: u64,
-    pub default_tenant: String,
     pub max_packet_size: usize,
     pub max_topic_length: usize,
     pub max_topic_levels: usize,
@@ -133,8 +205,41 @@ pub struct Config {
     pub topic_alias_maximum: u16,
     pub connect_timeout_secs: u64,
     pub raft_max_batch: usize,
+    pub anonymous_tenant: Option<String>,
+    pub admin_password: Option<String>,
+    pub bootstrap_password: Option<String>,
+    pub tls_addr: SocketAddr,
+    pub ws_addr: SocketAddr,
+    pub wss_addr: SocketAddr,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub reserved_packet_size: usize,
+    pub tenant_max_connections: u32,
+    pub tenant_max_sessions: u32,
+    pub tenant_messages_per_second: u32,
+    pub tenant_bytes_per_second: u64,
+    pub tenant_max_subscriptions: u32,
+    pub login_ip_burst: u32,
+    pub login_ip_per_minute: u32,
+    pub login_tenant_burst: u32,
+    pub login_tenant_per_minute: u32,
+    pub device_token_lifetime_secs: u64,
     pub print_addrs: bool,
     pub log: String,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("mqtt_addr", &self.mqtt_addr)
+            .field("http_addr", &self.http_addr)
+            .field("data_dir", &self.data_dir)
+            .field("node_id", &self.node_id)
+            .field("anonymous_tenant", &self.anonymous_tenant)
+            .field("admin_password", &self.admin_password.as_ref().map(|_| "<redacted>"))
+            .field("bootstrap_password", &self.bootstrap_password.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Config {
@@ -145,7 +250,6 @@ impl Default for Config {
             grpc_addr: ([0, 0, 0, 0], 7070).into(),
             data_dir: PathBuf::from("./fleetmq-data"),
             node_id: 1,
-            default_tenant: "default".into(),
             max_packet_size: 1024 * 1024,
             max_topic_length: 65_535,
             max_topic_levels: 128,
@@ -159,6 +263,25 @@ impl Default for Config {
             topic_alias_maximum: 64,
             connect_timeout_secs: 10,
             raft_max_batch: 4_096,
+            anonymous_tenant: None,
+            admin_password: None,
+            bootstrap_password: None,
+            tls_addr: ([0, 0, 0, 0], 8883).into(),
+            ws_addr: ([0, 0, 0, 0], 8083).into(),
+            wss_addr: ([0, 0, 0, 0], 8084).into(),
+            tls_cert: None,
+            tls_key: None,
+            reserved_packet_size: 16_384,
+            tenant_max_connections: 0,
+            tenant_max_sessions: 0,
+            tenant_messages_per_second: 0,
+            tenant_bytes_per_second: 0,
+            tenant_max_subscriptions: 0,
+            login_ip_burst: 10,
+            login_ip_per_minute: 20,
+            login_tenant_burst: 200,
+            login_tenant_per_minute: 600,
+            device_token_lifetime_secs: 3600,
             print_addrs: false,
             log: "info,openraft=warn".into(),
         }
@@ -205,10 +328,6 @@ impl Config {
             grpc_addr: cli.grpc_addr.or(file.grpc_addr).unwrap_or(d.grpc_addr),
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
             node_id: cli.node_id.or(file.node_id).unwrap_or(d.node_id),
-            default_tenant: cli
-                .default_tenant
-                .or(file.default_tenant)
-                .unwrap_or(d.default_tenant),
             max_packet_size: cli
                 .max_packet_size
                 .or(file.max_packet_size)
@@ -261,6 +380,25 @@ impl Config {
                 .raft_max_batch
                 .or(file.raft_max_batch)
                 .unwrap_or(d.raft_max_batch),
+            anonymous_tenant: cli.anonymous_tenant.or(file.anonymous_tenant),
+            admin_password: cli.admin_password.or(file.admin_password),
+            bootstrap_password: cli.bootstrap_password.or(file.bootstrap_password),
+            tls_addr: cli.tls_addr.or(file.tls_addr).unwrap_or(d.tls_addr),
+            ws_addr: cli.ws_addr.or(file.ws_addr).unwrap_or(d.ws_addr),
+            wss_addr: cli.wss_addr.or(file.wss_addr).unwrap_or(d.wss_addr),
+            tls_cert: cli.tls_cert.or(file.tls_cert),
+            tls_key: cli.tls_key.or(file.tls_key),
+            reserved_packet_size: cli.reserved_packet_size.or(file.reserved_packet_size).unwrap_or(d.reserved_packet_size),
+            tenant_max_connections: cli.tenant_max_connections.or(file.tenant_max_connections).unwrap_or(d.tenant_max_connections),
+            tenant_max_sessions: cli.tenant_max_sessions.or(file.tenant_max_sessions).unwrap_or(d.tenant_max_sessions),
+            tenant_messages_per_second: cli.tenant_messages_per_second.or(file.tenant_messages_per_second).unwrap_or(d.tenant_messages_per_second),
+            tenant_bytes_per_second: cli.tenant_bytes_per_second.or(file.tenant_bytes_per_second).unwrap_or(d.tenant_bytes_per_second),
+            tenant_max_subscriptions: cli.tenant_max_subscriptions.or(file.tenant_max_subscriptions).unwrap_or(d.tenant_max_subscriptions),
+            login_ip_burst: cli.login_ip_burst.or(file.login_ip_burst).unwrap_or(d.login_ip_burst),
+            login_ip_per_minute: cli.login_ip_per_minute.or(file.login_ip_per_minute).unwrap_or(d.login_ip_per_minute),
+            login_tenant_burst: cli.login_tenant_burst.or(file.login_tenant_burst).unwrap_or(d.login_tenant_burst),
+            login_tenant_per_minute: cli.login_tenant_per_minute.or(file.login_tenant_per_minute).unwrap_or(d.login_tenant_per_minute),
+            device_token_lifetime_secs: cli.device_token_lifetime_secs.or(file.device_token_lifetime_secs).unwrap_or(d.device_token_lifetime_secs),
             print_addrs: cli.print_addrs || file.print_addrs.unwrap_or(false),
             log: cli.log.or(file.log).unwrap_or(d.log),
         };
@@ -288,7 +426,7 @@ mod tests {
         let path = dir.path().join("f.toml");
         std::fs::write(
             &path,
-            "max_packet_size = 2048\nmax_keep_alive = 60\ndefault_tenant = \"t1\"\n",
+            "max_packet_size = 2048\nmax_keep_alive = 60\nanonymous_tenant = \"t1\"\n",
         )
         .unwrap();
         let cli = Cli {
@@ -299,7 +437,7 @@ mod tests {
         let cfg = Config::resolve(cli).unwrap();
         assert_eq!(cfg.max_packet_size, 2048);
         assert_eq!(cfg.max_keep_alive, 30);
-        assert_eq!(cfg.default_tenant, "t1");
+        assert_eq!(cfg.anonymous_tenant.as_deref(), Some("t1"));
         assert_eq!(
             cfg.max_queued_messages,
             Config::default().max_queued_messages

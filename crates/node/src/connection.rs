@@ -28,6 +28,11 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::broker::{Broker, Prepared};
+use crate::identity::acl::{self, FilterClass, TopicClass, Upstream};
+use crate::identity::auth::{AuthError, Identity};
+use crate::identity::records::Role;
+use crate::identity::{bootstrap, client_id, token};
+use crate::quota::Limits;
 use crate::message::{now_ms, Message};
 use crate::metrics;
 use crate::session::{Delivery, Emit, InflightState, Kick, Session};
@@ -243,8 +248,47 @@ struct Aliases {
     inbound: HashMap<u16, String>,
 }
 
+/// How a connection reached the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+impl TransportKind {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "tcp",
+            TransportKind::Tls => "tls",
+            TransportKind::Ws => "ws",
+            TransportKind::Wss => "wss",
+        }
+    }
+}
+
+/// What the listener knows about a connection besides its bytes.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    pub kind: TransportKind,
+    /// The client certificate chain, on TLS with a client certificate (never on WSS: §1.1).
+    pub peer_cert: Option<Box<crate::identity::PeerCert>>,
+}
+
+impl Transport {
+    /// Plain TCP.
+    pub fn tcp() -> Transport {
+        Transport {
+            kind: TransportKind::Tcp,
+            peer_cert: None,
+        }
+    }
+}
+
 /// Serves one client connection until it closes.
-pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr)
+pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr, transport: Transport)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -257,6 +301,7 @@ where
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         peer,
+        transport,
         conn_id: broker.next_id(),
         version: ProtocolVersion::V311,
         last_write: Instant::now(),
@@ -275,6 +320,7 @@ struct Conn<S> {
     wbuf: BytesMut,
     decoder: Decoder,
     peer: SocketAddr,
+    transport: Transport,
     conn_id: u64,
     version: ProtocolVersion,
     /// Last time a write made progress (for the stalled-write timeout).
@@ -294,10 +340,19 @@ struct Counts {
     acks_out: [u64; 4],
 }
 
+/// Who is connected, and the limits of their tenant (boxed: one pointer per connection).
+struct Who {
+    identity: Identity,
+    limits: Limits,
+}
+
 /// Per-connection state once CONNECT is accepted.
 struct Active {
     session: Arc<Session>,
     tenant: Arc<Tenant>,
+    who: Box<Who>,
+    /// Reading is paused until then: the tenant is over its message or byte rate.
+    paused_until: Option<Instant>,
     persistent: bool,
     /// Boxed: most devices have no will, and an inline one would size every connection.
     will: Option<Box<Will>>,
@@ -418,11 +473,57 @@ where
             self.connack_error(rc::CLIENT_ID_NOT_VALID, "bad_client_id");
             return None;
         }
+        // `[d:]<device id>[:<template>]`: the device identifier alone names the session.
+        let device_id = if assigned.is_some() {
+            client_id.clone()
+        } else {
+            match client_id::parse(&client_id) {
+                Ok(id) => id.device_id,
+                Err(e) => {
+                    tracing::info!(peer = %self.peer, error = %e, "malformed ClientId");
+                    self.connack_error(rc::CLIENT_ID_NOT_VALID, "bad_client_id");
+                    return None;
+                }
+            }
+        };
+        let identity = match self.authenticate(&c, &device_id).await {
+            Ok(i) => i,
+            Err(e) => {
+                metrics::auth_failure(e.label(), self.transport.kind.label());
+                let code = match e {
+                    AuthError::BadCredentials => rc::BAD_USERNAME_OR_PASSWORD,
+                    AuthError::NotAuthorized(_) => rc::NOT_AUTHORIZED,
+                    AuthError::Throttled => rc::CONNECTION_RATE_EXCEEDED,
+                    AuthError::Unavailable => rc::SERVER_UNAVAILABLE,
+                };
+                // The username is logged to trace attacks; the password never is.
+                tracing::info!(peer = %self.peer, user = ?c.username, device = %device_id, error = %e, "login refused");
+                self.connack_error(code, e.label());
+                return None;
+            }
+        };
         if let Some(w) = &c.will {
             if validate_topic_name(&w.topic, &broker.limits).is_err() {
                 self.connack_error(rc::TOPIC_NAME_INVALID, "bad_will_topic");
                 return None;
             }
+            if !acl::may_publish(identity.role, acl::classify_topic(&w.topic)) {
+                tracing::info!(peer = %self.peer, topic = %w.topic, "will on a forbidden topic");
+                self.connack_error(rc::NOT_AUTHORIZED, "forbidden_will_topic");
+                return None;
+            }
+        }
+        let limits = broker.tenant_limits(&identity.tenant);
+        let tenant_rt = broker.tenant(&identity.tenant.id);
+        if tenant_rt
+            .usage
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= limits.connections
+        {
+            metrics::quota_exceeded(&identity.tenant.id, "connections");
+            self.connack_error(rc::QUOTA_EXCEEDED, "tenant_connection_quota");
+            return None;
         }
         let requested_expiry = if c.version.is_v5() {
             c.session_expiry.unwrap_or(0)
@@ -438,7 +539,20 @@ where
             } else {
                 c.keep_alive
             };
-        let key = SessionKey::new(cfg.default_tenant.clone(), client_id.clone());
+        let key = SessionKey::new(identity.tenant.id.clone(), device_id);
+        if expiry > 0
+            && tenant_rt
+                .usage
+                .sessions
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= limits.sessions
+            && !broker.has_persistent_session(&key)
+        {
+            metrics::quota_exceeded(&identity.tenant.id, "sessions");
+            self.connack_error(rc::QUOTA_EXCEEDED, "tenant_session_quota");
+            return None;
+        }
+        self.decoder.set_max_packet_size(limits.max_packet());
         let attached = match broker
             .attach(
                 key.clone(),
@@ -462,10 +576,15 @@ where
         self.broker
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        attached
+            .tenant
+            .usage
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let props = ConnAckProps {
             session_expiry: (c.version.is_v5() && expiry != requested_expiry).then_some(expiry),
             receive_maximum: Some(cfg.receive_maximum),
-            maximum_packet_size: Some(cfg.max_packet_size as u32),
+            maximum_packet_size: Some(u32::try_from(limits.max_packet()).unwrap_or(u32::MAX)),
             assigned_client_id: assigned,
             topic_alias_maximum: Some(cfg.topic_alias_maximum),
             server_keep_alive: (keep_alive != c.keep_alive).then_some(keep_alive),
@@ -485,6 +604,8 @@ where
         let mut active = Active {
             session: attached.session,
             tenant: attached.tenant,
+            who: Box::new(Who { identity, limits }),
+            paused_until: None,
             persistent: expiry > 0,
             will: c.will.map(Box::new),
             connect_expiry: requested_expiry,
@@ -511,6 +632,36 @@ where
         };
         self.redeliver(&mut active);
         Some(active)
+    }
+
+    /// Decides who the client is: a client certificate wins over a username (§1.5: a device
+    /// presenting a certificate is judged on it), then `<tenant>/<user>` with a password, then
+    /// anonymous access if the node allows it.
+    async fn authenticate(&mut self, c: &Connect, device_id: &str) -> Result<Identity, AuthError> {
+        let auth = self.broker.auth.clone();
+        let identity = if let Some(cert) = &self.transport.peer_cert {
+            auth.login_cert(cert, device_id).await?
+        } else if let Some(user) = &c.username {
+            match c.password.as_deref() {
+                // §1.7: an empty password is "not authorized", not "bad password".
+                None | Some([]) => return Err(AuthError::NotAuthorized("empty password")),
+                Some(pw) => auth.login_password(self.peer.ip(), user, pw).await?,
+            }
+        } else {
+            auth.anonymous()
+                .ok_or(AuthError::NotAuthorized("credentials required"))?
+        };
+        // A device user may only be its own device: otherwise one device's credentials could
+        // take over (and read) another device's session.
+        if identity.role == Role::Device && !identity.cert {
+            let bound = identity.user.strip_prefix("device_");
+            if bound != Some(device_id) {
+                return Err(AuthError::NotAuthorized(
+                    "device user connects with another device identifier",
+                ));
+            }
+        }
+        Ok(identity)
     }
 
     /// After (re)connecting: resend unacknowledged PUBLISHes with DUP, and PUBRELs, in order.
@@ -604,11 +755,22 @@ where
                 // One future for both directions: writing what is buffered (a single `write`,
                 // cancel-safe, so other branches keep being served while a slow client
                 // drains) and reading unless backpressure says not to.
+                // The tenant went over its rate: read nothing more until the pause ends, then
+                // handle what is already buffered.
+                _ = sleep_until_opt(a.paused_until), if a.paused_until.is_some() => {
+                    a.paused_until = None;
+                    a.last_activity = Instant::now();
+                    let handled = self.on_bytes(a);
+                    self.flush_acks(a);
+                    if let Err(close) = handled {
+                        return close;
+                    }
+                }
                 io = poll_io(
                     &mut self.stream,
                     &mut self.rbuf,
                     &self.wbuf,
-                    a.pending.len() < max_pending && !backed_up,
+                    a.pending.len() < max_pending && !backed_up && a.paused_until.is_none(),
                 ) => {
                     match io {
                         Io::Wrote(Ok(0)) | Io::Wrote(Err(_)) | Io::Read(Ok(0)) | Io::Read(Err(_)) => {
@@ -736,9 +898,12 @@ where
         self.stream.flush().await
     }
 
-    /// Decodes and handles every complete packet in the read buffer.
+    /// Decodes and handles every complete packet in the read buffer (until a rate pause).
     fn on_bytes(&mut self, a: &mut Active) -> Result<(), Close> {
         loop {
+            if a.paused_until.is_some() {
+                return Ok(());
+            }
             let packet = match self.decoder.decode(&mut self.rbuf) {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(()),
@@ -844,6 +1009,41 @@ where
                 "invalid topic name",
             ));
         }
+        let class = acl::classify_topic(&topic);
+        let size = self.decoder.last_packet_size();
+        let limit = if class == TopicClass::Free {
+            a.who.limits.freeform_packet
+        } else {
+            a.who.limits.reserved_packet
+        };
+        if size > limit {
+            metrics::counter_protocol_error("packet_too_large");
+            metrics::quota_exceeded(&a.who.identity.tenant.id, "packet_size");
+            tracing::info!(peer = %self.peer, client = %a.session.key.client_id, size, limit, topic = %topic, "PUBLISH over the topic's size limit");
+            return Err(Close::Violation(rc::PACKET_TOO_LARGE, "packet too large for this topic"));
+        }
+        if !acl::may_publish(a.who.identity.role, class) {
+            metrics::acl_denied("publish");
+            tracing::info!(peer = %self.peer, client = %a.session.key.client_id, topic = %topic, "PUBLISH to a forbidden topic");
+            if !self.version.is_v5() {
+                // 3.1.1 has no way to refuse a PUBLISH but closing (MQTT-3.3.5-2's
+                // alternative to a positive ack); Cumulocity closes too (§1.7, code 5).
+                return Err(Close::Violation(rc::NOT_AUTHORIZED, "publish not authorized"));
+            }
+            match p.qos {
+                0 => {}
+                1 => self.write_ack(4, p.pkid, rc::NOT_AUTHORIZED),
+                _ => self.write_ack(5, p.pkid, rc::NOT_AUTHORIZED),
+            }
+            return Ok(());
+        }
+        if let Some(wait) = a.tenant.usage.charge(&a.who.limits, size) {
+            metrics::quota_exceeded(&a.who.identity.tenant.id, "rate");
+            a.paused_until = Some(Instant::now() + wait);
+        }
+        if let TopicClass::Upstream(kind) = class {
+            self.device_upstream(a, kind, &p.payload);
+        }
         if p.qos == 2 {
             let known = {
                 let mut st = a.session.state.lock();
@@ -875,7 +1075,8 @@ where
             // Kept indefinitely: must not pin the 64 KiB read buffer its payload was sliced from.
             msg = msg.detached();
         }
-        let retain_cmd = p.retain.then(|| broker.retain(&a.tenant, &msg));
+        // §1.10: RETAIN on a device-interface topic is accepted and behaves as RETAIN=0.
+        let retain_cmd = (p.retain && class == TopicClass::Free).then(|| broker.retain(&a.tenant, &msg));
         let mut prepared = broker.route(&a.tenant, &msg, Some(a.session.id));
         if !p.retain && prepared.needs_commit() {
             // Queued for persistent sessions, possibly for a long time (offline devices): own
@@ -924,6 +1125,58 @@ where
         }
     }
 
+    /// Device-interface requests this layer answers itself: the bootstrap poll (`s/ucr`) and
+    /// the token request (`s/uat`). The rest of the device API (SmartREST, JSON via MQTT) is
+    /// counted here and processed by the device pipeline.
+    fn device_upstream(&mut self, a: &Active, kind: Upstream, _payload: &bytes::Bytes) {
+        metrics::device_api(match kind {
+            Upstream::Static => "static",
+            Upstream::Custom => "custom",
+            Upstream::Default => "default",
+            Upstream::Template => "template",
+            Upstream::Credentials => "credentials",
+            Upstream::Token => "token",
+            Upstream::SmartRest1 => "smartrest1",
+            Upstream::Json => "json",
+        });
+        let broker = self.broker.clone();
+        let session = a.session.clone();
+        match kind {
+            Upstream::Credentials if a.who.identity.role == Role::Bootstrap => {
+                tokio::spawn(async move {
+                    match bootstrap::poll(&broker.auth.dir, &session.key.client_id).await {
+                        Ok(Some(creds)) => {
+                            broker.send_downstream(&session, "s/dcr", creds.smartrest().into());
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %e, "bootstrap poll failed"),
+                    }
+                });
+            }
+            Upstream::Token => {
+                let identity = a.who.identity.clone();
+                let lifetime = broker.cfg.device_token_lifetime_secs;
+                tokio::spawn(async move {
+                    if !identity.cert {
+                        broker.send_downstream(
+                            &session,
+                            "s/e",
+                            "41,,MqttAuth: Cannot publish token for device that do not use certificate authentication".into(),
+                        );
+                        return;
+                    }
+                    match token::issue(&broker.auth.dir, &identity, lifetime).await {
+                        Ok(jwt) => {
+                            broker.send_downstream(&session, "s/dat", format!("71,{jwt}").into());
+                        }
+                        Err(e) => tracing::error!(error = %e, "issuing a device token failed"),
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
+
     /// MQTT 5 topic aliases from the client: set or use the mapping; errors per spec 3.3.2.3.4.
     fn resolve_alias(&mut self, a: &mut Active, p: &Publish) -> Result<String, Close> {
         let Some(alias) = p.props.topic_alias else {
@@ -963,7 +1216,7 @@ where
     ) -> Result<(), Close> {
         let (reason, ok) = match result {
             Ok(Response::Published { seqs }) => {
-                let matched = !prepared.matches.is_empty();
+                let matched = !prepared.matches.is_empty() || prepared.device_api;
                 self.broker.deliver(prepared, &seqs);
                 (
                     if matched {
@@ -975,8 +1228,8 @@ where
                 )
             }
             Ok(Response::DuplicateInbound) => (rc::SUCCESS, true),
-            Ok(Response::Ok) => {
-                let matched = !prepared.matches.is_empty();
+            Ok(Response::Ok | Response::Exists) => {
+                let matched = !prepared.matches.is_empty() || prepared.device_api;
                 self.broker.deliver(prepared, &[]);
                 (
                     if matched {
@@ -1186,6 +1439,15 @@ where
                 codes.push(self.sub_failure(rc::TOPIC_FILTER_INVALID));
                 continue;
             }
+            let class = acl::classify_filter(&inner);
+            if !acl::may_subscribe(a.who.identity.role, &f.filter, class)
+                || (shared && class != FilterClass::Free)
+            {
+                metrics::acl_denied("subscribe");
+                tracing::info!(client = %a.session.key.client_id, filter = %f.filter, "SUBSCRIBE to a forbidden filter");
+                codes.push(self.sub_failure(rc::NOT_AUTHORIZED));
+                continue;
+            }
             let (count, known) = {
                 let st = a.session.state.lock();
                 (
@@ -1195,6 +1457,18 @@ where
             };
             if !known && count >= broker.cfg.max_subscriptions {
                 metrics::dropped("subscription_quota", 1);
+                codes.push(self.sub_failure(rc::QUOTA_EXCEEDED));
+                continue;
+            }
+            if !known
+                && class == FilterClass::Free
+                && a.tenant
+                    .usage
+                    .subscriptions
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    >= a.who.limits.subscriptions
+            {
+                metrics::quota_exceeded(&a.who.identity.tenant.id, "subscriptions");
                 codes.push(self.sub_failure(rc::QUOTA_EXCEEDED));
                 continue;
             }
@@ -1214,6 +1488,7 @@ where
             let first_time = seen.insert(opts.filter.clone());
             if first_time
                 && !shared
+                && class == FilterClass::Free
                 && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed))
             {
                 for m in a.tenant.retained_matching(&inner) {
@@ -1524,6 +1799,10 @@ where
         self.broker
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        a.tenant
+            .usage
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         // Work already committed still gets delivered to its subscribers; its acks are moot.
         while let Some(done) = a.pending.next().await {
             if let Done::Publish {
@@ -1549,7 +1828,7 @@ where
                 let seqs = match resp {
                     Response::Published { seqs } => seqs,
                     Response::DuplicateInbound => continue,
-                    Response::Ok => Vec::new(),
+                    Response::Ok | Response::Exists => Vec::new(),
                 };
                 self.broker.deliver(prepared, &seqs);
             }
@@ -1627,5 +1906,12 @@ mod size_tests {
             std::mem::size_of::<HashMap<String, u16>>(),
             std::mem::size_of::<tokio::sync::futures::Notified<'static>>(),
         );
+    }
+}
+
+/// Sleeps until `at` (never called with `None`: the select branch is disabled then).
+async fn sleep_until_opt(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
     }
 }

@@ -5,10 +5,15 @@ pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod http;
+pub mod identity;
+pub mod listeners;
 pub mod message;
 pub mod metrics;
+pub mod quota;
+pub mod rest;
 pub mod session;
 pub mod tenant;
+pub mod transport;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,20 +38,55 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     })
     .await
     .context("opening durable state")?;
-    let broker = broker::Broker::new(cfg.clone(), durable.clone());
+    let (dir, init) = identity::directory::Directory::open(
+        durable.clone(),
+        cfg.admin_password.as_deref(),
+        cfg.bootstrap_password.as_deref(),
+        cfg.anonymous_tenant.as_deref(),
+    )
+    .await
+    .context("opening the directory")?;
+    if let Some(pw) = init.generated_admin_password {
+        // Printed once, on the console only (not through the log): the one time this secret
+        // exists in clear outside the operator's hands.
+        eprintln!(
+            "fleetmq: first start: created tenant 'management' with user 'admin', password: {pw}\n\
+             fleetmq: it is not shown again; set FLEETMQ_ADMIN_PASSWORD before the first start to choose it."
+        );
+    }
+    let minute = |n: u32| n as f64 / 60.0;
+    let auth = Arc::new(identity::auth::Auth::new(
+        dir.clone(),
+        identity::throttle::Budget {
+            burst: cfg.login_ip_burst as f64,
+            per_sec: minute(cfg.login_ip_per_minute),
+        },
+        identity::throttle::Budget {
+            burst: cfg.login_tenant_burst as f64,
+            per_sec: minute(cfg.login_tenant_per_minute),
+        },
+        cfg.anonymous_tenant.clone(),
+    ));
+    let broker = broker::Broker::new(cfg.clone(), durable.clone(), auth.clone());
     broker.restore(durable.sessions()?, durable.retained()?);
 
-    let mqtt = TcpListener::bind(cfg.mqtt_addr)
-        .await
-        .with_context(|| format!("binding MQTT {}", cfg.mqtt_addr))?;
+    let bound = listeners::bind(&cfg, &dir).await?;
     let http = TcpListener::bind(cfg.http_addr)
         .await
         .with_context(|| format!("binding HTTP {}", cfg.http_addr))?;
-    let mqtt_addr = mqtt.local_addr()?;
     let http_addr = http.local_addr()?;
-    tracing::info!(%mqtt_addr, %http_addr, data_dir = %cfg.data_dir.display(), node_id = cfg.node_id, "fleetmq listening");
+    tracing::info!(mqtt = %bound.mqtt_addr, %http_addr, ws = ?bound.ws_addr, tls = ?bound.tls_addr, wss = ?bound.wss_addr, data_dir = %cfg.data_dir.display(), node_id = cfg.node_id, "fleetmq listening");
     if cfg.print_addrs {
-        println!("{{\"mqtt\":\"{mqtt_addr}\",\"http\":\"{http_addr}\"}}");
+        let mut line = serde_json::json!({
+            "mqtt": bound.mqtt_addr.to_string(),
+            "http": http_addr.to_string(),
+        });
+        for (k, v) in [("ws", bound.ws_addr), ("tls", bound.tls_addr), ("wss", bound.wss_addr)] {
+            if let Some(a) = v {
+                line[k] = serde_json::Value::String(a.to_string());
+            }
+        }
+        println!("{line}");
     }
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -55,21 +95,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ready: ready.clone(),
     };
     let mut shutdown_rx = broker.shutdown.subscribe();
+    let rest_state = Arc::new(rest::RestState { auth: auth.clone() });
     let http_task = tokio::spawn(async move {
-        let app = http::router(http_state);
-        let _ = axum::serve(http, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown_rx.changed().await;
-            })
-            .await;
+        let app = http::router(http_state).merge(rest::routes(rest_state));
+        let _ = axum::serve(
+            http,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = shutdown_rx.changed().await;
+        })
+        .await;
     });
-    let accept_task = tokio::spawn(accept_loop(broker.clone(), mqtt));
+    let accept_tasks = listeners::spawn(broker.clone(), dir.clone(), bound);
 
     wait_for_signal().await;
     tracing::info!("shutting down");
     ready.store(false, Ordering::Relaxed);
     let _ = broker.shutdown.send(true);
-    let _ = accept_task.await;
+    for t in accept_tasks {
+        let _ = t.await;
+    }
     broker.disconnect_all();
     // Give connection tasks a moment to send DISCONNECT 0x8B and finish committed work.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -80,26 +126,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     durable.shutdown().await.context("closing durable state")?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn accept_loop(broker: Arc<broker::Broker>, listener: TcpListener) {
-    let mut shutdown = broker.shutdown.subscribe();
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection::serve(broker.clone(), stream, peer));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
 }
 
 async fn wait_for_signal() {

@@ -56,6 +56,10 @@ fn describe() {
     describe_counter!(BYTES_IN, "Bytes read from clients");
     describe_counter!(BYTES_OUT, "Bytes written to clients");
     describe_counter!(DROPPED, "Messages dropped by reason");
+    describe_counter!(AUTH_FAILURES, "Failed logins by reason and transport");
+    describe_counter!(ACL_DENIED, "PUBLISH/SUBSCRIBE refused by the topic ACL");
+    describe_counter!(QUOTA_EXCEEDED, "Per-tenant quota reactions by tenant and quota");
+    describe_counter!(DEVICE_API, "Device-interface messages by kind");
     describe_gauge!(
         SESSIONS,
         "Sessions held by this node (connected and persistent offline)"
@@ -161,4 +165,36 @@ pub fn connect_result(result: &'static str) {
 /// Counts an ended connection by reason.
 pub fn disconnect(reason: &'static str) {
     counter!(DISCONNECTS, "reason" => reason).increment(1);
+}
+
+/// Failed logins by reason (`bad_credentials`, `not_authorized`, `throttled`, `unavailable`)
+/// and transport.
+pub const AUTH_FAILURES: &str = "fleetmq_auth_failures_total";
+/// PUBLISH or SUBSCRIBE refused by the topic ACL.
+pub const ACL_DENIED: &str = "fleetmq_acl_denied_total";
+/// Per-tenant quota reactions (label `quota`: connections, sessions, subscriptions, rate,
+/// packet_size). Labelled by tenant id: one series per tenant and quota, bounded by the
+/// number of tenants.
+pub const QUOTA_EXCEEDED: &str = "fleetmq_tenant_quota_exceeded_total";
+/// Device-interface messages received, by kind (static, json, credentials, ...).
+pub const DEVICE_API: &str = "fleetmq_device_api_messages_total";
+
+/// Counts a failed login.
+pub fn auth_failure(reason: &'static str, transport: &'static str) {
+    counter!(AUTH_FAILURES, "reason" => reason, "transport" => transport).increment(1);
+}
+
+/// Counts an ACL refusal (`publish` or `subscribe`).
+pub fn acl_denied(action: &'static str) {
+    counter!(ACL_DENIED, "action" => action).increment(1);
+}
+
+/// Counts a quota reaction for a tenant.
+pub fn quota_exceeded(tenant: &str, quota: &'static str) {
+    counter!(QUOTA_EXCEEDED, "tenant" => tenant.to_string(), "quota" => quota).increment(1);
+}
+
+/// Counts a device-interface message.
+pub fn device_api(kind: &'static str) {
+    counter!(DEVICE_API, "kind" => kind).increment(1);
 }

@@ -45,6 +45,8 @@ pub struct Tenant {
     pub retained: RwLock<BTreeMap<String, Arc<Message>>>,
     /// Round-robin cursor for shared subscription groups.
     pub share_cursor: AtomicUsize,
+    /// Connections, sessions, subscriptions and inbound rate of the tenant on this node.
+    pub usage: crate::quota::Usage,
 }
 
 impl Tenant {

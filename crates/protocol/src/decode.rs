@@ -55,6 +55,7 @@ pub fn parse_fixed_header(buf: &[u8]) -> Result<Option<FixedHeader>, DecodeError
 pub struct Decoder {
     version: Option<ProtocolVersion>,
     max_packet_size: usize,
+    last_size: usize,
 }
 
 impl Decoder {
@@ -63,12 +64,19 @@ impl Decoder {
         Self {
             version: None,
             max_packet_size,
+            last_size: 0,
         }
     }
 
     /// The version negotiated by CONNECT, once seen.
     pub fn version(&self) -> Option<ProtocolVersion> {
         self.version
+    }
+
+    /// Size in bytes (fixed header included) of the packet `decode` returned last, so that a
+    /// caller can apply a tighter limit to some packets (per topic class) after decoding.
+    pub fn last_packet_size(&self) -> usize {
+        self.last_size
     }
 
     /// Changes the size limit (e.g. after CONNECT chose a per-tenant limit).
@@ -90,6 +98,7 @@ impl Decoder {
                 max: self.max_packet_size,
             });
         }
+        self.last_size = size;
         let packet_type = fh.byte1 >> 4;
         // Decided from the first byte, so garbage is refused before waiting for a "body".
         if self.version.is_none() && packet_type != 1 {

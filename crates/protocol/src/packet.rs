@@ -65,8 +65,9 @@ pub struct Will {
     pub props: PublishProps,
 }
 
-/// CONNECT, normalised across versions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// CONNECT, normalised across versions. `Debug` leaves the password out, so a log line can
+/// never carry it.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Connect {
     pub version: ProtocolVersion,
     pub client_id: String,
@@ -179,5 +180,20 @@ impl Incoming {
             Incoming::Disconnect(_) => "disconnect",
             Incoming::Auth => "auth",
         }
+    }
+}
+
+impl std::fmt::Debug for Connect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connect")
+            .field("version", &self.version)
+            .field("client_id", &self.client_id)
+            .field("clean_start", &self.clean_start)
+            .field("keep_alive", &self.keep_alive)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("will", &self.will)
+            .field("session_expiry", &self.session_expiry)
+            .finish_non_exhaustive()
     }
 }

@@ -29,10 +29,14 @@ pub mod v5 {
     pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
     pub const PACKET_TOO_LARGE: u8 = 0x95;
+    pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
+    pub const USE_ANOTHER_SERVER: u8 = 0x9C;
+    pub const SERVER_MOVED: u8 = 0x9D;
     pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0x9E;
+    pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
 }
 
 /// MQTT 3.1/3.1.1 CONNACK return codes (spec 3.1.1 §3.2.2.3).

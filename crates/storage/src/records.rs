@@ -147,7 +147,41 @@ pub enum Command {
         topic: String,
         message: Option<StoredMessage>,
     },
+    /// Store a directory entry (tenant, user, registration request, trusted certificate, node
+    /// secret). With `create_only`, an existing entry is left alone and the answer is
+    /// `Response::Exists`, so two nodes creating the same name cannot both win.
+    PutEntry {
+        space: Space,
+        tenant: String,
+        name: String,
+        value: Vec<u8>,
+        create_only: bool,
+    },
+    /// Remove one directory entry.
+    DeleteEntry {
+        space: Space,
+        tenant: String,
+        name: String,
+    },
+    /// Remove every entry of a tenant in a space (deleting a tenant).
+    DeleteTenantEntries { space: Space, tenant: String },
 }
+
+/// The kinds of directory entries. Values are opaque to storage (the node encodes them as
+/// JSON so that adding a field never breaks old records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum Space {
+    Tenant = 1,
+    User = 2,
+    DeviceRequest = 3,
+    TrustedCert = 4,
+    /// Cluster-wide settings and secrets (token signing key).
+    Setting = 5,
+}
+
+/// One directory entry as read back: `(space, tenant, name, value)`.
+pub type Entry = (Space, String, String, Vec<u8>);
 
 /// What applying one command produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +194,8 @@ pub enum Response {
     },
     /// For `Publish` with `inbound`: that packet id was already recorded, nothing was queued.
     DuplicateInbound,
+    /// For `PutEntry` with `create_only`: the entry already existed and was not changed.
+    Exists,
 }
 
 /// Everything a node needs to rebuild one persistent session after a restart.

@@ -4,9 +4,11 @@ use std::collections::HashMap;
 
 use crate::error::{Result, StorageError};
 use crate::keys;
-use crate::records::{QueueEntry, RecoveredSession, SessionKey, SessionRecord, StoredMessage};
+use crate::records::{
+    Entry, QueueEntry, RecoveredSession, SessionKey, SessionRecord, Space, StoredMessage,
+};
 use crate::state_machine::{
-    decode, encode, message_key, tagged, MessageSlot, StateMachineStore, INBOUND, MESSAGE,
+    decode, encode, entry_key, entry_prefix, message_key, tagged, MessageSlot, StateMachineStore, INBOUND, MESSAGE,
     META_APPLIED, META_MEMBERSHIP, QUEUE, RETAINED, SESSION,
 };
 
@@ -86,6 +88,30 @@ impl StateMachineStore {
             out.push((tenant, topic, decode(&v)?));
         }
         Ok(out)
+    }
+
+    /// Every directory entry of a space, ordered by tenant then name.
+    pub fn entries(&self, space: Space) -> Result<Vec<Entry>> {
+        self.write_back()?;
+        let prefix = entry_prefix(space, None)?;
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let (tenant, rest) =
+                keys::take_str(&k[prefix.len()..]).ok_or_else(|| corrupt("entry key"))?;
+            let (name, _) = keys::take_str(rest).ok_or_else(|| corrupt("entry key"))?;
+            out.push((space, tenant, name, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// One directory entry, if present.
+    pub fn entry(&self, space: Space, tenant: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        self.write_back()?;
+        Ok(self
+            .tree
+            .get(entry_key(space, tenant, name)?)?
+            .map(|v| v.to_vec()))
     }
 
     /// The opaque last-applied marker the cluster layer stored, if any.

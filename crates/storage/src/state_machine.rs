@@ -11,6 +11,7 @@
 //! | `0x04` inbound QoS 2 pid | session key + pid u16 | empty |
 //! | `0x05` retained | tenant + topic | `StoredMessage` |
 //! | `0x06` next seq | session key | u64 |
+//! | `0x07` directory entry | space u8 + tenant + name | opaque (JSON from the node) |
 //!
 //! Every entry is applied as one `sled::Batch` together with the last-applied marker, so after a
 //! crash either the whole entry and its marker are there or neither is, and replaying the log
@@ -23,8 +24,8 @@ use crate::error::{Result, StorageError};
 use crate::keys;
 use crate::overlay::{Overlay, Pending};
 use crate::records::{
-    Command, DeliveryState, QueueEntry, Response, SessionKey, SessionRecord, StoredMessage,
-    SubscriptionRecord, Target,
+    Command, DeliveryState, QueueEntry, Response, SessionKey, SessionRecord, Space,
+    StoredMessage, SubscriptionRecord, Target,
 };
 
 pub(crate) const SESSION: u8 = 0x01;
@@ -33,6 +34,7 @@ pub(crate) const MESSAGE: u8 = 0x03;
 pub(crate) const INBOUND: u8 = 0x04;
 pub(crate) const RETAINED: u8 = 0x05;
 pub(crate) const NEXT_SEQ: u8 = 0x06;
+pub(crate) const ENTRY: u8 = 0x07;
 
 pub(crate) const META_APPLIED: &[u8] = b"\x00last_applied";
 pub(crate) const META_MEMBERSHIP: &[u8] = b"\x00membership";
@@ -103,6 +105,20 @@ fn retained_key(tenant: &str, topic: &str) -> Result<Vec<u8>> {
     Ok(k)
 }
 
+pub(crate) fn entry_prefix(space: Space, tenant: Option<&str>) -> Result<Vec<u8>> {
+    let mut k = vec![ENTRY, space as u8];
+    if let Some(t) = tenant {
+        keys::put_str(&mut k, t)?;
+    }
+    Ok(k)
+}
+
+pub(crate) fn entry_key(space: Space, tenant: &str, name: &str) -> Result<Vec<u8>> {
+    let mut k = entry_prefix(space, Some(tenant))?;
+    keys::put_str(&mut k, name)?;
+    Ok(k)
+}
+
 /// Checks that every string in a command fits the key encoding, so a proposal that would fail
 /// to apply can be refused before it enters the log.
 pub fn validate(cmd: &Command) -> Result<()> {
@@ -130,6 +146,20 @@ pub fn validate(cmd: &Command) -> Result<()> {
             Ok(())
         }
         Command::SetRetained { tenant, topic, .. } => retained_key(tenant, topic).map(|_| ()),
+        Command::PutEntry {
+            space,
+            tenant,
+            name,
+            ..
+        }
+        | Command::DeleteEntry {
+            space,
+            tenant,
+            name,
+        } => entry_key(*space, tenant, name).map(|_| ()),
+        Command::DeleteTenantEntries { space, tenant } => {
+            entry_prefix(*space, Some(tenant)).map(|_| ())
+        }
     }
 }
 
@@ -256,6 +286,29 @@ fn apply_one(ov: &mut Overlay<'_>, msg_id: u64, cmd: &Command) -> Result<Respons
             match message {
                 Some(m) => ov.put(k, encode(m)?),
                 None => ov.del(k),
+            }
+        }
+        Command::PutEntry {
+            space,
+            tenant,
+            name,
+            value,
+            create_only,
+        } => {
+            let k = entry_key(*space, tenant, name)?;
+            if *create_only && ov.contains(&k)? {
+                return Ok(Response::Exists);
+            }
+            ov.put(k, value.clone());
+        }
+        Command::DeleteEntry {
+            space,
+            tenant,
+            name,
+        } => ov.del(entry_key(*space, tenant, name)?),
+        Command::DeleteTenantEntries { space, tenant } => {
+            for k in ov.keys_with_prefix(&entry_prefix(*space, Some(tenant))?)? {
+                ov.del(k);
             }
         }
     }

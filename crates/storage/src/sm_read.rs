@@ -90,7 +90,8 @@ impl StateMachineStore {
         Ok(out)
     }
 
-    /// Every directory entry of a space, ordered by tenant then name.
+    /// Every directory entry of a space, grouped by tenant (key order: length-prefixed strings,
+    /// so not alphabetical).
     pub fn entries(&self, space: Space) -> Result<Vec<Entry>> {
         self.write_back()?;
         let prefix = entry_prefix(space, None)?;

@@ -339,6 +339,81 @@ fn data_and_last_applied_land_together_and_survive_reopen() {
     assert_eq!(sm.last_applied_raw().expect("r"), Some(b"L2".to_vec()));
 }
 
+fn entry(space: Space, tenant: &str, name: &str, value: &[u8], create_only: bool) -> Command {
+    Command::PutEntry {
+        space,
+        tenant: tenant.into(),
+        name: name.into(),
+        value: value.to_vec(),
+        create_only,
+    }
+}
+
+#[test]
+fn directory_entries_create_only_replace_and_delete_by_tenant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (st, sm) = open(&dir);
+    let out = sm
+        .apply(
+            1,
+            &[
+                entry(Space::User, "t1", "alice", b"v1", true),
+                entry(Space::User, "t1", "alice", b"v2", true),
+                entry(Space::User, "t1", "bob", b"b", false),
+                entry(Space::User, "t2", "alice", b"other", true),
+                entry(Space::Tenant, "", "t1", b"tenant", true),
+            ],
+            Some((b"L1", None)),
+        )
+        .expect("apply");
+    // The second create of the same name is refused and changes nothing.
+    assert_eq!(out[1], Response::Exists);
+    assert_eq!(sm.entry(Space::User, "t1", "alice").expect("r"), Some(b"v1".to_vec()));
+    // A plain put replaces.
+    sm.apply(2, &[entry(Space::User, "t1", "alice", b"v3", false)], Some((b"L2", None)))
+        .expect("apply");
+    assert_eq!(sm.entry(Space::User, "t1", "alice").expect("r"), Some(b"v3".to_vec()));
+    let users = sm.entries(Space::User).expect("r");
+    let mut names: Vec<(String, String)> =
+        users.iter().map(|(_, t, n, _)| (t.clone(), n.clone())).collect();
+    // Key order is by length-prefixed strings, not alphabetical.
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            ("t1".into(), "alice".into()),
+            ("t1".into(), "bob".into()),
+            ("t2".into(), "alice".into())
+        ]
+    );
+    // Spaces do not see each other, and deleting a tenant's users spares other tenants.
+    assert_eq!(sm.entries(Space::Tenant).expect("r").len(), 1);
+    sm.apply(
+        3,
+        &[Command::DeleteTenantEntries {
+            space: Space::User,
+            tenant: "t1".into(),
+        }],
+        Some((b"L3", None)),
+    )
+    .expect("apply");
+    let left = sm.entries(Space::User).expect("r");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].1, "t2");
+    sm.apply(
+        4,
+        &[Command::DeleteEntry {
+            space: Space::User,
+            tenant: "t2".into(),
+            name: "alice".into(),
+        }],
+        Some((b"L4", None)),
+    )
+    .expect("apply");
+    assert!(sm.entries(Space::User).expect("r").is_empty());
+    st.flush_blocking().expect("flush");
+}
+
 #[test]
 fn snapshot_round_trip() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -125,7 +125,9 @@ impl TlsState {
         let result = self.try_reload_cert();
         match &result {
             Ok(()) => tracing::info!(cert = %self.cert_path.display(), "TLS certificate reloaded"),
-            Err(e) => tracing::warn!(error = %e, "TLS certificate reload failed, keeping the previous one"),
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS certificate reload failed, keeping the previous one")
+            }
         }
         result
     }
@@ -135,14 +137,7 @@ impl TlsState {
         let chain = load_chain(&self.cert_path)?;
         let key = load_key(&self.key_path)?;
         let verifier = self.current.read().verifier.clone();
-        let config = build_config(&self.provider, verifier.clone(), chain.clone(), key.clone_key())?;
-        *self.current.write() = Current {
-            config: Arc::new(config),
-            chain,
-            key,
-            verifier,
-        };
-        Ok(())
+        self.install(chain, key, verifier)
     }
 
     /// Replaces the trusted client CAs (union over tenants), keeping the server certificate.
@@ -159,17 +154,32 @@ impl TlsState {
             let cur = self.current.read();
             (cur.chain.clone(), cur.key.clone_key())
         };
-        match build_config(&self.provider, verifier.clone(), chain.clone(), key.clone_key()) {
-            Ok(config) => {
-                *self.current.write() = Current {
-                    config: Arc::new(config),
-                    chain,
-                    key,
-                    verifier,
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "keeping the previous trusted CAs"),
+        if let Err(e) = self.install(chain, key, verifier) {
+            tracing::warn!(error = %e, "keeping the previous trusted CAs");
         }
+    }
+
+    /// Builds a configuration from its parts and makes it the current one. The parts are kept
+    /// so that a later certificate reload or CA change can rebuild with the other half.
+    fn install(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        verifier: Arc<dyn ClientCertVerifier>,
+    ) -> Result<(), TlsError> {
+        let config = build_config(
+            &self.provider,
+            verifier.clone(),
+            chain.clone(),
+            key.clone_key(),
+        )?;
+        *self.current.write() = Current {
+            config: Arc::new(config),
+            chain,
+            key,
+            verifier,
+        };
+        Ok(())
     }
 
     /// Size and modification time of both files: a change in either means "reload".
@@ -381,7 +391,9 @@ pub fn parse_ca_pem(pem: &str) -> Result<CaInfo, TlsError> {
         X509Certificate::from_der(&der).map_err(|e| TlsError::BadCertificate(e.to_string()))?;
     // Trailing bytes would make the fingerprint disagree with what clients compute.
     if !rest.is_empty() {
-        return Err(TlsError::BadCertificate("trailing data after the certificate".into()));
+        return Err(TlsError::BadCertificate(
+            "trailing data after the certificate".into(),
+        ));
     }
     let validity = cert.validity();
     let info = CaInfo {
@@ -455,10 +467,12 @@ pub fn issued_by(chain: &[CertificateDer<'_>], ca_der: &[u8]) -> bool {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Unix seconds to `YYYY-MM-DDThh:mm:ssZ` (civil-from-days, proleptic Gregorian), so the
@@ -571,7 +585,10 @@ mod tests {
         assert_eq!(parse_ca_pem(&pem.replace('\n', " ")).unwrap(), info);
         // First certificate only.
         let other = ca("Other CA");
-        assert_eq!(parse_ca_pem(&(pem.clone() + &other.cert.pem())).unwrap(), info);
+        assert_eq!(
+            parse_ca_pem(&(pem.clone() + &other.cert.pem())).unwrap(),
+            info
+        );
 
         let l = leaf("dev-1", &[], &root, true);
         assert!(!parse_ca_pem(&l.cert.pem()).unwrap().is_ca);
@@ -580,8 +597,14 @@ mod tests {
             parse_ca_pem(&root.key.serialize_pem()),
             Err(TlsError::NoCertificates)
         ));
-        assert!(matches!(parse_ca_pem("not base64!"), Err(TlsError::BadCertificate(_))));
-        assert!(matches!(parse_ca_pem("aGVsbG8="), Err(TlsError::BadCertificate(_))));
+        assert!(matches!(
+            parse_ca_pem("not base64!"),
+            Err(TlsError::BadCertificate(_))
+        ));
+        assert!(matches!(
+            parse_ca_pem("aGVsbG8="),
+            Err(TlsError::BadCertificate(_))
+        ));
     }
 
     #[test]
@@ -598,7 +621,10 @@ mod tests {
         // Same subject name, different key: must not count as the issuer.
         let impostor = ca("Tenant CA");
         let dev = leaf("device-42", &[], &ca1, true);
-        assert_eq!(leaf_common_name(dev.cert.der()).as_deref(), Some("device-42"));
+        assert_eq!(
+            leaf_common_name(dev.cert.der()).as_deref(),
+            Some("device-42")
+        );
         assert_eq!(leaf_common_name(b"garbage"), None);
 
         let chain = vec![dev.cert.der().clone()];
@@ -620,7 +646,12 @@ mod tests {
         assert_eq!(leaf_of(&none), server.cert.der().to_vec());
         let one = TlsState::new(&cert, &key, vec![root.cert.der().clone()]).unwrap();
         // An unparseable CA is skipped, not fatal.
-        one.set_trusted_cas(vec![CertificateDer::from(b"junk".to_vec()), root.cert.der().clone()]);
+        let before = one.current();
+        one.set_trusted_cas(vec![
+            CertificateDer::from(b"junk".to_vec()),
+            root.cert.der().clone(),
+        ]);
+        assert!(!Arc::ptr_eq(&before, &one.current()));
         let two = TlsState::new(&cert, &key, vec![CertificateDer::from(b"junk".to_vec())]);
         assert!(two.is_ok());
 
@@ -633,7 +664,10 @@ mod tests {
         // A key that does not belong to the certificate.
         let stranger = ca("x");
         std::fs::write(&key, stranger.key.serialize_pem()).unwrap();
-        assert!(matches!(TlsState::new(&cert, &key, vec![]), Err(TlsError::Rustls(_))));
+        assert!(matches!(
+            TlsState::new(&cert, &key, vec![]),
+            Err(TlsError::Rustls(_))
+        ));
     }
 
     #[test]
@@ -676,10 +710,13 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         stop.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
-    /// One loopback handshake: the server's `accept` result and whether the client got data.
+    /// One loopback handshake; returns what the server's `accept` returned.
     async fn handshake(
         state: Arc<TlsState>,
         server_ca: &Issued,
@@ -697,11 +734,12 @@ mod tests {
 
         let mut roots = RootCertStore::empty();
         roots.add(server_ca.cert.der().clone()).unwrap();
-        let builder =
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots);
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
         let config = match client {
             Some(c) => builder
                 .with_client_auth_cert(vec![c.cert.der().clone()], key_der(c))
@@ -743,10 +781,16 @@ mod tests {
 
         // Once the impostor is trusted too, its devices get in; with no CA at all, nobody is
         // asked for a certificate.
-        state.set_trusted_cas(vec![tenant_ca.cert.der().clone(), impostor.cert.der().clone()]);
+        state.set_trusted_cas(vec![
+            tenant_ca.cert.der().clone(),
+            impostor.cert.der().clone(),
+        ]);
         let chain = handshake(state.clone(), &root, Some(&rogue)).await.unwrap();
         assert_eq!(chain, Some(vec![rogue.cert.der().clone()]));
         state.set_trusted_cas(vec![]);
-        assert_eq!(handshake(state.clone(), &root, Some(&dev)).await.unwrap(), None);
+        assert_eq!(
+            handshake(state.clone(), &root, Some(&dev)).await.unwrap(),
+            None
+        );
     }
 }

@@ -55,7 +55,8 @@ where
         .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE));
-    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check_request, Some(config));
+    let upgrade =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, check_request, Some(config));
     let ws = tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade)
         .await
         .map_err(|_| WsError::Timeout)??;
@@ -87,11 +88,15 @@ fn check_request(req: &Request, mut resp: Response) -> Result<Response, ErrorRes
         .or_else(|| offered.iter().find(|p| p.eq_ignore_ascii_case("mqttv3.1")));
     match chosen.and_then(|p| HeaderValue::from_str(p).ok()) {
         Some(value) => {
-            resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, value);
+            resp.headers_mut()
+                .insert(header::SEC_WEBSOCKET_PROTOCOL, value);
             Ok(resp)
         }
         // MQTT §6: the server must select "mqtt"; a client that cannot speak it gets nothing.
-        None => Err(refuse(StatusCode::BAD_REQUEST, "the mqtt subprotocol is required")),
+        None => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "the mqtt subprotocol is required",
+        )),
     }
 }
 
@@ -205,12 +210,16 @@ where
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx).map_err(to_io)
+        Pin::new(&mut self.get_mut().inner)
+            .poll_flush(cx)
+            .map_err(to_io)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Sends our Close (or the reply to the peer's) and flushes everything before it.
-        Pin::new(&mut self.get_mut().inner).poll_close(cx).map_err(to_io)
+        Pin::new(&mut self.get_mut().inner)
+            .poll_close(cx)
+            .map_err(to_io)
     }
 }
 
@@ -274,8 +283,10 @@ mod tests {
     > {
         let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
         if let Some(p) = protocol {
-            req.headers_mut()
-                .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(p).unwrap());
+            req.headers_mut().insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_str(p).unwrap(),
+            );
         }
         let tcp = TcpStream::connect(addr).await.unwrap();
         tokio_tungstenite::client_async(req, tcp).await
@@ -290,7 +301,9 @@ mod tests {
         // A CONNECT split over two messages: the byte stream must not care.
         let sent: Vec<u8> = b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04dev1".to_vec();
         ws.send(Message::binary(sent[..5].to_vec())).await.unwrap();
-        ws.send(Message::Ping(Bytes::from_static(b"hi"))).await.unwrap();
+        ws.send(Message::Ping(Bytes::from_static(b"hi")))
+            .await
+            .unwrap();
         ws.send(Message::binary(sent[5..].to_vec())).await.unwrap();
 
         let mut echoed = Vec::new();
@@ -320,7 +333,9 @@ mod tests {
     #[tokio::test]
     async fn legacy_and_missing_subprotocol_are_accepted() {
         let (addr, server) = echo_server().await;
-        let (mut ws, resp) = connect(&addr, "/mqtt", Some("foo, mqttv3.1")).await.unwrap();
+        let (mut ws, resp) = connect(&addr, "/mqtt", Some("foo, mqttv3.1"))
+            .await
+            .unwrap();
         assert_eq!(resp.headers()[header::SEC_WEBSOCKET_PROTOCOL], "mqttv3.1");
         ws.close(None).await.unwrap();
         drop(ws);
@@ -329,8 +344,13 @@ mod tests {
         let (addr, server) = echo_server().await;
         let (mut ws, resp) = connect(&addr, "/mqtt", None).await.unwrap();
         assert!(resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).is_none());
-        ws.send(Message::binary(b"\xc0\x00".to_vec())).await.unwrap();
-        assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(b"\xc0\x00".to_vec()));
+        ws.send(Message::binary(b"\xc0\x00".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::binary(b"\xc0\x00".to_vec())
+        );
         ws.close(None).await.unwrap();
         drop(ws);
         server.await.unwrap().unwrap().unwrap();

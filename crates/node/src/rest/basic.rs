@@ -23,7 +23,10 @@ use crate::identity::token;
 #[derive(PartialEq, Eq)]
 pub enum Credentials {
     /// `<tenant>/<user>` and the password bytes.
-    Basic { username: String, password: Vec<u8> },
+    Basic {
+        username: String,
+        password: Vec<u8>,
+    },
     Bearer(String),
 }
 
@@ -32,7 +35,10 @@ impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Credentials::Basic { username, .. } => {
-                write!(f, "Basic {{ username: {username:?}, password: <redacted> }}")
+                write!(
+                    f,
+                    "Basic {{ username: {username:?}, password: <redacted> }}"
+                )
             }
             Credentials::Bearer(_) => write!(f, "Bearer(<redacted>)"),
         }
@@ -47,7 +53,9 @@ pub fn parse_authorization(value: &[u8]) -> Option<Credentials> {
     let (scheme, rest) = text.split_once(' ')?;
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD.decode(rest).ok()?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()?;
         let colon = decoded.iter().position(|&b| b == b':')?;
         let username = String::from_utf8(decoded[..colon].to_vec()).ok()?;
         if username.is_empty() {
@@ -108,7 +116,9 @@ impl Caller {
         if self.is_admin() {
             Ok(())
         } else {
-            Err(ApiError::forbidden("only tenant administrators may do this"))
+            Err(ApiError::forbidden(
+                "only tenant administrators may do this",
+            ))
         }
     }
 
@@ -223,7 +233,11 @@ mod tests {
 
     fn basic(s: &[u8]) -> Vec<u8> {
         let mut v = b"Basic ".to_vec();
-        v.extend_from_slice(base64::engine::general_purpose::STANDARD.encode(s).as_bytes());
+        v.extend_from_slice(
+            base64::engine::general_purpose::STANDARD
+                .encode(s)
+                .as_bytes(),
+        );
         v
     }
 

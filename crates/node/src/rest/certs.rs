@@ -48,7 +48,10 @@ pub async fn create(State(s): St, c: Caller, P(tenant): P<String>, raw: Bytes) -
     let req: NewCert = body(&raw)?;
     let pem = required(req.cert_in_pem_format, "certInPemFormat")?;
     let info = tls::parse_ca_pem(&pem).map_err(|e| {
-        ApiError::unprocessable(Api::Tenant, format!("certInPemFormat is not a usable certificate: {e}"))
+        ApiError::unprocessable(
+            Api::Tenant,
+            format!("certInPemFormat is not a usable certificate: {e}"),
+        )
     })?;
     if !info.is_ca {
         return Err(ApiError::unprocessable(
@@ -104,12 +107,7 @@ pub async fn list(State(s): St, c: Caller, P(tenant): P<String>, page: Page) -> 
         c.base,
         seg(&t.id)
     );
-    Ok(page.collection(
-        "trustedCertificateCollection",
-        "certificates",
-        &url,
-        items,
-    ))
+    Ok(page.collection("trustedCertificateCollection", "certificates", &url, items))
 }
 
 fn find(
@@ -197,7 +195,9 @@ mod tests {
         assert!(pem.lines().all(|l| l.len() <= 64));
         let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
         assert_eq!(
-            base64::engine::general_purpose::STANDARD.decode(body).unwrap(),
+            base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .unwrap(),
             der
         );
     }

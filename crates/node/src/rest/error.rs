@@ -171,7 +171,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.error_code(), self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.error_code(),
+            self.message
+        )
     }
 }
 
@@ -198,18 +204,37 @@ mod tests {
 
     #[test]
     fn codes() {
-        assert_eq!(ApiError::missing("company").error_code(), "general/Bad Request");
-        assert_eq!(ApiError::missing("company").message, "missing mandatory field 'company'");
-        assert_eq!(ApiError::unauthorized().error_code(), "security/Unauthorized");
+        assert_eq!(
+            ApiError::missing("company").error_code(),
+            "general/Bad Request"
+        );
+        assert_eq!(
+            ApiError::missing("company").message,
+            "missing mandatory field 'company'"
+        );
+        assert_eq!(
+            ApiError::unauthorized().error_code(),
+            "security/Unauthorized"
+        );
         assert_eq!(ApiError::forbidden("x").error_code(), "security/Forbidden");
-        assert_eq!(ApiError::throttled().error_code(), "security/Too Many Requests");
+        assert_eq!(
+            ApiError::throttled().error_code(),
+            "security/Too Many Requests"
+        );
         assert_eq!(
             ApiError::dir(Api::Tenant, "tenant x", DirError::Exists).error_code(),
             "tenant/Duplicate"
         );
         let nf = ApiError::dir(Api::User, "user x", DirError::NotFound);
-        assert_eq!((nf.status, nf.error_code().as_str()), (StatusCode::NOT_FOUND, "user/Not Found"));
-        let inv = ApiError::dir(Api::DeviceControl, "request", DirError::Invalid("bad id".into()));
+        assert_eq!(
+            (nf.status, nf.error_code().as_str()),
+            (StatusCode::NOT_FOUND, "user/Not Found")
+        );
+        let inv = ApiError::dir(
+            Api::DeviceControl,
+            "request",
+            DirError::Invalid("bad id".into()),
+        );
         assert_eq!(inv.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(inv.error_code(), "devicecontrol/Unprocessable Entity");
         assert_eq!(inv.message, "bad id");
@@ -220,14 +245,26 @@ mod tests {
 
     #[test]
     fn auth_errors() {
-        assert_eq!(ApiError::auth(AuthError::BadCredentials).status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            ApiError::auth(AuthError::BadCredentials).status,
+            StatusCode::UNAUTHORIZED
+        );
         assert_eq!(
             ApiError::auth(AuthError::NotAuthorized("x")).status,
             StatusCode::UNAUTHORIZED
         );
-        assert_eq!(ApiError::auth(AuthError::Throttled).status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            ApiError::auth(AuthError::Throttled).status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
         let u = ApiError::auth(AuthError::Unavailable);
-        assert_eq!((u.status, u.error_code().as_str()), (StatusCode::SERVICE_UNAVAILABLE, "general/Service Unavailable"));
+        assert_eq!(
+            (u.status, u.error_code().as_str()),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "general/Service Unavailable"
+            )
+        );
     }
 
     #[test]

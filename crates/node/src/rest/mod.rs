@@ -49,10 +49,7 @@ pub struct RestState {
 /// The REST routes, state applied.
 pub fn routes(state: Arc<RestState>) -> Router {
     let tenant = Router::new()
-        .route(
-            "/tenant/tenants",
-            get(tenants::list).post(tenants::create),
-        )
+        .route("/tenant/tenants", get(tenants::list).post(tenants::create))
         .route(
             "/tenant/tenants/{id}",
             get(tenants::get_one)
@@ -76,10 +73,7 @@ pub fn routes(state: Arc<RestState>) -> Router {
             counted("trusted_certificates", req, next)
         }));
     let user = Router::new()
-        .route(
-            "/user/{tenant}/users",
-            get(users::list).post(users::create),
-        )
+        .route("/user/{tenant}/users", get(users::list).post(users::create))
         .route(
             "/user/{tenant}/users/{name}",
             get(users::get_one).put(users::update).delete(users::delete),
@@ -103,7 +97,10 @@ pub fn routes(state: Arc<RestState>) -> Router {
             counted("device_requests", req, next)
         }));
     let credentials = Router::new()
-        .route("/devicecontrol/deviceCredentials", post(devices::credentials))
+        .route(
+            "/devicecontrol/deviceCredentials",
+            post(devices::credentials),
+        )
         .route_layer(middleware::from_fn(|req: Request, next: Next| {
             counted("device_credentials", req, next)
         }));
@@ -268,11 +265,17 @@ mod tests {
     fn paging_params() {
         assert_eq!(
             Page::from_query(&q(&[])).unwrap(),
-            Page { size: 5, current: 1 }
+            Page {
+                size: 5,
+                current: 1
+            }
         );
         assert_eq!(
             Page::from_query(&q(&[("pageSize", "5000"), ("currentPage", "3")])).unwrap(),
-            Page { size: 2000, current: 3 }
+            Page {
+                size: 2000,
+                current: 3
+            }
         );
         for bad in ["0", "-1", "x", ""] {
             let e = Page::from_query(&q(&[("pageSize", bad)])).unwrap_err();
@@ -288,10 +291,19 @@ mod tests {
             #[allow(dead_code)]
             a: Option<u32>,
         }
-        assert_eq!(body::<B>(b"").err().unwrap().status, StatusCode::BAD_REQUEST);
-        assert_eq!(body::<B>(b"{").err().unwrap().status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            body::<B>(b"").err().unwrap().status,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            body::<B>(b"{").err().unwrap().status,
+            StatusCode::BAD_REQUEST
+        );
         assert!(body::<B>(br#"{"a":1}"#).is_ok());
-        assert_eq!(required(Some(" ".into()), "x").unwrap_err().message, "missing mandatory field 'x'");
+        assert_eq!(
+            required(Some(" ".into()), "x").unwrap_err().message,
+            "missing mandatory field 'x'"
+        );
         assert_eq!(required(Some("v".into()), "x").unwrap(), "v");
     }
 }

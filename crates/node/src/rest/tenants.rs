@@ -119,7 +119,10 @@ pub async fn update(State(s): St, c: Caller, P(id): P<String>, raw: Bytes) -> R 
     if let Some(domain) = req.domain {
         let domain = domain.trim().to_string();
         if domain.is_empty() {
-            return Err(ApiError::unprocessable(Api::Tenant, "domain must not be empty"));
+            return Err(ApiError::unprocessable(
+                Api::Tenant,
+                "domain must not be empty",
+            ));
         }
         check_domain(&domain)?;
         if rec.id == MANAGEMENT && domain != rec.domain {

@@ -43,7 +43,9 @@ fn last_admin(s: &RestState, u: &UserRec) -> bool {
 fn last_admin_error(tenant: &str) -> ApiError {
     ApiError::unprocessable(
         Api::User,
-        format!("this is the last administrator of tenant {tenant}; create another administrator first"),
+        format!(
+            "this is the last administrator of tenant {tenant}; create another administrator first"
+        ),
     )
 }
 
@@ -81,7 +83,11 @@ pub async fn create(State(s): St, c: Caller, P(tenant): P<String>, raw: Bytes) -
         .await
         .map_err(|e| ApiError::dir(Api::User, &format!("user {name}"), e))?;
     tracing::info!(tenant = %t.id, user = %name, role = role_str(role), by = %c.id.user, "REST: user created");
-    Ok(json(StatusCode::CREATED, "user", &UserOut::new(&c.base, &rec)))
+    Ok(json(
+        StatusCode::CREATED,
+        "user",
+        &UserOut::new(&c.base, &rec),
+    ))
 }
 
 /// `GET /user/{tenant}/users`.
@@ -132,7 +138,10 @@ pub async fn update(
     }
     if let Some(p) = req.password {
         if p.is_empty() {
-            return Err(ApiError::unprocessable(Api::User, "password must not be empty"));
+            return Err(ApiError::unprocessable(
+                Api::User,
+                "password must not be empty",
+            ));
         }
         rec.password_hash = Some(hash(&s, &p).await?);
     }

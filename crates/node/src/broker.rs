@@ -121,6 +121,21 @@ impl Broker {
             .clone()
     }
 
+    /// Sets the per-tenant usage gauges (connections, persistent sessions, subscriptions on
+    /// this node). Called at scrape time, so the connection path pays nothing for them.
+    pub fn sample_tenant_metrics(&self) {
+        let tenants: Vec<Arc<Tenant>> = self.tenants.read().values().cloned().collect();
+        for t in tenants {
+            let u = &t.usage;
+            metrics::tenant_usage(
+                &t.name,
+                u.connections.load(Ordering::Relaxed),
+                u.sessions.load(Ordering::Relaxed),
+                u.subscriptions.load(Ordering::Relaxed),
+            );
+        }
+    }
+
     /// The effective limits of a tenant (its overrides over this node's defaults).
     pub fn tenant_limits(&self, t: &TenantRec) -> Limits {
         Limits::resolve(&self.cfg, &t.limits)

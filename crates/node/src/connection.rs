@@ -211,16 +211,27 @@ enum Io {
 }
 
 /// Waits until some of `wbuf` is written or something is read into `rbuf` (if `read`).
+///
+/// Once `wbuf` is empty after writes, the stream is flushed (`flush_owed`): TLS and WebSocket
+/// streams buffer what `poll_write` accepted and send it only on a flush (plain TCP's flush is a
+/// no-op), so without it a CONNACK could sit in a WebSocket buffer until the client pings.
 fn poll_io<'a, S: AsyncRead + AsyncWrite + Unpin>(
     stream: &'a mut S,
     rbuf: &'a mut BytesMut,
     wbuf: &'a BytesMut,
     read: bool,
+    flush_owed: &'a mut bool,
 ) -> impl Future<Output = Io> + 'a {
     std::future::poll_fn(move |cx| {
         if !wbuf.is_empty() {
             if let Poll::Ready(r) = Pin::new(&mut *stream).poll_write(cx, wbuf) {
                 return Poll::Ready(Io::Wrote(r));
+            }
+        } else if *flush_owed {
+            match Pin::new(&mut *stream).poll_flush(cx) {
+                Poll::Ready(Ok(())) => *flush_owed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Io::Wrote(Err(e))),
+                Poll::Pending => {}
             }
         }
         if read {
@@ -304,6 +315,7 @@ where
         transport,
         conn_id: broker.next_id(),
         version: ProtocolVersion::V311,
+        flush_owed: false,
         last_write: Instant::now(),
         counts: Counts::default(),
     };
@@ -323,6 +335,8 @@ struct Conn<S> {
     transport: Transport,
     conn_id: u64,
     version: ProtocolVersion,
+    /// Bytes were written since the last completed flush (see `poll_io`).
+    flush_owed: bool,
     /// Last time a write made progress (for the stalled-write timeout).
     last_write: Instant,
     /// Message counts not yet added to the shared metrics (see `Counts`).
@@ -771,12 +785,14 @@ where
                     &mut self.rbuf,
                     &self.wbuf,
                     a.pending.len() < max_pending && !backed_up && a.paused_until.is_none(),
+                    &mut self.flush_owed,
                 ) => {
                     match io {
                         Io::Wrote(Ok(0)) | Io::Wrote(Err(_)) | Io::Read(Ok(0)) | Io::Read(Err(_)) => {
                             return Close::PeerClosed;
                         }
                         Io::Wrote(Ok(n)) => {
+                            self.flush_owed = true;
                             self.wrote(n);
                             if !self.wbuf.is_empty() {
                                 let due = self.next_deadline(a);

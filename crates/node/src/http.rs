@@ -1,4 +1,4 @@
-//! The HTTP listener: Prometheus metrics and health probes. (The REST API joins it later.)
+//! The HTTP listener: Prometheus metrics and health probes (the REST API is merged in by `lib.rs`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,6 +15,8 @@ pub struct HttpState {
     pub prometheus: Option<PrometheusHandle>,
     /// True once durable state is recovered and listeners are up; false again on shutdown.
     pub ready: Arc<AtomicBool>,
+    /// Samples gauges that are read at scrape time (per-tenant usage).
+    pub sample: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// Builds the router.
@@ -35,6 +37,9 @@ async fn metrics(
         .metrics()
         .num_alive_tasks();
     metrics::gauge!(crate::metrics::RUNTIME_TASKS).set(tasks as f64);
+    if let Some(sample) = &s.sample {
+        sample();
+    }
     let body = match &s.prometheus {
         Some(h) => h.render(),
         None => String::new(),

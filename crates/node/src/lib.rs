@@ -90,9 +90,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let ready = Arc::new(AtomicBool::new(true));
+    let sampled = broker.clone();
     let http_state = http::HttpState {
         prometheus,
         ready: ready.clone(),
+        sample: Some(Arc::new(move || sampled.sample_tenant_metrics())),
     };
     let mut shutdown_rx = broker.shutdown.subscribe();
     let rest_state = Arc::new(rest::RestState { auth: auth.clone() });

@@ -60,6 +60,9 @@ fn describe() {
     describe_counter!(ACL_DENIED, "PUBLISH/SUBSCRIBE refused by the topic ACL");
     describe_counter!(QUOTA_EXCEEDED, "Per-tenant quota reactions by tenant and quota");
     describe_counter!(DEVICE_API, "Device-interface messages by kind");
+    describe_gauge!(TENANT_CONNECTIONS, "Connections per tenant on this node");
+    describe_gauge!(TENANT_SESSIONS, "Persistent sessions per tenant on this node");
+    describe_gauge!(TENANT_SUBSCRIPTIONS, "Free-form subscriptions per tenant on this node");
     describe_gauge!(
         SESSIONS,
         "Sessions held by this node (connected and persistent offline)"
@@ -197,4 +200,16 @@ pub fn quota_exceeded(tenant: &str, quota: &'static str) {
 /// Counts a device-interface message.
 pub fn device_api(kind: &'static str) {
     counter!(DEVICE_API, "kind" => kind).increment(1);
+}
+
+/// Per-tenant usage on this node, labelled by tenant id (bounded by the number of tenants).
+pub const TENANT_CONNECTIONS: &str = "fleetmq_tenant_connections";
+pub const TENANT_SESSIONS: &str = "fleetmq_tenant_persistent_sessions";
+pub const TENANT_SUBSCRIPTIONS: &str = "fleetmq_tenant_subscriptions";
+
+/// Sets a tenant's usage gauges.
+pub fn tenant_usage(tenant: &str, connections: usize, sessions: usize, subscriptions: usize) {
+    gauge!(TENANT_CONNECTIONS, "tenant" => tenant.to_string()).set(connections as f64);
+    gauge!(TENANT_SESSIONS, "tenant" => tenant.to_string()).set(sessions as f64);
+    gauge!(TENANT_SUBSCRIPTIONS, "tenant" => tenant.to_string()).set(subscriptions as f64);
 }

@@ -388,3 +388,111 @@ pub fn payloads(prefix: &str, n: usize) -> Vec<Vec<u8>> {
 pub fn wait_ready(node: &Node) {
     crate::common::wait_until(20, "node ready", || node.http_get("/health/ready").0 == 200);
 }
+
+// ----- logins with credentials (tests/tenancy.rs) ------------------------------------------------
+
+/// A CONNECT with an optional username and password: 3.1.1 or 5 (with an optional Session
+/// Expiry Interval), keep-alive 0.
+pub fn connect_packet_auth(
+    id: &str,
+    v5: bool,
+    clean: bool,
+    expiry: Option<u32>,
+    user: Option<&str>,
+    password: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut flags = if clean { 0x02 } else { 0x00 };
+    if user.is_some() {
+        flags |= 0x80;
+    }
+    if password.is_some() {
+        flags |= 0x40;
+    }
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', if v5 { 5 } else { 4 }, flags];
+    body.extend_from_slice(&0u16.to_be_bytes());
+    if v5 {
+        match expiry {
+            Some(e) => {
+                body.push(5);
+                body.push(0x11);
+                body.extend_from_slice(&e.to_be_bytes());
+            }
+            None => body.push(0),
+        }
+    }
+    put_str(&mut body, id.as_bytes());
+    if let Some(u) = user {
+        put_str(&mut body, u.as_bytes());
+    }
+    if let Some(p) = password {
+        put_str(&mut body, p);
+    }
+    frame(0x10, &body)
+}
+
+/// Sends a CONNECT with credentials on an open socket and reads the CONNACK: `Ok` with the
+/// connected client and session-present, or `Err` with the refusal's reason code (0xFF when no
+/// CONNACK came).
+pub fn try_login_on(
+    mut raw: Raw,
+    id: &str,
+    v5: bool,
+    clean: bool,
+    expiry: Option<u32>,
+    user: Option<&str>,
+    password: Option<&[u8]>,
+) -> Result<(Client, bool), u8> {
+    raw.send(&connect_packet_auth(id, v5, clean, expiry, user, password));
+    let Some(ack) = read_packet(&mut raw, Duration::from_secs(10)) else {
+        return Err(0xFF);
+    };
+    assert_eq!(ack.kind(), CONNACK, "{id}: {ack:?}");
+    if ack.body[1] != 0 {
+        return Err(ack.body[1]);
+    }
+    let present = ack.body[0] & 1 == 1;
+    Ok((
+        Client {
+            raw,
+            v5,
+            next_pid: 1,
+        },
+        present,
+    ))
+}
+
+/// `try_login_on` over a new connection to `addr`.
+pub fn try_login(
+    addr: SocketAddr,
+    id: &str,
+    v5: bool,
+    clean: bool,
+    expiry: Option<u32>,
+    user: Option<&str>,
+    password: Option<&[u8]>,
+) -> Result<(Client, bool), u8> {
+    try_login_on(Raw::connect(addr), id, v5, clean, expiry, user, password)
+}
+
+impl Client {
+    /// Connects with `user`/`password` and a clean session; asserts CONNACK success.
+    pub fn login(addr: SocketAddr, id: &str, v5: bool, user: &str, password: &str) -> Client {
+        match try_login(
+            addr,
+            id,
+            v5,
+            true,
+            None,
+            Some(user),
+            Some(password.as_bytes()),
+        ) {
+            Ok((c, _)) => c,
+            Err(code) => panic!("login {user} as {id}: CONNACK refused with {code:#04x}"),
+        }
+    }
+
+    /// The next packet id this client would use (and reserves it).
+    pub fn take_pid(&mut self) -> u16 {
+        self.pid()
+    }
+}

@@ -149,6 +149,16 @@ impl Broker {
             .is_some_and(|s| s.0.state.lock().persistent)
     }
 
+    /// Whether a connection currently holds the session `key` (a new CONNECT for it is a
+    /// takeover: it replaces a connection instead of adding one, so connection quotas must
+    /// not refuse it).
+    pub fn is_connected(&self, key: &SessionKey) -> bool {
+        self.sessions
+            .lock()
+            .get(key)
+            .is_some_and(|s| s.0.state.lock().conn.is_some())
+    }
+
     /// Tells every connected client's task to close with DISCONNECT 0x8B.
     pub fn disconnect_all(&self) {
         let _ = self.shutdown.send(true);

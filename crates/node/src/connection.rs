@@ -463,14 +463,6 @@ where
             self.connack_error(rc::BAD_AUTHENTICATION_METHOD, "bad_auth_method");
             return None;
         }
-        if broker
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= cfg.max_connections
-        {
-            self.connack_error(rc::QUOTA_EXCEEDED, "connection_limit");
-            return None;
-        }
         let mut assigned = None;
         let client_id = if c.client_id.is_empty() {
             if !c.version.is_v5() && !c.clean_start {
@@ -529,16 +521,6 @@ where
         }
         let limits = broker.tenant_limits(&identity.tenant);
         let tenant_rt = broker.tenant(&identity.tenant.id);
-        if tenant_rt
-            .usage
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= limits.connections
-        {
-            metrics::quota_exceeded(&identity.tenant.id, "connections");
-            self.connack_error(rc::QUOTA_EXCEEDED, "tenant_connection_quota");
-            return None;
-        }
         let requested_expiry = if c.version.is_v5() {
             c.session_expiry.unwrap_or(0)
         } else if c.clean_start {
@@ -554,6 +536,29 @@ where
                 c.keep_alive
             };
         let key = SessionKey::new(identity.tenant.id.clone(), device_id);
+        // A takeover replaces a connection rather than adding one: the connection limits
+        // must not lock a device out while its old connection (e.g. behind a dead NAT) lingers.
+        let takeover = broker.is_connected(&key);
+        if !takeover
+            && broker
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= cfg.max_connections
+        {
+            self.connack_error(rc::QUOTA_EXCEEDED, "connection_limit");
+            return None;
+        }
+        if !takeover
+            && tenant_rt
+                .usage
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= limits.connections
+        {
+            metrics::quota_exceeded(&identity.tenant.id, "connections");
+            self.connack_error(rc::QUOTA_EXCEEDED, "tenant_connection_quota");
+            return None;
+        }
         if expiry > 0
             && tenant_rt
                 .usage

@@ -417,7 +417,9 @@ fn credentials_decide_the_connack_code() {
 
     for v5 in [V3, V5] {
         let ver = if v5 { "5.0" } else { "3.1.1" };
-        let cases: Vec<(&str, &str, Option<&str>, Option<&[u8]>, u8)> = vec![
+        // (case, client id, username, password, expected CONNACK code)
+        type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a [u8]>, u8);
+        let cases: Vec<Case> = vec![
             ("no username", "X", None, None, rc(v5, 5, 0x87)),
             (
                 "wrong password",

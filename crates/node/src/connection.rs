@@ -1911,6 +1911,13 @@ where
     }
 }
 
+/// Sleeps until `at` (never called with `None`: the select branch is disabled then).
+async fn sleep_until_opt(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 #[cfg(test)]
 mod size_tests {
     use super::*;
@@ -1927,12 +1934,5 @@ mod size_tests {
             std::mem::size_of::<HashMap<String, u16>>(),
             std::mem::size_of::<tokio::sync::futures::Notified<'static>>(),
         );
-    }
-}
-
-/// Sleeps until `at` (never called with `None`: the select branch is disabled then).
-async fn sleep_until_opt(at: Option<Instant>) {
-    if let Some(at) = at {
-        tokio::time::sleep_until(at).await;
     }
 }

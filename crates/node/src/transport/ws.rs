@@ -64,6 +64,7 @@ where
 }
 
 /// Accepts `/mqtt` only, and selects the `mqtt` (or legacy `mqttv3.1`) subprotocol.
+#[allow(clippy::result_large_err)] // the type tungstenite's handshake callback requires
 fn check_request(req: &Request, mut resp: Response) -> Result<Response, ErrorResponse> {
     if req.uri().path() != PATH {
         return Err(refuse(StatusCode::NOT_FOUND, "MQTT is served on /mqtt"));

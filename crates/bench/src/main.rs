@@ -84,6 +84,38 @@ struct Common {
     /// Seconds of silence after all publishers finished before declaring the rest lost.
     #[arg(long, global = true, default_value_t = 3)]
     drain_secs: u64,
+    /// Username for every CONNECT; `{}` is replaced by the connection number modulo
+    /// `--login-users` (e.g. `bench/u{}`), so each connection can log in as its own user.
+    #[arg(long, global = true)]
+    username: Option<String>,
+    /// Password for every CONNECT (with `--username`).
+    #[arg(long, global = true)]
+    password: Option<String>,
+    /// How many distinct users `{}` in `--username` cycles through.
+    #[arg(long, global = true, default_value_t = 1)]
+    login_users: usize,
+    /// File of `username password` lines; connections log in with them in turn (instead of
+    /// `--username`/`--password`), e.g. credentials issued by device registration.
+    #[arg(long, global = true)]
+    logins_file: Option<std::path::PathBuf>,
+}
+
+/// Credentials read from `--logins-file`.
+static LOGIN_LIST: OnceLock<Vec<(String, String)>> = OnceLock::new();
+
+/// Credentials used by every CONNECT of this run (set once from the command line).
+static LOGIN: OnceLock<Option<(String, String, usize)>> = OnceLock::new();
+/// Connections made so far, to pick the next user of `--username`'s `{}`.
+static LOGINS: AtomicUsize = AtomicUsize::new(0);
+
+fn login_for_next_connect() -> Option<(String, String)> {
+    if let Some(list) = LOGIN_LIST.get().filter(|l| !l.is_empty()) {
+        let n = LOGINS.fetch_add(1, Ordering::Relaxed) % list.len();
+        return list.get(n).cloned();
+    }
+    let (user, pw, users) = LOGIN.get()?.as_ref()?;
+    let n = LOGINS.fetch_add(1, Ordering::Relaxed) % (*users).max(1);
+    Some((user.replace("{}", &n.to_string()), pw.clone()))
 }
 
 #[derive(Subcommand, Debug)]
@@ -157,6 +189,22 @@ struct Flow {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     T0.get_or_init(Instant::now);
+    let c = &cli.common;
+    let _ = LOGIN.set(
+        c.username
+            .clone()
+            .map(|u| (u, c.password.clone().unwrap_or_default(), c.login_users)),
+    );
+    if let Some(path) = &c.logins_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let list = text
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(u, p)| (u.to_string(), p.to_string()))
+            .collect();
+        let _ = LOGIN_LIST.set(list);
+    }
     raise_nofile();
     let rt = if cli.common.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -590,9 +638,17 @@ async fn mqtt_connect(
         .map_err(|_| anyhow!("timeout connecting to {addr}"))?
         .with_context(|| format!("connect {addr}"))?;
     s.set_nodelay(true)?;
-    let mut c = Connect::new(client_id);
+    let login = login_for_next_connect();
+    // A device user (`<tenant>/device_<id>`) may only connect as its own device id.
+    let own_id = login
+        .as_ref()
+        .and_then(|(u, _)| u.split_once("/device_").map(|(_, id)| id.to_string()));
+    let mut c = Connect::new(own_id.as_deref().unwrap_or(client_id));
     c.keep_alive = keep_alive;
     c.clean_session = clean;
+    if let Some((user, pw)) = login {
+        c.set_login(user, pw);
+    }
     let mut b = BytesMut::with_capacity(64);
     c.write(&mut b)
         .map_err(|e| anyhow!("encode connect: {e:?}"))?;

@@ -44,7 +44,7 @@ pub async fn poll(dir: &Directory, device_id: &str) -> Result<Option<Credentials
         RequestStatus::Accepted => {
             let pw = password::generate(24);
             let user = format!("device_{device_id}");
-            dir.create_user(&req.tenant, &user, Some(&pw), Role::Device, true)
+            dir.create_user_generated(&req.tenant, &user, &pw, Role::Device)
                 .await?;
             dir.delete_request(&req.tenant, &req.id).await?;
             tracing::info!(tenant = %req.tenant, device = %device_id, "device credentials issued");

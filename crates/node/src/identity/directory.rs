@@ -368,6 +368,32 @@ impl Directory {
         self.put_user(rec, !replace).await
     }
 
+    /// Creates or replaces a user whose password this node generated (registration): hashed
+    /// with light argon2 parameters, see `Passwords::hash_generated`.
+    pub async fn create_user_generated(
+        &self,
+        tenant: &str,
+        name: &str,
+        password: &str,
+        role: Role,
+    ) -> Result<Arc<UserRec>, DirError> {
+        let pw = password.to_string();
+        let hash = tokio::task::spawn_blocking(move || Passwords::hash_generated(&pw))
+            .await
+            .map_err(|e| DirError::Hash(e.to_string()))?
+            .map_err(DirError::Hash)?;
+        let rec = UserRec {
+            tenant: tenant.to_string(),
+            user_name: name.to_string(),
+            password_hash: Some(hash),
+            role,
+            created_ms: now_ms(),
+            email: None,
+            cert_auth: false,
+        };
+        self.put_user(rec, false).await
+    }
+
     /// Stores a user record as given.
     pub async fn put_user(&self, rec: UserRec, create_only: bool) -> Result<Arc<UserRec>, DirError> {
         validate_name(&rec.user_name)?;

@@ -18,6 +18,9 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
+/// Memory cost (KiB) of hashes of generated passwords (see `hash_generated`).
+const GENERATED_M_KIB: u32 = 64;
+
 /// Cached digests kept at most; the cache is cleared when full (a rare, cheap event).
 const CACHE_MAX: usize = 200_000;
 
@@ -44,13 +47,27 @@ impl Passwords {
         })
     }
 
-    /// An argon2id PHC string for `password`.
+    /// An argon2id PHC string for `password` (OWASP parameters: 19 MiB, 2 passes).
     pub async fn hash(&self, password: &str) -> Result<String, String> {
         let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
         let pw = password.to_string();
         tokio::task::spawn_blocking(move || hash_blocking(&pw))
             .await
             .map_err(|e| e.to_string())?
+    }
+
+    /// An argon2id PHC string with light parameters, only for passwords this node generated
+    /// itself (`generate(24)`: ~140 bits of entropy). A slow hash buys nothing against brute
+    /// force of such a secret, and it would make the first login of every registered device
+    /// after a node restart cost ~40 ms of CPU: a fleet reconnecting at once would queue for
+    /// minutes. The PHC string carries its parameters, so `verify` needs no flag.
+    pub fn hash_generated(password: &str) -> Result<String, String> {
+        let params = argon2::Params::new(GENERATED_M_KIB, 1, 1, None).map_err(|e| e.to_string())?;
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| e.to_string())
     }
 
     fn digest(&self, phc: &str, password: &[u8]) -> [u8; 32] {
@@ -145,6 +162,16 @@ mod tests {
         assert!(!p.cached("t1", "u", &h2, b"s3cret"));
         p.forget("t1", "u");
         assert!(!p.cached("t1", "u", &h, b"s3cret"));
+    }
+
+    #[tokio::test]
+    async fn generated_password_hashes_are_light_but_verify() {
+        let p = Passwords::new(1);
+        let pw = generate(24);
+        let h = Passwords::hash_generated(&pw).unwrap();
+        assert!(h.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{h}");
+        assert!(p.verify("t", "device_x", Some(&h), pw.as_bytes()).await);
+        assert!(!p.verify("t", "device_x", Some(&h), b"guess").await);
     }
 
     #[test]

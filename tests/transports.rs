@@ -1001,6 +1001,24 @@ async fn device_token_over_mqtt() {
     dev.expect_quiet("a certificate device gets only 71 on s/dat")
         .await;
 
+    // The token authenticates the device on the REST API (Bearer), as Cumulocity's does.
+    let url = format!("http://{}/user/currentUser", f.node.http);
+    let me: serde_json::Value = ureq::get(&url)
+        .set("Authorization", &format!("Bearer {jwt}"))
+        .call()
+        .expect("Bearer token accepted")
+        .into_json()
+        .expect("JSON");
+    assert_eq!(me["userName"], json!("device_devA1"), "{me}");
+    let forged = format!("{jwt}x");
+    match ureq::get(&url)
+        .set("Authorization", &format!("Bearer {forged}"))
+        .call()
+    {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("a tampered token must get 401, got {other:?}"),
+    }
+
     // A password device gets the Cumulocity error on s/e and no token.
     create_user(&f.node, &f.a, "device_pw1", "pw-1", None);
     let mut pw = Mqtt::connect(

@@ -1785,3 +1785,37 @@ fn anonymous_clients_are_admitted_into_their_tenant_only() {
         "wrong password on a node with an anonymous tenant"
     );
 }
+
+/// A 3.1.1 CONNECT (clean session, no credentials) with a retained QoS 0 will.
+fn connect_with_retained_will(id: &str, topic: &str, message: &[u8]) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02 | 0x04 | 0x20, 0, 30];
+    for field in [id.as_bytes(), topic.as_bytes(), message] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field);
+    }
+    common::frame(0x10, &body)
+}
+
+#[test]
+fn a_retained_will_on_a_reserved_topic_is_never_retained() {
+    let node = Node::start();
+    // Control: a retained will on a free-form topic is retained (so wills do fire here).
+    // Then the same on a device topic: it must not land in the tenant's retained set, where
+    // a `#` subscriber would read device traffic.
+    for (id, topic) in [("will-free", "wills/free"), ("will-dev", "s/us")] {
+        let mut c = common::Raw::connect(node.mqtt);
+        c.send(&connect_with_retained_will(id, topic, b"400,c8y_ConnectionEvent,lost"));
+        assert_eq!(c.read_n(4), vec![0x20, 2, 0, 0], "CONNACK for {id}");
+        drop(c); // no DISCONNECT: the will fires
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut sub = Client::clean(node.mqtt, "will-watch", false);
+    sub.sub_ok("#", 0);
+    let got: Vec<String> = sub
+        .drain(Duration::from_millis(800))
+        .iter()
+        .filter(|p| p.kind() == 3)
+        .map(|p| parse_publish(p, false).topic)
+        .collect();
+    assert_eq!(got, vec!["wills/free".to_string()], "retained messages seen by #");
+}

@@ -686,8 +686,11 @@ impl Broker {
     pub fn send_downstream(&self, session: &Arc<Session>, topic: &str, payload: bytes::Bytes) -> bool {
         let qos = {
             let st = session.state.lock();
+            // Only the device's downstream filters: a free-form `#` of the device is not a
+            // subscription to what the platform sends it.
             st.subscriptions
                 .values()
+                .filter(|o| acl::classify_filter(&o.filter) == FilterClass::Downstream)
                 .filter(|o| fleetmq_protocol::topic::matches(&o.filter, topic))
                 .map(|o| o.qos)
                 .max()
@@ -742,7 +745,10 @@ impl Broker {
 
     /// Publishes a message that has no connection waiting on it (a will): commit, then deliver.
     pub fn publish_detached(self: &Arc<Self>, tenant: Arc<Tenant>, msg: Arc<Message>) {
-        let retain_cmd = msg.retain.then(|| self.retain(&tenant, &msg));
+        // A will on a reserved topic is never retained: the retained set is the tenant's
+        // free-form space, and a `#` must not read device traffic out of it (§1.10).
+        let retain_cmd = (msg.retain && acl::classify_topic(&msg.topic) == TopicClass::Free)
+            .then(|| self.retain(&tenant, &msg));
         let prepared = self.route(&tenant, &msg, None);
         let cmd = self.publish_command(&prepared, None, None);
         if retain_cmd.is_none() && cmd.is_none() {

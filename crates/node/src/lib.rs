@@ -99,7 +99,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut shutdown_rx = broker.shutdown.subscribe();
     let rest_state = Arc::new(rest::RestState { auth: auth.clone() });
     let http_task = tokio::spawn(async move {
-        let app = http::router(http_state).merge(rest::routes(rest_state));
+        // One fallback for the merged router (only one router may have one): unknown paths
+        // and methods get the API's JSON error instead of an empty 404.
+        let app = http::router(http_state)
+            .merge(rest::routes(rest_state))
+            .fallback(|| async { rest::ApiError::no_such_resource() });
         let _ = axum::serve(
             http,
             app.into_make_service_with_connect_info::<std::net::SocketAddr>(),

@@ -84,6 +84,11 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, api, message)
     }
 
+    /// The answer for a path or method the API does not have (the router's fallback).
+    pub fn no_such_resource() -> ApiError {
+        ApiError::not_found(Api::General, "no such resource or method")
+    }
+
     /// 409 `<api>/Duplicate`.
     pub fn duplicate(api: Api, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::CONFLICT, api, message)

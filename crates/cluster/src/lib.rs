@@ -3,8 +3,10 @@
 
 pub mod durable;
 pub mod error;
+pub mod grpc;
 pub mod log_adapter;
 pub mod network;
+pub mod pb;
 mod proposer;
 pub mod sm_adapter;
 pub mod type_config;

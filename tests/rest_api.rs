@@ -174,7 +174,11 @@ fn management_admin_creates_and_lists_tenants() {
     let a = r.body["id"].as_str().unwrap().to_string();
     assert!(is_tenant_id(&a), "{a}");
     // An unknown path gets the API's JSON error, not an empty page.
-    assert_error(&api.get("/no/such/resource", &mgmt()), 404, "general/Not Found");
+    assert_error(
+        &api.get("/no/such/resource", &mgmt()),
+        404,
+        "general/Not Found",
+    );
     assert_eq!(r.body["company"], "Acme Corp");
     assert_eq!(r.body["domain"], "acme");
     assert_eq!(r.body["status"], "ACTIVE");

@@ -1804,7 +1804,11 @@ fn a_retained_will_on_a_reserved_topic_is_never_retained() {
     // a `#` subscriber would read device traffic.
     for (id, topic) in [("will-free", "wills/free"), ("will-dev", "s/us")] {
         let mut c = common::Raw::connect(node.mqtt);
-        c.send(&connect_with_retained_will(id, topic, b"400,c8y_ConnectionEvent,lost"));
+        c.send(&connect_with_retained_will(
+            id,
+            topic,
+            b"400,c8y_ConnectionEvent,lost",
+        ));
         assert_eq!(c.read_n(4), vec![0x20, 2, 0, 0], "CONNACK for {id}");
         drop(c); // no DISCONNECT: the will fires
     }
@@ -1817,5 +1821,9 @@ fn a_retained_will_on_a_reserved_topic_is_never_retained() {
         .filter(|p| p.kind() == 3)
         .map(|p| parse_publish(p, false).topic)
         .collect();
-    assert_eq!(got, vec!["wills/free".to_string()], "retained messages seen by #");
+    assert_eq!(
+        got,
+        vec!["wills/free".to_string()],
+        "retained messages seen by #"
+    );
 }

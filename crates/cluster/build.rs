@@ -6,7 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; the variable is read by the code generator.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["fleetmq/cluster/v1/raft.proto", "fleetmq/cluster/v1/node.proto"];
+    let files = [
+        "fleetmq/cluster/v1/raft.proto",
+        "fleetmq/cluster/v1/node.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

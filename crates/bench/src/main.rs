@@ -196,8 +196,8 @@ fn main() -> Result<()> {
             .map(|u| (u, c.password.clone().unwrap_or_default(), c.login_users)),
     );
     if let Some(path) = &c.logins_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let list = text
             .lines()
             .filter_map(|l| l.split_once(' '))

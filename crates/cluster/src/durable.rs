@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetmq_storage::{
-    Command, Entry, Space, RecoveredSession, Response, StateMachineStore, Storage, StoredMessage,
+    Command, Entry, RecoveredSession, Response, Space, StateMachineStore, Storage, StoredMessage,
     MAX_COMMANDS_PER_ENTRY,
 };
 use openraft::error::{InitializeError, RaftError};

@@ -169,7 +169,11 @@ async fn three_replicas_replicate_and_fail_over_over_grpc() {
         .unwrap();
     for r in &survivors {
         wait_applied(r, written.log_id.index).await;
-        assert!(r.sm.session(&SessionKey::new("t1", "dev2")).unwrap().is_some());
+        assert!(r
+            .sm
+            .session(&SessionKey::new("t1", "dev2"))
+            .unwrap()
+            .is_some());
     }
     for r in survivors {
         r.raft.shutdown().await.unwrap();

@@ -22,9 +22,9 @@ use crate::config::Config;
 use crate::identity::acl::{self, FilterClass, TopicClass};
 use crate::identity::auth::Auth;
 use crate::identity::records::TenantRec;
-use crate::quota::Limits;
 use crate::message::{now_ms, Message};
 use crate::metrics::{self, Handles};
+use crate::quota::Limits;
 use crate::session::{Delivery, Enqueue, InflightState, Kick, Session, SessionState, SubOptions};
 use crate::tenant::{SubKey, Tenant};
 
@@ -683,7 +683,12 @@ impl Broker {
     /// downstream subscriptions it holds, at the highest QoS it subscribed with. Not durable:
     /// such answers are produced again on the device's next request. Returns false if the
     /// device holds no matching subscription.
-    pub fn send_downstream(&self, session: &Arc<Session>, topic: &str, payload: bytes::Bytes) -> bool {
+    pub fn send_downstream(
+        &self,
+        session: &Arc<Session>,
+        topic: &str,
+        payload: bytes::Bytes,
+    ) -> bool {
         let qos = {
             let st = session.state.lock();
             // Only the device's downstream filters: a free-form `#` of the device is not a

@@ -236,8 +236,14 @@ impl std::fmt::Debug for Config {
             .field("data_dir", &self.data_dir)
             .field("node_id", &self.node_id)
             .field("anonymous_tenant", &self.anonymous_tenant)
-            .field("admin_password", &self.admin_password.as_ref().map(|_| "<redacted>"))
-            .field("bootstrap_password", &self.bootstrap_password.as_ref().map(|_| "<redacted>"))
+            .field(
+                "admin_password",
+                &self.admin_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "bootstrap_password",
+                &self.bootstrap_password.as_ref().map(|_| "<redacted>"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -388,17 +394,50 @@ impl Config {
             wss_addr: cli.wss_addr.or(file.wss_addr).unwrap_or(d.wss_addr),
             tls_cert: cli.tls_cert.or(file.tls_cert),
             tls_key: cli.tls_key.or(file.tls_key),
-            reserved_packet_size: cli.reserved_packet_size.or(file.reserved_packet_size).unwrap_or(d.reserved_packet_size),
-            tenant_max_connections: cli.tenant_max_connections.or(file.tenant_max_connections).unwrap_or(d.tenant_max_connections),
-            tenant_max_sessions: cli.tenant_max_sessions.or(file.tenant_max_sessions).unwrap_or(d.tenant_max_sessions),
-            tenant_messages_per_second: cli.tenant_messages_per_second.or(file.tenant_messages_per_second).unwrap_or(d.tenant_messages_per_second),
-            tenant_bytes_per_second: cli.tenant_bytes_per_second.or(file.tenant_bytes_per_second).unwrap_or(d.tenant_bytes_per_second),
-            tenant_max_subscriptions: cli.tenant_max_subscriptions.or(file.tenant_max_subscriptions).unwrap_or(d.tenant_max_subscriptions),
-            login_ip_burst: cli.login_ip_burst.or(file.login_ip_burst).unwrap_or(d.login_ip_burst),
-            login_ip_per_minute: cli.login_ip_per_minute.or(file.login_ip_per_minute).unwrap_or(d.login_ip_per_minute),
-            login_tenant_burst: cli.login_tenant_burst.or(file.login_tenant_burst).unwrap_or(d.login_tenant_burst),
-            login_tenant_per_minute: cli.login_tenant_per_minute.or(file.login_tenant_per_minute).unwrap_or(d.login_tenant_per_minute),
-            device_token_lifetime_secs: cli.device_token_lifetime_secs.or(file.device_token_lifetime_secs).unwrap_or(d.device_token_lifetime_secs),
+            reserved_packet_size: cli
+                .reserved_packet_size
+                .or(file.reserved_packet_size)
+                .unwrap_or(d.reserved_packet_size),
+            tenant_max_connections: cli
+                .tenant_max_connections
+                .or(file.tenant_max_connections)
+                .unwrap_or(d.tenant_max_connections),
+            tenant_max_sessions: cli
+                .tenant_max_sessions
+                .or(file.tenant_max_sessions)
+                .unwrap_or(d.tenant_max_sessions),
+            tenant_messages_per_second: cli
+                .tenant_messages_per_second
+                .or(file.tenant_messages_per_second)
+                .unwrap_or(d.tenant_messages_per_second),
+            tenant_bytes_per_second: cli
+                .tenant_bytes_per_second
+                .or(file.tenant_bytes_per_second)
+                .unwrap_or(d.tenant_bytes_per_second),
+            tenant_max_subscriptions: cli
+                .tenant_max_subscriptions
+                .or(file.tenant_max_subscriptions)
+                .unwrap_or(d.tenant_max_subscriptions),
+            login_ip_burst: cli
+                .login_ip_burst
+                .or(file.login_ip_burst)
+                .unwrap_or(d.login_ip_burst),
+            login_ip_per_minute: cli
+                .login_ip_per_minute
+                .or(file.login_ip_per_minute)
+                .unwrap_or(d.login_ip_per_minute),
+            login_tenant_burst: cli
+                .login_tenant_burst
+                .or(file.login_tenant_burst)
+                .unwrap_or(d.login_tenant_burst),
+            login_tenant_per_minute: cli
+                .login_tenant_per_minute
+                .or(file.login_tenant_per_minute)
+                .unwrap_or(d.login_tenant_per_minute),
+            device_token_lifetime_secs: cli
+                .device_token_lifetime_secs
+                .or(file.device_token_lifetime_secs)
+                .unwrap_or(d.device_token_lifetime_secs),
             print_addrs: cli.print_addrs || file.print_addrs.unwrap_or(false),
             log: cli.log.or(file.log).unwrap_or(d.log),
         };

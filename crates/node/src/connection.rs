@@ -32,9 +32,9 @@ use crate::identity::acl::{self, FilterClass, TopicClass, Upstream};
 use crate::identity::auth::{AuthError, Identity};
 use crate::identity::records::Role;
 use crate::identity::{bootstrap, client_id, token};
-use crate::quota::Limits;
 use crate::message::{now_ms, Message};
 use crate::metrics;
+use crate::quota::Limits;
 use crate::session::{Delivery, Emit, InflightState, Kick, Session};
 use crate::tenant::Tenant;
 
@@ -1063,7 +1063,10 @@ where
             metrics::counter_protocol_error("packet_too_large");
             metrics::quota_exceeded(&a.who.identity.tenant.id, "packet_size");
             tracing::info!(peer = %self.peer, client = %a.session.key.client_id, size, limit, topic = %topic, "PUBLISH over the topic's size limit");
-            return Err(Close::Violation(rc::PACKET_TOO_LARGE, "packet too large for this topic"));
+            return Err(Close::Violation(
+                rc::PACKET_TOO_LARGE,
+                "packet too large for this topic",
+            ));
         }
         if !acl::may_publish(a.who.identity.role, class) {
             metrics::acl_denied("publish");
@@ -1071,7 +1074,10 @@ where
             if !self.version.is_v5() {
                 // 3.1.1 has no way to refuse a PUBLISH but closing (MQTT-3.3.5-2's
                 // alternative to a positive ack); Cumulocity closes too (§1.7, code 5).
-                return Err(Close::Violation(rc::NOT_AUTHORIZED, "publish not authorized"));
+                return Err(Close::Violation(
+                    rc::NOT_AUTHORIZED,
+                    "publish not authorized",
+                ));
             }
             match p.qos {
                 0 => {}
@@ -1119,7 +1125,8 @@ where
             msg = msg.detached();
         }
         // §1.10: RETAIN on a device-interface topic is accepted and behaves as RETAIN=0.
-        let retain_cmd = (p.retain && class == TopicClass::Free).then(|| broker.retain(&a.who.tenant, &msg));
+        let retain_cmd =
+            (p.retain && class == TopicClass::Free).then(|| broker.retain(&a.who.tenant, &msg));
         let mut prepared = broker.route(&a.who.tenant, &msg, Some(a.session.id));
         if !p.retain && prepared.needs_commit() {
             // Queued for persistent sessions, possibly for a long time (offline devices): own
@@ -1241,7 +1248,8 @@ where
                 }
             }
         } else {
-            a.who.aliases
+            a.who
+                .aliases
                 .get_or_insert_with(Box::default)
                 .inbound
                 .insert(alias, p.topic.clone());
@@ -1505,7 +1513,8 @@ where
             }
             if !known
                 && class == FilterClass::Free
-                && a.who.tenant
+                && a.who
+                    .tenant
                     .usage
                     .subscriptions
                     .load(std::sync::atomic::Ordering::Relaxed)
@@ -1842,7 +1851,8 @@ where
         self.broker
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        a.who.tenant
+        a.who
+            .tenant
             .usage
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -1887,8 +1897,12 @@ where
                 if let Some(w) = will {
                     // A resumed session cancels a delayed will; an immediate one still fires.
                     if !session_continues || w.delay_secs == 0 {
-                        self.broker
-                            .schedule_will(a.who.tenant.clone(), a.session.clone(), *w, true);
+                        self.broker.schedule_will(
+                            a.who.tenant.clone(),
+                            a.session.clone(),
+                            *w,
+                            true,
+                        );
                     }
                 }
             }
@@ -1919,14 +1933,20 @@ where
                             }
                         }
                         // ... or as a clean start ended it: the session is over, the will is due.
-                        None => {
-                            self.broker
-                                .schedule_will(a.who.tenant.clone(), a.session.clone(), *w, true)
-                        }
+                        None => self.broker.schedule_will(
+                            a.who.tenant.clone(),
+                            a.session.clone(),
+                            *w,
+                            true,
+                        ),
                     }
                 }
-                self.broker
-                    .detach(&a.who.tenant, &a.session, self.conn_id, a.who.expiry_override);
+                self.broker.detach(
+                    &a.who.tenant,
+                    &a.session,
+                    self.conn_id,
+                    a.who.expiry_override,
+                );
             }
         }
         tracing::debug!(peer = %self.peer, client = %a.session.key.client_id, reason = close.label(), "connection closed");

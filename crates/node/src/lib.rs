@@ -81,7 +81,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             "mqtt": bound.mqtt_addr.to_string(),
             "http": http_addr.to_string(),
         });
-        for (k, v) in [("ws", bound.ws_addr), ("tls", bound.tls_addr), ("wss", bound.wss_addr)] {
+        for (k, v) in [
+            ("ws", bound.ws_addr),
+            ("tls", bound.tls_addr),
+            ("wss", bound.wss_addr),
+        ] {
             if let Some(a) = v {
                 line[k] = serde_json::Value::String(a.to_string());
             }

@@ -58,11 +58,20 @@ fn describe() {
     describe_counter!(DROPPED, "Messages dropped by reason");
     describe_counter!(AUTH_FAILURES, "Failed logins by reason and transport");
     describe_counter!(ACL_DENIED, "PUBLISH/SUBSCRIBE refused by the topic ACL");
-    describe_counter!(QUOTA_EXCEEDED, "Per-tenant quota reactions by tenant and quota");
+    describe_counter!(
+        QUOTA_EXCEEDED,
+        "Per-tenant quota reactions by tenant and quota"
+    );
     describe_counter!(DEVICE_API, "Device-interface messages by kind");
     describe_gauge!(TENANT_CONNECTIONS, "Connections per tenant on this node");
-    describe_gauge!(TENANT_SESSIONS, "Persistent sessions per tenant on this node");
-    describe_gauge!(TENANT_SUBSCRIPTIONS, "Free-form subscriptions per tenant on this node");
+    describe_gauge!(
+        TENANT_SESSIONS,
+        "Persistent sessions per tenant on this node"
+    );
+    describe_gauge!(
+        TENANT_SUBSCRIPTIONS,
+        "Free-form subscriptions per tenant on this node"
+    );
     describe_gauge!(
         SESSIONS,
         "Sessions held by this node (connected and persistent offline)"

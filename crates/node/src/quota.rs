@@ -55,7 +55,7 @@ impl Limits {
                 .map(|v| v as usize)
                 .unwrap_or(cfg.max_packet_size),
             connections: unlimited_if_zero(
-                t.max_connections.unwrap_or(cfg.tenant_max_connections) as u64,
+                t.max_connections.unwrap_or(cfg.tenant_max_connections) as u64
             ),
             sessions: unlimited_if_zero(t.max_sessions.unwrap_or(cfg.tenant_max_sessions) as u64),
             subscriptions: unlimited_if_zero(

@@ -8,8 +8,8 @@ use crate::records::{
     Entry, QueueEntry, RecoveredSession, SessionKey, SessionRecord, Space, StoredMessage,
 };
 use crate::state_machine::{
-    decode, encode, entry_key, entry_prefix, message_key, tagged, MessageSlot, StateMachineStore, INBOUND, MESSAGE,
-    META_APPLIED, META_MEMBERSHIP, QUEUE, RETAINED, SESSION,
+    decode, encode, entry_key, entry_prefix, message_key, tagged, MessageSlot, StateMachineStore,
+    INBOUND, MESSAGE, META_APPLIED, META_MEMBERSHIP, QUEUE, RETAINED, SESSION,
 };
 
 const SNAPSHOT_CURRENT: &[u8] = b"current";

@@ -24,8 +24,8 @@ use crate::error::{Result, StorageError};
 use crate::keys;
 use crate::overlay::{Overlay, Pending};
 use crate::records::{
-    Command, DeliveryState, QueueEntry, Response, SessionKey, SessionRecord, Space,
-    StoredMessage, SubscriptionRecord, Target,
+    Command, DeliveryState, QueueEntry, Response, SessionKey, SessionRecord, Space, StoredMessage,
+    SubscriptionRecord, Target,
 };
 
 pub(crate) const SESSION: u8 = 0x01;

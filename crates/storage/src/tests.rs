@@ -368,14 +368,26 @@ fn directory_entries_create_only_replace_and_delete_by_tenant() {
         .expect("apply");
     // The second create of the same name is refused and changes nothing.
     assert_eq!(out[1], Response::Exists);
-    assert_eq!(sm.entry(Space::User, "t1", "alice").expect("r"), Some(b"v1".to_vec()));
+    assert_eq!(
+        sm.entry(Space::User, "t1", "alice").expect("r"),
+        Some(b"v1".to_vec())
+    );
     // A plain put replaces.
-    sm.apply(2, &[entry(Space::User, "t1", "alice", b"v3", false)], Some((b"L2", None)))
-        .expect("apply");
-    assert_eq!(sm.entry(Space::User, "t1", "alice").expect("r"), Some(b"v3".to_vec()));
+    sm.apply(
+        2,
+        &[entry(Space::User, "t1", "alice", b"v3", false)],
+        Some((b"L2", None)),
+    )
+    .expect("apply");
+    assert_eq!(
+        sm.entry(Space::User, "t1", "alice").expect("r"),
+        Some(b"v3".to_vec())
+    );
     let users = sm.entries(Space::User).expect("r");
-    let mut names: Vec<(String, String)> =
-        users.iter().map(|(_, t, n, _)| (t.clone(), n.clone())).collect();
+    let mut names: Vec<(String, String)> = users
+        .iter()
+        .map(|(_, t, n, _)| (t.clone(), n.clone()))
+        .collect();
     // Key order is by length-prefixed strings, not alphabetical.
     names.sort();
     assert_eq!(

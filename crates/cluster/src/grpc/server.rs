@@ -104,9 +104,12 @@ impl RaftService for RaftServer {
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        self.dispatch(request, |raft, rpc: InstallSnapshotRequest<TypeConfig>| async move {
-            raft.install_snapshot(rpc).await
-        })
+        self.dispatch(
+            request,
+            |raft, rpc: InstallSnapshotRequest<TypeConfig>| async move {
+                raft.install_snapshot(rpc).await
+            },
+        )
         .await
     }
 }

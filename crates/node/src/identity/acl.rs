@@ -162,14 +162,34 @@ mod tests {
     fn smartrest_topics() {
         use TopicClass::*;
         assert_eq!(classify_topic("s/us"), Upstream(super::Upstream::Static));
-        assert_eq!(classify_topic("s/us/child1"), Upstream(super::Upstream::Static));
+        assert_eq!(
+            classify_topic("s/us/child1"),
+            Upstream(super::Upstream::Static)
+        );
         assert_eq!(classify_topic("t/us"), Upstream(super::Upstream::Static));
-        assert_eq!(classify_topic("q/uc/xid/child"), Upstream(super::Upstream::Custom));
-        assert_eq!(classify_topic("s/ut/xid"), Upstream(super::Upstream::Template));
+        assert_eq!(
+            classify_topic("q/uc/xid/child"),
+            Upstream(super::Upstream::Custom)
+        );
+        assert_eq!(
+            classify_topic("s/ut/xid"),
+            Upstream(super::Upstream::Template)
+        );
         assert_eq!(classify_topic("t/ut/xid"), Unknown);
-        assert_eq!(classify_topic("s/ucr"), Upstream(super::Upstream::Credentials));
+        assert_eq!(
+            classify_topic("s/ucr"),
+            Upstream(super::Upstream::Credentials)
+        );
         assert_eq!(classify_topic("s/uat"), Upstream(super::Upstream::Token));
-        for d in ["s/ds", "s/dcr", "s/e", "s/dc/xid", "s/dat", "error", "devicecontrol/notifications"] {
+        for d in [
+            "s/ds",
+            "s/dcr",
+            "s/e",
+            "s/dc/xid",
+            "s/dat",
+            "error",
+            "devicecontrol/notifications",
+        ] {
             assert_eq!(classify_topic(d), Downstream, "{d}");
         }
         assert_eq!(classify_topic("s/nonsense"), Unknown);
@@ -191,7 +211,14 @@ mod tests {
             classify_topic("inventory/managedObjects/update/dev1"),
             Upstream(super::Upstream::Json)
         );
-        for f in ["sensors/t1", "measurement/foo", "error/x", "devicecontrol/x", "ss/us", "S/us"] {
+        for f in [
+            "sensors/t1",
+            "measurement/foo",
+            "error/x",
+            "devicecontrol/x",
+            "ss/us",
+            "S/us",
+        ] {
             assert_eq!(classify_topic(f), Free, "{f}");
         }
     }
@@ -199,10 +226,26 @@ mod tests {
     #[test]
     fn filters() {
         use FilterClass::*;
-        for f in ["s/ds", "s/dc/xid", "s/dc/#", "s/#", "s/+", "error", "devicecontrol/notifications"] {
+        for f in [
+            "s/ds",
+            "s/dc/xid",
+            "s/dc/#",
+            "s/#",
+            "s/+",
+            "error",
+            "devicecontrol/notifications",
+        ] {
             assert_eq!(classify_filter(f), Downstream, "{f}");
         }
-        for f in ["s/us", "s/ucr", "t/#", "c/us", "measurement/measurements/create", "alarm/alarms/#", "s"] {
+        for f in [
+            "s/us",
+            "s/ucr",
+            "t/#",
+            "c/us",
+            "measurement/measurements/create",
+            "alarm/alarms/#",
+            "s",
+        ] {
             assert_eq!(classify_filter(f), Forbidden, "{f}");
         }
         for f in ["#", "+/ds", "sensors/#", "measurement/+/create"] {
@@ -219,8 +262,16 @@ mod tests {
         assert!(may_publish(Role::Bootstrap, classify_topic("s/ucr")));
         assert!(!may_publish(Role::Bootstrap, classify_topic("s/us")));
         assert!(!may_publish(Role::Bootstrap, classify_topic("free/topic")));
-        assert!(may_subscribe(Role::Bootstrap, "s/dcr", classify_filter("s/dcr")));
+        assert!(may_subscribe(
+            Role::Bootstrap,
+            "s/dcr",
+            classify_filter("s/dcr")
+        ));
         assert!(!may_subscribe(Role::Bootstrap, "#", classify_filter("#")));
-        assert!(!may_subscribe(Role::Device, "s/us", classify_filter("s/us")));
+        assert!(!may_subscribe(
+            Role::Device,
+            "s/us",
+            classify_filter("s/us")
+        ));
     }
 }

@@ -99,7 +99,11 @@ impl Auth {
         let user = self.dir.user(&tenant.id, user_name);
         let phc = user.as_ref().and_then(|u| u.password_hash.clone());
         if let (Some(u), Some(h)) = (&user, &phc) {
-            if self.dir.passwords.cached(&tenant.id, user_name, h, password) {
+            if self
+                .dir
+                .passwords
+                .cached(&tenant.id, user_name, h, password)
+            {
                 return Ok(identity(&tenant, u, false));
             }
         }
@@ -154,7 +158,9 @@ impl Auth {
             return Err(AuthError::NotAuthorized("client certificate without CN"));
         };
         if cn != device_id {
-            return Err(AuthError::NotAuthorized("certificate CN is not the device identifier"));
+            return Err(AuthError::NotAuthorized(
+                "certificate CN is not the device identifier",
+            ));
         }
         let user_name = format!("device_{cn}");
         let anchors: Vec<_> = self
@@ -168,7 +174,9 @@ impl Auth {
             })
             .collect();
         if anchors.is_empty() {
-            return Err(AuthError::NotAuthorized("no tenant trusts this certificate"));
+            return Err(AuthError::NotAuthorized(
+                "no tenant trusts this certificate",
+            ));
         }
         let mut tenants: Vec<&str> = anchors.iter().map(|c| c.tenant.as_str()).collect();
         tenants.sort_unstable();
@@ -183,7 +191,11 @@ impl Auth {
                 return Ok(identity(&tenant, u, true));
             }
             [] => {}
-            _ => return Err(AuthError::NotAuthorized("device registered in several tenants")),
+            _ => {
+                return Err(AuthError::NotAuthorized(
+                    "device registered in several tenants",
+                ))
+            }
         }
         let auto: Vec<&str> = {
             let mut v: Vec<&str> = anchors

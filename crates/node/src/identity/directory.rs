@@ -121,7 +121,11 @@ impl Directory {
             // Applied on every start, so rotating the configured password takes effect.
             let current = dir.user(MANAGEMENT, BOOTSTRAP_USER);
             let same = match current.as_ref().and_then(|u| u.password_hash.clone()) {
-                Some(h) => dir.passwords.verify(MANAGEMENT, BOOTSTRAP_USER, Some(&h), bp.as_bytes()).await,
+                Some(h) => {
+                    dir.passwords
+                        .verify(MANAGEMENT, BOOTSTRAP_USER, Some(&h), bp.as_bytes())
+                        .await
+                }
                 None => false,
             };
             if !same {
@@ -155,13 +159,16 @@ impl Directory {
             st.tenants.insert(t.id.clone(), Arc::new(t));
         }
         for (_, tenant, name, v) in self.durable.entries(Space::User)? {
-            st.users.insert((tenant, name), Arc::new(serde_json::from_slice(&v)?));
+            st.users
+                .insert((tenant, name), Arc::new(serde_json::from_slice(&v)?));
         }
         for (_, tenant, name, v) in self.durable.entries(Space::DeviceRequest)? {
-            st.requests.insert((tenant, name), serde_json::from_slice(&v)?);
+            st.requests
+                .insert((tenant, name), serde_json::from_slice(&v)?);
         }
         for (_, tenant, name, v) in self.durable.entries(Space::TrustedCert)? {
-            st.certs.insert((tenant, name), Arc::new(serde_json::from_slice(&v)?));
+            st.certs
+                .insert((tenant, name), Arc::new(serde_json::from_slice(&v)?));
         }
         for (_, _, name, v) in self.durable.entries(Space::Setting)? {
             st.settings.insert(name, v);
@@ -265,7 +272,9 @@ impl Directory {
         limits: TenantLimits,
     ) -> Result<Arc<TenantRec>, DirError> {
         if domain.is_empty() || domain.contains('/') || domain.contains(':') {
-            return Err(DirError::Invalid("domain must be non-empty, without '/' or ':'".into()));
+            return Err(DirError::Invalid(
+                "domain must be non-empty, without '/' or ':'".into(),
+            ));
         }
         for _ in 0..20 {
             let id = format!("t{:08}", rand::random::<u32>() % 100_000_000);
@@ -288,7 +297,9 @@ impl Directory {
     /// Deletes a tenant and its users, requests and certificates.
     pub async fn delete_tenant(&self, id: &str) -> Result<(), DirError> {
         if id == MANAGEMENT {
-            return Err(DirError::Invalid("the management tenant cannot be deleted".into()));
+            return Err(DirError::Invalid(
+                "the management tenant cannot be deleted".into(),
+            ));
         }
         let _w = self.write.lock().await;
         if self.tenant(id).is_none() {
@@ -395,7 +406,11 @@ impl Directory {
     }
 
     /// Stores a user record as given.
-    pub async fn put_user(&self, rec: UserRec, create_only: bool) -> Result<Arc<UserRec>, DirError> {
+    pub async fn put_user(
+        &self,
+        rec: UserRec,
+        create_only: bool,
+    ) -> Result<Arc<UserRec>, DirError> {
         validate_name(&rec.user_name)?;
         let _w = self.write.lock().await;
         if self.tenant(&rec.tenant).is_none() {
@@ -464,7 +479,9 @@ impl Directory {
     pub async fn put_request(&self, r: DeviceRequestRec, create: bool) -> Result<(), DirError> {
         validate_name(&r.id)?;
         if r.id.contains(':') {
-            return Err(DirError::Invalid("':' is not allowed in a device identifier".into()));
+            return Err(DirError::Invalid(
+                "':' is not allowed in a device identifier".into(),
+            ));
         }
         let _w = self.write.lock().await;
         if create && self.find_request(&r.id).is_some() {
@@ -532,8 +549,14 @@ impl Directory {
         if self.tenant(&c.tenant).is_none() {
             return Err(DirError::NotFound);
         }
-        self.put(Space::TrustedCert, &c.tenant, &c.fingerprint, &c, create_only)
-            .await?;
+        self.put(
+            Space::TrustedCert,
+            &c.tenant,
+            &c.fingerprint,
+            &c,
+            create_only,
+        )
+        .await?;
         self.state
             .write()
             .certs
@@ -579,7 +602,10 @@ impl Directory {
         }
         let v = init();
         self.put(Space::Setting, "", name, &v, true).await?;
-        self.state.write().settings.insert(name.to_string(), v.clone());
+        self.state
+            .write()
+            .settings
+            .insert(name.to_string(), v.clone());
         Ok(v)
     }
 }
@@ -590,7 +616,11 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DirError> {
 }
 
 fn validate_name(name: &str) -> Result<(), DirError> {
-    if name.is_empty() || name.len() > 255 || name.contains('/') || name.chars().any(char::is_control) {
+    if name.is_empty()
+        || name.len() > 255
+        || name.contains('/')
+        || name.chars().any(char::is_control)
+    {
         return Err(DirError::Invalid(
             "names must be 1-255 characters without '/' or control characters".into(),
         ));

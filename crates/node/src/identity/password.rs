@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::Argon2;
 use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
@@ -90,7 +92,13 @@ impl Passwords {
 
     /// Verifies `password` against the stored PHC string (argon2, on a blocking thread).
     /// `None` for `phc` verifies against a dummy hash and always fails.
-    pub async fn verify(&self, tenant: &str, user: &str, phc: Option<&str>, password: &[u8]) -> bool {
+    pub async fn verify(
+        &self,
+        tenant: &str,
+        user: &str,
+        phc: Option<&str>,
+        password: &[u8],
+    ) -> bool {
         let real = phc.is_some();
         let phc_owned = phc.unwrap_or(&self.dummy).to_string();
         let Ok(_permit) = self.permits.acquire().await else {

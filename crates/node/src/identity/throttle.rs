@@ -28,7 +28,10 @@ struct Bucket {
 
 impl Bucket {
     fn full(b: Budget, now: Instant) -> Bucket {
-        Bucket { tokens: b.burst, at: now }
+        Bucket {
+            tokens: b.burst,
+            at: now,
+        }
     }
 
     fn refill(&mut self, b: Budget, now: Instant) {
@@ -98,7 +101,9 @@ impl Throttle {
                     k.tokens < b.burst
                 });
             }
-            let b = ips.entry(ip).or_insert_with(|| Bucket::full(self.per_ip, now));
+            let b = ips
+                .entry(ip)
+                .or_insert_with(|| Bucket::full(self.per_ip, now));
             b.refill(self.per_ip, now);
             b.tokens = (b.tokens - 1.0).max(0.0);
         }
@@ -127,8 +132,14 @@ mod tests {
     #[test]
     fn an_address_runs_dry_but_others_do_not() {
         let t = Throttle::new(
-            Budget { burst: 3.0, per_sec: 0.001 },
-            Budget { burst: 100.0, per_sec: 0.001 },
+            Budget {
+                burst: 3.0,
+                per_sec: 0.001,
+            },
+            Budget {
+                burst: 100.0,
+                per_sec: 0.001,
+            },
         );
         let bad: IpAddr = "10.0.0.1".parse().unwrap();
         let good: IpAddr = "10.0.0.2".parse().unwrap();
@@ -144,8 +155,14 @@ mod tests {
     #[test]
     fn a_tenant_budget_runs_dry_under_many_addresses() {
         let t = Throttle::new(
-            Budget { burst: 1.0, per_sec: 0.001 },
-            Budget { burst: 5.0, per_sec: 0.001 },
+            Budget {
+                burst: 1.0,
+                per_sec: 0.001,
+            },
+            Budget {
+                burst: 5.0,
+                per_sec: 0.001,
+            },
         );
         for i in 0..5u8 {
             t.failed(IpAddr::from([10, 0, 0, i]), Some("t1"));

@@ -34,7 +34,11 @@ async fn key(dir: &Directory) -> Result<Vec<u8>, DirError> {
 }
 
 /// Issues a token for an authenticated device, valid for `lifetime_secs`.
-pub async fn issue(dir: &Directory, who: &Identity, lifetime_secs: u64) -> Result<String, DirError> {
+pub async fn issue(
+    dir: &Directory,
+    who: &Identity,
+    lifetime_secs: u64,
+) -> Result<String, DirError> {
     let key = key(dir).await?;
     let now = now_ms() / 1000;
     let claims = Claims {

@@ -27,9 +27,19 @@ pub struct Node {
     /// MQTT over TLS and secure WebSocket (with `start_tls`).
     pub tls: Option<SocketAddr>,
     pub wss: Option<SocketAddr>,
+    /// gRPC (Raft and node-to-node) address: the `"grpc"` key of `--print-addrs`, or the fixed
+    /// address a cluster node was started with (`start_cluster`).
+    pub grpc: Option<SocketAddr>,
+    /// Cluster node id (`start_cluster`); `None` for a single node started with the defaults.
+    pub node_id: Option<u64>,
     dir: tempfile::TempDir,
     args: Vec<String>,
     starts: u32,
+    /// What `--grpc-addr` gets: `127.0.0.1:0`, or a fixed port that survives restarts.
+    grpc_bind: String,
+    /// How long to wait for the `--print-addrs` line (a joining node prints it only once it
+    /// has joined and caught up).
+    startup: Duration,
 }
 
 impl Node {
@@ -53,6 +63,49 @@ impl Node {
 
     /// Like `start_secure`, with extra flags.
     pub fn start_secure_with(args: &[&str]) -> Node {
+        Node::launch(
+            args.iter().map(|s| s.to_string()).collect(),
+            None,
+            None,
+            Duration::from_secs(30),
+        )
+    }
+
+    /// Starts one member of a cluster that admits clients without credentials into tenant
+    /// `public` (like `start_with`): node id `node_id`, gRPC on the fixed `127.0.0.1:grpc_port`
+    /// (pick it with `free_port`; it stays the same across `restart`), `--join` for every
+    /// address in `join` (none: the node forms a new cluster on its empty data directory), then
+    /// `args`. Returns once the node printed its addresses, i.e. after it has joined and caught
+    /// up. A restart passes the same flags again (the `--join` ones included).
+    pub fn start_cluster(node_id: u64, grpc_port: u16, join: &[SocketAddr], args: &[&str]) -> Node {
+        let mut all = vec!["--anonymous-tenant", ANON_TENANT];
+        all.extend_from_slice(args);
+        Node::start_cluster_secure(node_id, grpc_port, join, &all)
+    }
+
+    /// Like `start_cluster`, without the anonymous tenant (credentials required).
+    pub fn start_cluster_secure(
+        node_id: u64,
+        grpc_port: u16,
+        join: &[SocketAddr],
+        args: &[&str],
+    ) -> Node {
+        let mut all = vec!["--node-id".to_string(), node_id.to_string()];
+        for j in join {
+            all.push("--join".to_string());
+            all.push(j.to_string());
+        }
+        all.extend(args.iter().map(|s| s.to_string()));
+        let grpc: SocketAddr = ([127, 0, 0, 1], grpc_port).into();
+        Node::launch(all, Some(grpc), Some(node_id), Duration::from_secs(60))
+    }
+
+    fn launch(
+        args: Vec<String>,
+        grpc: Option<SocketAddr>,
+        node_id: Option<u64>,
+        startup: Duration,
+    ) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut node = Node {
             child: None,
@@ -61,12 +114,21 @@ impl Node {
             ws: None,
             tls: None,
             wss: None,
+            grpc,
+            node_id,
             dir,
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args,
             starts: 0,
+            grpc_bind: grpc.map_or_else(|| "127.0.0.1:0".to_string(), |g| g.to_string()),
+            startup,
         };
         node.spawn("127.0.0.1:0", "127.0.0.1:0");
         node
+    }
+
+    /// The gRPC address other nodes `--join` (panics for a node that did not report one).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.expect("node has no known gRPC address")
     }
 
     /// The node's temporary directory (for certificates a test writes).
@@ -95,7 +157,7 @@ impl Node {
             .arg("--http-addr")
             .arg(http)
             .arg("--grpc-addr")
-            .arg("127.0.0.1:0")
+            .arg(&self.grpc_bind)
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--ws-addr")
@@ -121,12 +183,10 @@ impl Node {
             }
             for _ in lines {}
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!("fleetmq did not print its addresses; log:\n{}", self.log())
-            });
+        let line = rx.recv_timeout(self.startup).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("fleetmq did not print its addresses; log:\n{}", self.log())
+        });
         let v: serde_json::Value = serde_json::from_str(&line).expect("addrs json");
         self.mqtt = v["mqtt"].as_str().unwrap().parse().unwrap();
         self.http = v["http"].as_str().unwrap().parse().unwrap();
@@ -134,6 +194,9 @@ impl Node {
         self.ws = opt("ws");
         self.tls = opt("tls");
         self.wss = opt("wss");
+        if let Some(g) = opt("grpc") {
+            self.grpc = Some(g);
+        }
         self.child = Some(child);
     }
 
@@ -167,17 +230,24 @@ impl Node {
         }
     }
 
-    /// Starts again on the same data directory and the same MQTT port.
+    /// Starts again on the same data directory, the same MQTT port and (for a cluster node)
+    /// the same gRPC port, with the same flags.
     pub fn restart(&mut self) {
         self.kill9();
         let mqtt = format!("127.0.0.1:{}", self.mqtt.port());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            // The old socket may linger briefly; retry until the port is free.
-            if std::net::TcpListener::bind(&mqtt).is_ok() || Instant::now() > deadline {
-                break;
+        let mut ports = vec![mqtt.clone()];
+        if !self.grpc_bind.ends_with(":0") {
+            ports.push(self.grpc_bind.clone());
+        }
+        for port in &ports {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                // The old socket may linger briefly; retry until the port is free.
+                if std::net::TcpListener::bind(port).is_ok() || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
         self.spawn(&mqtt, "127.0.0.1:0");
     }
@@ -237,6 +307,15 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released), for an
+/// address a node must keep across restarts and that other nodes are told before it starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
 }
 
 /// Sums metric samples whose line starts with `prefix`.

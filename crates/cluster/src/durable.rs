@@ -11,19 +11,29 @@ use fleetmq_storage::{
     MAX_COMMANDS_PER_ENTRY,
 };
 use openraft::error::{InitializeError, RaftError};
-use openraft::{BasicNode, Config, RaftMetrics, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, Config, RaftMetrics, SnapshotPolicy};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::error::ClusterError;
+use crate::grpc::client::{forward_write, Channels, GrpcNetwork};
+use crate::grpc::RaftServer;
 use crate::log_adapter::LogAdapter;
-use crate::network::NoNetwork;
-use crate::proposer::{self, Msg};
-use crate::sm_adapter::SmAdapter;
-use crate::type_config::Raft;
+use crate::pb::node_service_client::NodeServiceClient;
+use crate::pb::{JoinRequest, NodeInfo};
+use crate::proposer::{self, Msg, Route};
+use crate::sm_adapter::{Applied, SmAdapter};
+use crate::type_config::{Batch, Raft};
 
-/// The only group for now; shards get their own ids later.
-const GROUP: u64 = 0;
+/// The only group for now (it holds everything); shards get their own ids later.
+pub const GROUP: u64 = 0;
+
+/// Voters of the group at most; further members replicate as learners (they serve reads and
+/// forward writes, but a write needs only a majority of these).
+pub const MAX_VOTERS: usize = 3;
+
+/// How long a joining node keeps asking its seeds before giving up.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long `open` waits for leadership and recovery before giving up.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,6 +49,12 @@ pub struct DurableConfig {
     pub max_batch: usize,
     /// Address other nodes will reach this node's Raft service at (stored in membership).
     pub advertise_addr: String,
+    /// gRPC addresses of existing members to join through; empty: form a one-node cluster
+    /// (only on an empty data directory; a member restarts from its own state).
+    pub join: Vec<String>,
+    /// The node's Raft gRPC service, which must be serving before `open` is called when the
+    /// node joins or belongs to a cluster; `None` for a node that stays alone (tests).
+    pub server: Option<RaftServer>,
 }
 
 /// Handle to the node's durable state; cheap to clone.
@@ -48,9 +64,12 @@ pub struct Durable {
 }
 
 struct Inner {
+    id: u64,
     raft: Raft,
+    channels: Channels,
     storage: Storage,
     sm: StateMachineStore,
+    applied: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Applied>>>,
     tx: mpsc::UnboundedSender<Msg>,
     closing: AtomicBool,
     batcher: Mutex<Option<JoinHandle<()>>>,
@@ -87,11 +106,20 @@ impl Durable {
         let storage = Storage::open(&cfg.data_dir)?;
         let log = LogAdapter::new(storage.log_store(GROUP)?);
         let sm = storage.state_machine(GROUP)?;
+        let (applied_tx, applied_rx) = mpsc::unbounded_channel();
         let sm_adapter = SmAdapter::new(sm.clone(), storage.clone())
-            .map_err(|e| ClusterError::Fatal(e.to_string()))?;
-        let raft = Raft::new(cfg.node_id, Arc::new(config), NoNetwork, log, sm_adapter).await?;
+            .map_err(|e| ClusterError::Fatal(e.to_string()))?
+            .with_observer(applied_tx);
+        let channels = Channels::default();
+        let network = GrpcNetwork::new(GROUP, channels.clone());
+        let raft = Raft::new(cfg.node_id, Arc::new(config), network, log, sm_adapter).await?;
+        if let Some(server) = &cfg.server {
+            server.add_group(GROUP, raft.clone());
+        }
 
-        if !raft.is_initialized().await? {
+        if !raft.is_initialized().await? && !cfg.join.is_empty() {
+            join(&cfg, &channels).await?;
+        } else if !raft.is_initialized().await? {
             let members = BTreeMap::from([(
                 cfg.node_id,
                 BasicNode {
@@ -105,27 +133,35 @@ impl Durable {
             }
         }
 
-        let id = cfg.node_id;
+        // A leader is known (this node, once elected, or the one that added it) and everything
+        // in the local log is applied, so recovery below sees the state as of this start.
         raft.wait(Some(OPEN_TIMEOUT))
             .metrics(
                 |m| {
-                    m.state == ServerState::Leader
-                        && m.current_leader == Some(id)
+                    m.current_leader.is_some()
                         && m.last_applied.map(|l| l.index) >= m.last_log_index
                 },
-                "leader with the whole log applied",
+                "a known leader and the whole local log applied",
             )
             .await
             .map_err(|e| ClusterError::Timeout(e.to_string()))?;
 
         let max_batch = cfg.max_batch.clamp(1, MAX_COMMANDS_PER_ENTRY);
         let (tx, rx) = mpsc::unbounded_channel();
-        let batcher = tokio::spawn(proposer::run(raft.clone(), rx, max_batch));
+        let route = Route {
+            self_id: cfg.node_id,
+            group: GROUP,
+            channels: channels.clone(),
+        };
+        let batcher = tokio::spawn(proposer::run(raft.clone(), route, rx, max_batch));
         Ok(Durable {
             inner: Arc::new(Inner {
+                id: cfg.node_id,
                 raft,
+                channels,
                 storage,
                 sm,
+                applied: std::sync::Mutex::new(Some(applied_rx)),
                 tx,
                 closing: AtomicBool::new(false),
                 batcher: Mutex::new(Some(batcher)),
@@ -172,9 +208,149 @@ impl Durable {
         Ok(self.inner.sm.retained()?)
     }
 
+    /// One directory entry as last applied here.
+    pub fn entry(
+        &self,
+        space: Space,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, ClusterError> {
+        Ok(self.inner.sm.entry(space, tenant, name)?)
+    }
+
+    /// One persistent session as last applied here (to move it to this node).
+    pub fn session(
+        &self,
+        key: &fleetmq_storage::SessionKey,
+    ) -> Result<Option<RecoveredSession>, ClusterError> {
+        Ok(self.inner.sm.session(key)?)
+    }
+
     /// Every directory entry of a space as last applied: `(space, tenant, name, value)`.
     pub fn entries(&self, space: Space) -> Result<Vec<Entry>, ClusterError> {
         Ok(self.inner.sm.entries(space)?)
+    }
+
+    /// The stream of directory and retained commands this node applies (taken once).
+    pub fn take_applied(&self) -> Option<mpsc::UnboundedReceiver<Applied>> {
+        self.inner
+            .applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The gRPC channels to other nodes, shared with Raft.
+    pub fn channels(&self) -> &Channels {
+        &self.inner.channels
+    }
+
+    /// The members of the cluster (voters and learners) as `(id, gRPC address)`, by id.
+    pub fn members(&self) -> Vec<(u64, String)> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        m.membership_config
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect()
+    }
+
+    /// The leader of the group as this node last heard.
+    pub fn leader(&self) -> Option<u64> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    /// Adds a node as a learner (returning once it has caught up), then as a voter while the
+    /// group has fewer than [`MAX_VOTERS`]. Only the leader can; others answer `NotLeader`.
+    pub async fn add_node(&self, id: u64, addr: String) -> Result<(), ClusterError> {
+        let raft = &self.inner.raft;
+        let m = raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.inner.id) {
+            let leader_addr = m.current_leader.and_then(|l| {
+                m.membership_config
+                    .nodes()
+                    .find(|(n, _)| **n == l)
+                    .map(|(_, n)| n.addr.clone())
+            });
+            return Err(ClusterError::NotLeader {
+                leader_id: m.current_leader,
+                leader_addr,
+            });
+        }
+        let known = m
+            .membership_config
+            .nodes()
+            .any(|(n, node)| *n == id && node.addr == addr);
+        if !known {
+            raft.add_learner(id, BasicNode { addr }, true)
+                .await
+                .map_err(membership_err)?;
+        }
+        let voters: std::collections::BTreeSet<u64> = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if voters.len() < MAX_VOTERS && !voters.contains(&id) {
+            let mut next = voters;
+            next.insert(id);
+            raft.change_membership(next, false)
+                .await
+                .map_err(membership_err)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until this node has applied everything the leader had committed when this was
+    /// called, so that reads of the local state machine see every acknowledged write (used
+    /// before a session moves here from another node).
+    pub async fn read_barrier(&self) -> Result<(), ClusterError> {
+        let raft = &self.inner.raft;
+        let empty = Batch(Arc::new(Vec::new()));
+        let leader_addr = {
+            let m = raft.metrics().borrow().clone();
+            match m.current_leader {
+                Some(l) if l == self.inner.id => None,
+                Some(l) => m
+                    .membership_config
+                    .nodes()
+                    .find(|(n, _)| **n == l)
+                    .map(|(_, n)| n.addr.clone()),
+                None => {
+                    return Err(ClusterError::Unavailable("no leader known".into()));
+                }
+            }
+        };
+        let index = match leader_addr {
+            None => {
+                // client_write returns once applied here: nothing more to wait for.
+                raft.client_write(empty).await.map_err(|e| match e {
+                    RaftError::APIError(e) => ClusterError::from(&e),
+                    RaftError::Fatal(f) => f.into(),
+                })?;
+                return Ok(());
+            }
+            Some(addr) => {
+                match forward_write(&self.inner.channels, &addr, GROUP, &empty, OPEN_TIMEOUT).await
+                {
+                    Ok(Ok(r)) => r.log_id.index,
+                    Ok(Err(RaftError::APIError(e))) => return Err(ClusterError::from(&e)),
+                    Ok(Err(RaftError::Fatal(f))) => return Err(ClusterError::Raft(f.to_string())),
+                    Err(s) => return Err(ClusterError::Unavailable(s.message().to_string())),
+                }
+            }
+        };
+        raft.wait(Some(OPEN_TIMEOUT))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map_err(|e| ClusterError::Timeout(e.to_string()))?;
+        Ok(())
     }
 
     /// Current Raft metrics (leadership, log and applied index), for health checks.
@@ -214,6 +390,57 @@ impl Durable {
     }
 }
 
+fn membership_err<E: std::fmt::Display>(e: RaftError<u64, E>) -> ClusterError {
+    match e {
+        RaftError::APIError(e) => ClusterError::Raft(e.to_string()),
+        RaftError::Fatal(f) => f.into(),
+    }
+}
+
+/// Asks the seeds, in turn, to add this node, until one succeeds or `JOIN_TIMEOUT` passes.
+/// Any member will do: one that is not the leader passes the request on.
+async fn join(cfg: &DurableConfig, channels: &Channels) -> Result<(), ClusterError> {
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    let me = NodeInfo {
+        node_id: cfg.node_id,
+        advertise_addr: cfg.advertise_addr.clone(),
+        mqtt_addr: String::new(),
+    };
+    loop {
+        for seed in &cfg.join {
+            let channel = match channels.get(seed) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%seed, error = %e, "bad seed address");
+                    continue;
+                }
+            };
+            let mut client = NodeServiceClient::new(channel);
+            let req = JoinRequest {
+                node: Some(me.clone()),
+            };
+            match tokio::time::timeout(OPEN_TIMEOUT, client.join(req)).await {
+                Ok(Ok(reply)) => {
+                    let r = reply.into_inner();
+                    tracing::info!(%seed, members = r.members.len(), leader = r.leader_id, "joined the cluster");
+                    return Ok(());
+                }
+                Ok(Err(status)) => {
+                    tracing::warn!(%seed, error = %status.message(), "join refused; retrying")
+                }
+                Err(_) => tracing::warn!(%seed, "join timed out; retrying"),
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ClusterError::Timeout(format!(
+                "no seed of {:?} let this node join",
+                cfg.join
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +458,8 @@ mod tests {
             data_dir: dir.path().to_path_buf(),
             max_batch: 16,
             advertise_addr: "n7:7070".into(),
+            join: Vec::new(),
+            server: None,
         };
         let config = Config {
             max_in_snapshot_log_to_keep: 0,

@@ -27,6 +27,10 @@ pub enum ClusterError {
     /// Waiting for leadership or recovery took too long. Retryable.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The group has no reachable leader (a partition, or a majority of its replicas down):
+    /// the write was refused, not lost. Retryable.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// The command can never be applied (a key too long for the encoding). Not retryable.
     #[error("invalid command: {0}")]
     InvalidCommand(String),
@@ -40,7 +44,7 @@ impl ClusterError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::NotLeader { .. } | Self::ShuttingDown | Self::Timeout(_)
+            Self::NotLeader { .. } | Self::ShuttingDown | Self::Timeout(_) | Self::Unavailable(_)
         )
     }
 

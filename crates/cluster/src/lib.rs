@@ -5,7 +5,6 @@ pub mod durable;
 pub mod error;
 pub mod grpc;
 pub mod log_adapter;
-pub mod network;
 pub mod pb;
 mod proposer;
 pub mod sm_adapter;
@@ -13,4 +12,5 @@ pub mod type_config;
 
 pub use durable::{Durable, DurableConfig};
 pub use error::ClusterError;
+pub use sm_adapter::Applied;
 pub use type_config::{Batch, Raft, TypeConfig};

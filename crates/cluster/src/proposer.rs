@@ -6,7 +6,7 @@
 //! `MAX_IN_FLIGHT` entries are in Raft at once while the next batch fills. Entries are submitted
 //! and answered strictly in order, so responses come back in proposal order.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fleetmq_storage::{Command, Response};
 use openraft::error::ClientWriteError;
@@ -15,7 +15,21 @@ use openraft::BasicNode;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ClusterError;
+use crate::grpc::client::{forward_write, Channels};
 use crate::type_config::{Batch, Raft, TypeConfig};
+
+/// How long a follower waits for a leader to be known before refusing a proposal, and for the
+/// leader to answer a forwarded one.
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where proposals go when this node is not the leader of its group.
+#[derive(Clone)]
+pub(crate) struct Route {
+    pub self_id: u64,
+    pub group: u64,
+    pub channels: Channels,
+}
 
 /// Entries submitted to Raft and not yet answered, at most (at least 2: the FIFO between
 /// batcher and responder holds `MAX_IN_FLIGHT - 1`). Measured with the persistent QoS 1
@@ -38,15 +52,26 @@ pub(crate) enum Msg {
 
 type WriteResult = Result<ClientWriteResponse<TypeConfig>, ClientWriteError<u64, BasicNode>>;
 
+/// The result of a submitted entry: still in local Raft, or already answered by the leader.
+enum Pending {
+    Local(oneshot::Receiver<WriteResult>),
+    Done(Result<ClientWriteResponse<TypeConfig>, ClusterError>),
+}
+
 /// One submitted entry awaiting its result.
 struct InFlight {
-    rx: tokio::sync::oneshot::Receiver<WriteResult>,
+    rx: Pending,
     replies: Vec<Reply>,
     started: Instant,
 }
 
 /// Runs the batcher until the channel closes or a shutdown message arrives.
-pub(crate) async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Msg>, max_batch: usize) {
+pub(crate) async fn run(
+    raft: Raft,
+    route: Route,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    max_batch: usize,
+) {
     let (flight_tx, flight_rx) = mpsc::channel::<InFlight>(MAX_IN_FLIGHT - 1);
     let responder = tokio::spawn(respond(flight_rx));
     let mut shutdown_ack = None;
@@ -74,7 +99,7 @@ pub(crate) async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Msg>, max_ba
                 Err(_) => break,
             }
         }
-        submit(&raft, cmds, replies, &flight_tx).await;
+        submit(&raft, &route, cmds, replies, &flight_tx).await;
     }
     // Anything still queued after the shutdown message is refused (the senders see a closed
     // channel), and the responder finishes the entries already in Raft.
@@ -88,8 +113,61 @@ pub(crate) async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Msg>, max_ba
     }
 }
 
+/// The leader of the group as this node sees it, waiting up to `LEADER_WAIT` during an
+/// election: `Ok(None)` when it is this node, `Ok(Some(addr))` for another node.
+async fn leader(raft: &Raft, route: &Route) -> Result<Option<String>, ClusterError> {
+    let deadline = Instant::now() + LEADER_WAIT;
+    loop {
+        let found = {
+            let m = raft.metrics().borrow().clone();
+            match m.current_leader {
+                Some(l) if l == route.self_id => Some(None),
+                Some(l) => m
+                    .membership_config
+                    .nodes()
+                    .find(|(id, _)| **id == l)
+                    .map(|(_, n)| Some(n.addr.clone())),
+                None => None,
+            }
+        };
+        if let Some(f) = found {
+            return Ok(f);
+        }
+        if Instant::now() >= deadline {
+            return Err(ClusterError::NotLeader {
+                leader_id: None,
+                leader_addr: None,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends the batch to the leader and waits for its answer: one forwarded entry at a time, so
+/// that the leader applies this node's proposals in the order they were made.
+async fn forward(route: &Route, addr: &str, batch: &Batch) -> Pending {
+    let started = Instant::now();
+    let result = forward_write(&route.channels, addr, route.group, batch, FORWARD_TIMEOUT).await;
+    metrics::histogram!("fleetmq_raft_forward_seconds").record(started.elapsed().as_secs_f64());
+    Pending::Done(match result {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(openraft::error::RaftError::APIError(e))) => Err(ClusterError::from(&e)),
+        Ok(Err(openraft::error::RaftError::Fatal(f))) => {
+            Err(ClusterError::Raft(format!("leader at {addr} failed: {f}")))
+        }
+        Err(status) => {
+            metrics::counter!("fleetmq_raft_forward_errors_total").increment(1);
+            Err(ClusterError::Unavailable(format!(
+                "leader at {addr} unreachable: {}",
+                status.message()
+            )))
+        }
+    })
+}
+
 async fn submit(
     raft: &Raft,
+    route: &Route,
     cmds: Vec<Command>,
     replies: Vec<Reply>,
     flight_tx: &mpsc::Sender<InFlight>,
@@ -97,41 +175,50 @@ async fn submit(
     metrics::histogram!("fleetmq_raft_batch_size").record(cmds.len() as f64);
     metrics::counter!("fleetmq_raft_proposals_total").increment(cmds.len() as u64);
     let started = Instant::now();
-    match raft.client_write_ff(Batch(std::sync::Arc::new(cmds))).await {
-        Ok(rx) => {
-            // Blocks while MAX_IN_FLIGHT entries are pending: that is when batches grow.
-            if let Err(mpsc::error::SendError(f)) = flight_tx
-                .send(InFlight {
-                    rx,
-                    replies,
-                    started,
-                })
-                .await
-            {
-                fail_all(f.replies, || ClusterError::ShuttingDown);
-            }
-        }
-        Err(fatal) => {
-            let msg = fatal.to_string();
-            let stopped = matches!(fatal, openraft::error::Fatal::Stopped);
-            fail_all(replies, || {
-                if stopped {
+    let batch = Batch(std::sync::Arc::new(cmds));
+    let pending = match leader(raft, route).await {
+        Err(e) => Pending::Done(Err(e)),
+        Ok(Some(addr)) => forward(route, &addr, &batch).await,
+        Ok(None) => match raft.client_write_ff(batch).await {
+            Ok(rx) => Pending::Local(rx),
+            Err(fatal) => {
+                let stopped = matches!(fatal, openraft::error::Fatal::Stopped);
+                Pending::Done(Err(if stopped {
                     ClusterError::ShuttingDown
                 } else {
-                    ClusterError::Fatal(msg.clone())
-                }
-            });
-        }
+                    ClusterError::Fatal(fatal.to_string())
+                }))
+            }
+        },
+    };
+    // Blocks while MAX_IN_FLIGHT entries are pending: that is when batches grow.
+    if let Err(mpsc::error::SendError(f)) = flight_tx
+        .send(InFlight {
+            rx: pending,
+            replies,
+            started,
+        })
+        .await
+    {
+        fail_all(f.replies, || ClusterError::ShuttingDown);
     }
 }
 
 async fn respond(mut flight_rx: mpsc::Receiver<InFlight>) {
     while let Some(f) = flight_rx.recv().await {
-        let result = f.rx.await;
+        let result = match f.rx {
+            Pending::Local(rx) => match rx.await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(e)) => Err(ClusterError::from(&e)),
+                // Raft dropped the responder: it is shutting down or stopped on a fatal error.
+                Err(_) => Err(ClusterError::ShuttingDown),
+            },
+            Pending::Done(r) => r,
+        };
         metrics::histogram!("fleetmq_raft_commit_seconds")
             .record(f.started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(resp)) => {
+            Ok(resp) => {
                 if resp.data.len() != f.replies.len() {
                     let msg = format!(
                         "entry {} answered {} responses for {} commands",
@@ -149,9 +236,20 @@ async fn respond(mut flight_rx: mpsc::Receiver<InFlight>) {
                     }
                 }
             }
-            Ok(Err(e)) => fail_all(f.replies, || ClusterError::from(&e)),
-            // Raft dropped the responder: it is shutting down or has stopped on a fatal error.
-            Err(_) => fail_all(f.replies, || ClusterError::ShuttingDown),
+            Err(e) => {
+                // Callers need to know whether to retry, not the exact variant.
+                let msg = e.to_string();
+                let (retryable, fatal) = (e.is_retryable(), e.is_fatal());
+                fail_all(f.replies, || {
+                    if fatal {
+                        ClusterError::Fatal(msg.clone())
+                    } else if retryable {
+                        ClusterError::Unavailable(msg.clone())
+                    } else {
+                        ClusterError::Raft(msg.clone())
+                    }
+                });
+            }
         }
     }
 }

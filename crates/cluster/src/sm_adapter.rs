@@ -14,6 +14,28 @@ use openraft::{
 
 use crate::type_config::{RaftStorageError, TypeConfig};
 
+/// What a node's caches learn from its state machine: the directory and retained commands it
+/// applied (whoever proposed them), or that a snapshot replaced everything.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    /// Directory and retained-message commands of one entry, in log order.
+    Commands(Vec<fleetmq_storage::Command>),
+    /// A snapshot was installed: reload every cache from the state machine.
+    Snapshot,
+}
+
+/// True for the commands other nodes' in-memory caches mirror.
+fn observed(cmd: &fleetmq_storage::Command) -> bool {
+    use fleetmq_storage::Command as C;
+    matches!(
+        cmd,
+        C::PutEntry { .. }
+            | C::DeleteEntry { .. }
+            | C::DeleteTenantEntries { .. }
+            | C::SetRetained { .. }
+    )
+}
+
 type Membership = StoredMembership<u64, BasicNode>;
 type Meta = SnapshotMeta<u64, BasicNode>;
 
@@ -32,6 +54,7 @@ pub struct SmAdapter {
     storage: Storage,
     last_applied: Option<LogId<u64>>,
     membership: Membership,
+    observer: Option<tokio::sync::mpsc::UnboundedSender<Applied>>,
 }
 
 impl SmAdapter {
@@ -50,7 +73,21 @@ impl SmAdapter {
             storage,
             last_applied,
             membership,
+            observer: None,
         })
+    }
+
+    /// Also reports applied directory and retained commands to `tx`.
+    pub fn with_observer(mut self, tx: tokio::sync::mpsc::UnboundedSender<Applied>) -> Self {
+        self.observer = Some(tx);
+        self
+    }
+
+    fn notify(&self, event: Applied) {
+        if let Some(tx) = &self.observer {
+            // The receiver is gone only while the node shuts down.
+            let _ = tx.send(event);
+        }
     }
 }
 
@@ -89,10 +126,17 @@ impl RaftStateMachine<TypeConfig> for SmAdapter {
                     self.sm.set_applied(&applied, None).map_err(apply_err)?;
                     Vec::new()
                 }
-                EntryPayload::Normal(batch) => self
-                    .sm
-                    .apply(log_id.index, &batch.0, Some((&applied, None)))
-                    .map_err(apply_err)?,
+                EntryPayload::Normal(batch) => {
+                    let resp = self
+                        .sm
+                        .apply(log_id.index, &batch.0, Some((&applied, None)))
+                        .map_err(apply_err)?;
+                    if self.observer.is_some() && batch.0.iter().any(observed) {
+                        let cmds = batch.0.iter().filter(|c| observed(c)).cloned().collect();
+                        self.notify(Applied::Commands(cmds));
+                    }
+                    resp
+                }
                 EntryPayload::Membership(m) => {
                     let membership = Membership::new(Some(log_id), m);
                     let mb = bincode::serialize(&membership).map_err(write_err)?;
@@ -144,6 +188,7 @@ impl RaftStateMachine<TypeConfig> for SmAdapter {
         self.storage.flush().await.map_err(snap_err)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        self.notify(Applied::Snapshot);
         Ok(())
     }
 

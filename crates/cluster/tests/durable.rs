@@ -13,6 +13,8 @@ fn cfg(dir: &Path) -> DurableConfig {
         data_dir: dir.to_path_buf(),
         max_batch: 4096,
         advertise_addr: "127.0.0.1:7070".into(),
+        join: Vec::new(),
+        server: None,
     }
 }
 

@@ -18,6 +18,7 @@ use fleetmq_storage::records::{
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, watch};
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::identity::acl::{self, FilterClass, TopicClass};
 use crate::identity::auth::Auth;
@@ -71,6 +72,8 @@ pub struct Broker {
     pub durable: Durable,
     /// Logins and the directory (tenants, users, certificates).
     pub auth: Arc<Auth>,
+    /// Routes, forwarding and the session registry shared with the other nodes.
+    pub cluster: Arc<Cluster>,
     pub limits: TopicLimits,
     tenants: RwLock<HashMap<String, Arc<Tenant>>>,
     /// Sessions by key; the key lives once, inside the session (see `SessionMap`).
@@ -84,7 +87,12 @@ pub struct Broker {
 
 impl Broker {
     /// A broker over an opened durable store.
-    pub fn new(cfg: Config, durable: Durable, auth: Arc<Auth>) -> Arc<Broker> {
+    pub fn new(
+        cfg: Config,
+        durable: Durable,
+        auth: Arc<Auth>,
+        cluster: Arc<Cluster>,
+    ) -> Arc<Broker> {
         let limits = TopicLimits {
             max_len: cfg.max_topic_length,
             max_levels: cfg.max_topic_levels,
@@ -95,6 +103,7 @@ impl Broker {
             metrics: Handles::new(),
             durable,
             auth,
+            cluster,
             limits,
             tenants: RwLock::new(HashMap::new()),
             sessions: Mutex::new(SessionMap::default()),
@@ -189,6 +198,7 @@ impl Broker {
         expiry_secs: u32,
         protocol: u8,
     ) -> Result<Attached, ClusterError> {
+        self.claim(&key, conn_id, clean_start).await?;
         let tenant = self.tenant(&key.tenant);
         let persistent = expiry_secs > 0;
         let (kick_tx, kick_rx) = oneshot::channel();
@@ -444,7 +454,9 @@ impl Broker {
         // A downstream (device interface) filter matches only messages addressed to this
         // device (`send_downstream`), never the tenant's free-form publishes.
         if acl::classify_filter(&inner) != FilterClass::Downstream {
-            tenant.subs.write().insert(&inner, key, opts);
+            if tenant.subs.write().insert(&inner, key, opts).is_none() {
+                self.cluster.route_added(&tenant.name, &inner);
+            }
             if !existed {
                 self.metrics.subscriptions.increment(1.0);
                 tenant.usage.subscriptions.fetch_add(1, Ordering::Relaxed);
@@ -479,6 +491,7 @@ impl Broker {
                 )
                 .is_some()
             {
+                self.cluster.route_removed(&tenant.name, &inner);
                 self.metrics.subscriptions.decrement(1.0);
                 tenant.usage.subscriptions.fetch_sub(1, Ordering::Relaxed);
             }
@@ -755,6 +768,12 @@ impl Broker {
         let retain_cmd = (msg.retain && acl::classify_topic(&msg.topic) == TopicClass::Free)
             .then(|| self.retain(&tenant, &msg));
         let prepared = self.route(&tenant, &msg, None);
+        if !prepared.device_api {
+            let remote = self.cluster.remote_nodes(&tenant.name, &msg.topic);
+            if !remote.is_empty() {
+                tokio::spawn(self.cluster.forward(&remote, &tenant.name, &msg));
+            }
+        }
         let cmd = self.publish_command(&prepared, None, None);
         if retain_cmd.is_none() && cmd.is_none() {
             self.deliver(prepared, &[]);
@@ -778,6 +797,173 @@ impl Broker {
             };
             broker.deliver(prepared, &seqs);
         });
+    }
+
+    // ----- cluster ----------------------------------------------------------------------------
+
+    /// Publishes a message another node forwarded: to this node's subscribers only (never
+    /// forwarded again, and never retained again: the retained set is replicated). Resolves
+    /// once what it queued for persistent sessions is committed. The proposal is made at the
+    /// first poll, so futures polled in order commit in order.
+    pub fn publish_forwarded(
+        self: &Arc<Self>,
+        tenant: &str,
+        msg: Arc<Message>,
+    ) -> impl std::future::Future<Output = Result<(), ClusterError>> + Send + 'static {
+        let t = self.tenant(tenant);
+        let prepared = self.route(&t, &msg, None);
+        let cmd = self.publish_command(&prepared, None, None);
+        let broker = self.clone();
+        async move {
+            let seqs = match cmd {
+                Some(c) => match broker.durable.propose(c).await? {
+                    Response::Published { seqs } => seqs,
+                    _ => Vec::new(),
+                },
+                None => Vec::new(),
+            };
+            broker.deliver(prepared, &seqs);
+            Ok(())
+        }
+    }
+
+    /// Before a connection attaches here: registers the device with its home node (which
+    /// makes any other node holding the session let go of it) and, when the session lives in
+    /// durable state but not in this node's memory, loads it (or deletes it on a clean start)
+    /// after a read barrier, so nothing the other node committed is missed.
+    async fn claim(
+        self: &Arc<Self>,
+        key: &SessionKey,
+        conn_id: u64,
+        clean_start: bool,
+    ) -> Result<(), ClusterError> {
+        if self.cluster.is_alone() {
+            return Ok(());
+        }
+        let prev = self
+            .cluster
+            .register(&key.tenant, &key.client_id, conn_id)
+            .await;
+        if self.sessions.lock().get(key).is_some() {
+            return Ok(()); // here already: a local takeover, `attach` does the rest
+        }
+        if prev.is_none() && !clean_start {
+            // No node is on record (the home restarted, or a first connection since): make
+            // sure no other node still holds the session in memory before it moves here.
+            self.cluster
+                .takeover_everywhere(&key.tenant, &key.client_id)
+                .await;
+        }
+        if prev.is_some() || !clean_start {
+            self.durable.read_barrier().await?;
+        }
+        let Some(rs) = self.durable.session(key)? else {
+            return Ok(());
+        };
+        if clean_start {
+            self.durable
+                .propose(Command::DeleteSession { key: key.clone() })
+                .await?;
+        } else if self.sessions.lock().get(key).is_none() {
+            self.restore(vec![rs], Vec::new());
+            metrics::counter_session_moved();
+        }
+        Ok(())
+    }
+
+    /// Lets go of a device's session because another node takes it over: its connection is
+    /// closed (DISCONNECT 0x8E), its subscriptions leave this node's routes, and it leaves
+    /// memory but not durable state. Returns once everything this node proposed for it is
+    /// committed. False when the session is not here.
+    pub async fn evict(self: &Arc<Self>, tenant: &str, device: &str) -> bool {
+        let key = SessionKey::new(tenant, device);
+        let (session, persistent, filters) = {
+            let mut map = self.sessions.lock();
+            let Some(session) = map.get(&key).map(|b| b.0.clone()) else {
+                return false;
+            };
+            let mut st = session.state.lock();
+            if let Some(k) = st.kick.take() {
+                let _ = k.send(Kick::TakenOver {
+                    session_continues: true,
+                });
+            }
+            st.conn = None;
+            st.generation += 1;
+            st.cancel_timers();
+            st.pending_will = None;
+            let filters: Vec<String> = st.subscriptions.keys().cloned().collect();
+            st.reset();
+            st.ended = true;
+            let persistent = st.persistent;
+            drop(st);
+            map.remove(&key);
+            (session, persistent, filters)
+        };
+        self.metrics.sessions.decrement(1.0);
+        let t = self.tenant(tenant);
+        if persistent {
+            track_persistent(&t, false);
+        }
+        self.remove_subscriptions(&t, &session, &filters);
+        if persistent {
+            // FIFO through the proposer: once this commits, so has everything before it.
+            if let Err(e) = self
+                .durable
+                .propose(Command::SetDisconnected {
+                    key,
+                    at_ms: Some(now_ms()),
+                })
+                .await
+            {
+                tracing::warn!(error = %e, "committing a session handed to another node failed");
+            }
+        }
+        true
+    }
+
+    /// Mirrors retained-message changes applied through Raft (made on any node).
+    pub fn observe_retained(&self, cmd: &Command) {
+        let Command::SetRetained {
+            tenant,
+            topic,
+            message,
+        } = cmd
+        else {
+            return;
+        };
+        let t = self.tenant(tenant);
+        let mut retained = t.retained.write();
+        match message {
+            Some(m) => {
+                if retained
+                    .insert(topic.clone(), Message::from_stored(m.clone()))
+                    .is_none()
+                {
+                    self.metrics.retained.increment(1.0);
+                }
+            }
+            None => {
+                if retained.remove(topic).is_some() {
+                    self.metrics.retained.decrement(1.0);
+                }
+            }
+        }
+    }
+
+    /// Reloads every retained message (after a snapshot was installed).
+    pub fn reload_retained(&self, all: Vec<(String, String, StoredMessage)>) {
+        for t in self.tenants.read().values() {
+            let n = std::mem::take(&mut *t.retained.write()).len();
+            self.metrics.retained.decrement(n as f64);
+        }
+        for (tenant, topic, m) in all {
+            self.observe_retained(&Command::SetRetained {
+                tenant,
+                topic,
+                message: Some(m),
+            });
+        }
     }
 
     // ----- wills ----------------------------------------------------------------------------

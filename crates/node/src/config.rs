@@ -30,9 +30,18 @@ pub struct Cli {
     /// Directory for the node's sled database.
     #[arg(long, env = "FLEETMQ_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Numeric node id, unique in the cluster.
+    /// Numeric node id, unique in the cluster (default: the one stored in the data directory,
+    /// or a random one generated and stored there on first start).
     #[arg(long, env = "FLEETMQ_NODE_ID")]
     pub node_id: Option<u64>,
+    /// host:port other nodes reach this node's gRPC listener at (default: the gRPC listen
+    /// address when it names a specific IP, else this host's name with its port).
+    #[arg(long, env = "FLEETMQ_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// gRPC host:port of an existing member to join through (repeatable; DNS names allowed).
+    /// Used only on an empty data directory; a member restarts from its own state.
+    #[arg(long = "join", env = "FLEETMQ_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
     /// Largest MQTT packet accepted or sent, in bytes.
     #[arg(long, env = "FLEETMQ_MAX_PACKET_SIZE")]
     pub max_packet_size: Option<usize>,
@@ -147,6 +156,8 @@ pub struct FileConfig {
     pub grpc_addr: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub node_id: Option<u64>,
+    pub advertise_addr: Option<String>,
+    pub join: Option<Vec<String>>,
     pub max_packet_size: Option<usize>,
     pub max_topic_length: Option<usize>,
     pub max_topic_levels: Option<usize>,
@@ -191,7 +202,10 @@ pub struct Config {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     pub data_dir: PathBuf,
-    pub node_id: u64,
+    /// `None`: the data directory's stored id, or a new random one (see `node_id::resolve`).
+    pub node_id: Option<u64>,
+    pub advertise_addr: Option<String>,
+    pub join: Vec<String>,
     pub max_packet_size: usize,
     pub max_topic_length: usize,
     pub max_topic_levels: usize,
@@ -235,6 +249,8 @@ impl std::fmt::Debug for Config {
             .field("http_addr", &self.http_addr)
             .field("data_dir", &self.data_dir)
             .field("node_id", &self.node_id)
+            .field("advertise_addr", &self.advertise_addr)
+            .field("join", &self.join)
             .field("anonymous_tenant", &self.anonymous_tenant)
             .field(
                 "admin_password",
@@ -255,7 +271,9 @@ impl Default for Config {
             http_addr: ([0, 0, 0, 0], 8080).into(),
             grpc_addr: ([0, 0, 0, 0], 7070).into(),
             data_dir: PathBuf::from("./fleetmq-data"),
-            node_id: 1,
+            node_id: None,
+            advertise_addr: None,
+            join: Vec::new(),
             max_packet_size: 1024 * 1024,
             max_topic_length: 65_535,
             max_topic_levels: 128,
@@ -333,7 +351,13 @@ impl Config {
             http_addr: cli.http_addr.or(file.http_addr).unwrap_or(d.http_addr),
             grpc_addr: cli.grpc_addr.or(file.grpc_addr).unwrap_or(d.grpc_addr),
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
-            node_id: cli.node_id.or(file.node_id).unwrap_or(d.node_id),
+            node_id: cli.node_id.or(file.node_id),
+            advertise_addr: cli.advertise_addr.or(file.advertise_addr),
+            join: if cli.join.is_empty() {
+                file.join.unwrap_or_default()
+            } else {
+                cli.join
+            },
             max_packet_size: cli
                 .max_packet_size
                 .or(file.max_packet_size)

@@ -1134,6 +1134,22 @@ where
             // connected clean sessions stay zero-copy.
             prepared.msg = prepared.msg.detached();
         }
+        // Other nodes with subscribers get it too; a QoS 1/2 publish is acknowledged only
+        // once they have committed it for their persistent sessions.
+        let mut forward = None;
+        if !prepared.device_api {
+            let remote = broker.cluster.remote_nodes(&a.who.tenant.name, &msg.topic);
+            if !remote.is_empty() {
+                let f = broker
+                    .cluster
+                    .forward(&remote, &a.who.tenant.name, &prepared.msg);
+                if p.qos == 0 {
+                    tokio::spawn(f);
+                } else {
+                    forward = Some(f);
+                }
+            }
+        }
         let inbound = (p.qos == 2 && a.persistent).then(|| (a.session.key.clone(), p.pkid));
         let cmd = broker.publish_command(&prepared, Some(&a.session.key), inbound);
         let ack = match p.qos {
@@ -1144,7 +1160,7 @@ where
         if p.qos > 0 {
             a.inbound_unacked += 1;
         }
-        if cmd.is_none() && retain_cmd.is_none() && a.pending.is_empty() {
+        if cmd.is_none() && retain_cmd.is_none() && forward.is_none() && a.pending.is_empty() {
             self.complete_publish(a, prepared, ack, Ok(Response::Ok))
         } else {
             let durable = broker.durable.clone();
@@ -1163,7 +1179,12 @@ where
                         None => Ok(Response::Ok),
                     }
                 };
-                let (r, p) = futures_util::future::join(retained, published).await;
+                let forwarded = async {
+                    if let Some(f) = forward {
+                        f.await;
+                    }
+                };
+                let (r, p, ()) = futures_util::future::join3(retained, published, forwarded).await;
                 let result = r.and(p);
                 Done::Publish {
                     prepared,
@@ -1566,11 +1587,17 @@ where
             codes.push(granted);
         }
         let pkid = s.pkid;
-        if cmds.is_empty() && a.pending.is_empty() {
+        // A new route must be known to every node before SUBACK, so that no publish made
+        // after the SUBACK anywhere in the cluster misses this subscription.
+        let routes = broker.cluster.routes_pending();
+        if cmds.is_empty() && routes.is_none() && a.pending.is_empty() {
             self.write_suback(pkid, &codes);
         } else {
             let durable = broker.durable.clone();
             a.pending.push_back(Box::pin(async move {
+                if let Some(r) = routes {
+                    r.await;
+                }
                 let result = commit_all(&durable, cmds).await;
                 Done::Suback {
                     pkid,

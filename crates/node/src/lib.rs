@@ -2,6 +2,7 @@
 //! HTTP (metrics, health) and the wiring to durable state.
 
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod http;
@@ -30,14 +31,48 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let prometheus = metrics::install();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let node_id = cluster::node_id::resolve(&cfg.data_dir, cfg.node_id)?;
+
+    // The gRPC listener serves Raft from the start: a joining node must be reachable before
+    // the leader can add it. The node service answers "unavailable" until the broker exists.
+    let grpc = TcpListener::bind(cfg.grpc_addr)
+        .await
+        .with_context(|| format!("binding gRPC {}", cfg.grpc_addr))?;
+    let grpc_addr = grpc.local_addr()?;
+    let advertise_addr = advertise(&cfg, grpc_addr);
+    let raft_server = fleetmq_cluster::grpc::RaftServer::new();
+    let node_svc = cluster::service::NodeSvc::new();
+    let mut grpc_shutdown = None::<tokio::sync::oneshot::Sender<()>>;
+    let grpc_task = {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        grpc_shutdown.replace(tx);
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let router = tonic::transport::Server::builder()
+            .add_service(raft_server.clone().into_service())
+            .add_service(node_svc.clone().into_service());
+        tokio::spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = rx.await;
+                })
+                .await
+            {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        })
+    };
+
     let durable = Durable::open(DurableConfig {
-        node_id: cfg.node_id,
+        node_id,
         data_dir: cfg.data_dir.clone(),
         max_batch: cfg.raft_max_batch,
-        advertise_addr: cfg.grpc_addr.to_string(),
+        advertise_addr: advertise_addr.clone(),
+        join: cfg.join.clone(),
+        server: Some(raft_server),
     })
     .await
     .context("opening durable state")?;
+    let applied = durable.take_applied();
     let (dir, init) = identity::directory::Directory::open(
         durable.clone(),
         cfg.admin_password.as_deref(),
@@ -67,19 +102,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
         cfg.anonymous_tenant.clone(),
     ));
-    let broker = broker::Broker::new(cfg.clone(), durable.clone(), auth.clone());
-    broker.restore(durable.sessions()?, durable.retained()?);
+    let cluster = cluster::Cluster::new(durable.clone());
+    let broker = broker::Broker::new(cfg.clone(), durable.clone(), auth.clone(), cluster.clone());
+    if cluster.is_alone() {
+        broker.restore(durable.sessions()?, durable.retained()?);
+    } else {
+        // In a cluster, sessions move to the node a device connects to (loaded from durable
+        // state then); restoring them all here would make every node hold every session.
+        broker.restore(Vec::new(), durable.retained()?);
+    }
+    cluster.start(&broker);
+    node_svc.bind(broker.clone());
+    if let Some(rx) = applied {
+        tokio::spawn(observe_applied(rx, dir.clone(), broker.clone()));
+    }
 
     let bound = listeners::bind(&cfg, &dir).await?;
     let http = TcpListener::bind(cfg.http_addr)
         .await
         .with_context(|| format!("binding HTTP {}", cfg.http_addr))?;
     let http_addr = http.local_addr()?;
-    tracing::info!(mqtt = %bound.mqtt_addr, %http_addr, ws = ?bound.ws_addr, tls = ?bound.tls_addr, wss = ?bound.wss_addr, data_dir = %cfg.data_dir.display(), node_id = cfg.node_id, "fleetmq listening");
+    tracing::info!(mqtt = %bound.mqtt_addr, %http_addr, grpc = %grpc_addr, advertise = %advertise_addr, ws = ?bound.ws_addr, tls = ?bound.tls_addr, wss = ?bound.wss_addr, data_dir = %cfg.data_dir.display(), node_id, members = durable.members().len(), "fleetmq listening");
     if cfg.print_addrs {
         let mut line = serde_json::json!({
             "mqtt": bound.mqtt_addr.to_string(),
             "http": http_addr.to_string(),
+            "grpc": grpc_addr.to_string(),
+            "node_id": node_id,
         });
         for (k, v) in [
             ("ws", bound.ws_addr),
@@ -134,8 +183,65 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = http_task.await;
     durable.shutdown().await.context("closing durable state")?;
+    if let Some(tx) = grpc_shutdown.take() {
+        let _ = tx.send(());
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), grpc_task).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The address other nodes reach this node's gRPC listener at.
+fn advertise(cfg: &Config, bound: std::net::SocketAddr) -> String {
+    if let Some(a) = &cfg.advertise_addr {
+        return a.clone();
+    }
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    // Listening on all interfaces: the host name is what peers (containers, pods) resolve.
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "127.0.0.1".to_string());
+    format!("{host}:{}", bound.port())
+}
+
+/// Feeds directory and retained-message changes applied through Raft (proposed on any node)
+/// into this node's in-memory copies.
+async fn observe_applied(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<fleetmq_cluster::Applied>,
+    dir: Arc<identity::directory::Directory>,
+    broker: Arc<broker::Broker>,
+) {
+    use fleetmq_cluster::Applied;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Applied::Commands(cmds) => {
+                for c in &cmds {
+                    if let fleetmq_storage::Command::SetRetained { .. } = c {
+                        broker.observe_retained(c);
+                    } else if let Err(e) = dir.observe(c) {
+                        tracing::error!(error = %e, "mirroring a directory change failed");
+                    }
+                }
+            }
+            Applied::Snapshot => {
+                if let Err(e) = dir.reload() {
+                    tracing::error!(error = %e, "reloading the directory failed");
+                }
+                match broker.durable.retained() {
+                    Ok(all) => broker.reload_retained(all),
+                    Err(e) => tracing::error!(error = %e, "reloading retained messages failed"),
+                }
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() {

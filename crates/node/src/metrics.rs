@@ -222,3 +222,8 @@ pub fn tenant_usage(tenant: &str, connections: usize, sessions: usize, subscript
     gauge!(TENANT_SESSIONS, "tenant" => tenant.to_string()).set(sessions as f64);
     gauge!(TENANT_SUBSCRIPTIONS, "tenant" => tenant.to_string()).set(subscriptions as f64);
 }
+
+/// A persistent session loaded here from durable state because it moved from another node.
+pub fn counter_session_moved() {
+    counter!("fleetmq_cluster_sessions_moved_total").increment(1);
+}

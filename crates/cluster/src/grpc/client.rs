@@ -184,3 +184,33 @@ impl RaftNetwork<TypeConfig> for GrpcClient {
         self.call(Rpc::Vote, &rpc, &option).await
     }
 }
+
+/// The outcome of a proposal forwarded to the leader.
+pub type ForwardedWrite = Result<
+    openraft::raft::ClientWriteResponse<TypeConfig>,
+    RaftError<u64, openraft::error::ClientWriteError<u64, BasicNode>>,
+>;
+
+/// Sends a batch of commands to the leader at `addr` to propose in `group`. A transport error
+/// is a `tonic::Status`; the leader's answer (which may itself be "not the leader") is the
+/// `Ok` value.
+pub async fn forward_write(
+    channels: &Channels,
+    addr: &str,
+    group: u64,
+    batch: &crate::type_config::Batch,
+    timeout: Duration,
+) -> Result<ForwardedWrite, tonic::Status> {
+    let channel = channels
+        .get(addr)
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = RaftServiceClient::new(channel);
+    let request = RaftRequest {
+        group,
+        payload: encode(batch)?,
+    };
+    let reply = tokio::time::timeout(timeout, client.client_write(request))
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("forwarded proposal timed out"))??;
+    decode(&reply.into_inner().payload)
+}

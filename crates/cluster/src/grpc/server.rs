@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{decode, encode};
 use crate::pb::raft_service_server::{RaftService, RaftServiceServer};
 use crate::pb::{RaftReply, RaftRequest};
-use crate::type_config::{Raft, TypeConfig};
+use crate::type_config::{Batch, Raft, TypeConfig};
 
 /// The Raft groups this node serves, by group id.
 #[derive(Clone, Default)]
@@ -111,5 +111,30 @@ impl RaftService for RaftServer {
             },
         )
         .await
+    }
+
+    async fn client_write(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        self.dispatch(request, |raft, batch: Batch| async move {
+            raft.client_write(batch).await
+        })
+        .await
+    }
+}
+
+impl std::fmt::Debug for RaftServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let groups: Vec<u64> = self
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        f.debug_struct("RaftServer")
+            .field("groups", &groups)
+            .finish()
     }
 }

@@ -151,6 +151,107 @@ impl Directory {
         Ok((dir, init))
     }
 
+    /// Mirrors a directory command this node applied, whoever proposed it, into the cache.
+    /// The value is re-read from the state machine rather than taken from the command: a
+    /// `create_only` put that lost changed nothing, and a later write may already be applied.
+    pub fn observe(&self, cmd: &Command) -> Result<(), DirError> {
+        match cmd {
+            Command::PutEntry {
+                space,
+                tenant,
+                name,
+                ..
+            }
+            | Command::DeleteEntry {
+                space,
+                tenant,
+                name,
+            } => {
+                let value = self.durable.entry(*space, tenant, name)?;
+                self.cache_entry(*space, tenant, name, value.as_deref())
+            }
+            Command::DeleteTenantEntries { space, tenant } => {
+                let mut st = self.state.write();
+                match space {
+                    Space::User => {
+                        st.users.retain(|(t, _), _| t != tenant);
+                        drop(st);
+                        self.passwords.forget_tenant(tenant);
+                    }
+                    Space::DeviceRequest => st.requests.retain(|(t, _), _| t != tenant),
+                    Space::TrustedCert => {
+                        st.certs.retain(|(t, _), _| t != tenant);
+                        drop(st);
+                        self.certs_version.send_modify(|v| *v += 1);
+                    }
+                    Space::Tenant | Space::Setting => {}
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn cache_entry(
+        &self,
+        space: Space,
+        tenant: &str,
+        name: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), DirError> {
+        let key = (tenant.to_string(), name.to_string());
+        let mut st = self.state.write();
+        match space {
+            Space::Tenant => {
+                if let Some(old) = st.tenants.remove(name) {
+                    st.by_domain.remove(&old.domain.to_lowercase());
+                }
+                if let Some(v) = value {
+                    let t: TenantRec = serde_json::from_slice(v)?;
+                    st.by_domain.insert(t.domain.to_lowercase(), t.id.clone());
+                    st.tenants.insert(t.id.clone(), Arc::new(t));
+                }
+            }
+            Space::User => {
+                match value {
+                    Some(v) => st.users.insert(key, Arc::new(serde_json::from_slice(v)?)),
+                    None => st.users.remove(&key),
+                };
+                drop(st);
+                self.passwords.forget(tenant, name);
+            }
+            Space::DeviceRequest => {
+                match value {
+                    Some(v) => st.requests.insert(key, serde_json::from_slice(v)?),
+                    None => st.requests.remove(&key),
+                };
+            }
+            Space::TrustedCert => {
+                match value {
+                    Some(v) => st.certs.insert(key, Arc::new(serde_json::from_slice(v)?)),
+                    None => st.certs.remove(&key),
+                };
+                drop(st);
+                self.certs_version.send_modify(|v| *v += 1);
+            }
+            Space::Setting => {
+                match value {
+                    Some(v) => st.settings.insert(name.to_string(), v.to_vec()),
+                    None => st.settings.remove(name),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the whole cache from the state machine (after a snapshot was installed).
+    pub fn reload(&self) -> Result<(), DirError> {
+        *self.state.write() = State::default();
+        self.load()?;
+        self.certs_version.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
     fn load(&self) -> Result<(), DirError> {
         let mut st = self.state.write();
         for (_, _, _, v) in self.durable.entries(Space::Tenant)? {

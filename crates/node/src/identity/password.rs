@@ -130,6 +130,11 @@ impl Passwords {
             .lock()
             .remove(&(tenant.to_string(), user.to_string()));
     }
+
+    /// Drops the cached logins of every user of a tenant.
+    pub fn forget_tenant(&self, tenant: &str) {
+        self.cache.lock().retain(|(t, _), _| t != tenant);
+    }
 }
 
 fn hash_blocking(password: &str) -> Result<String, String> {

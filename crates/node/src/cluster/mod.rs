@@ -1,0 +1,552 @@
+//! This node's part in the cluster, apart from Raft: the route table shared with the other
+//! nodes, publish forwarding, the session registry of the devices this node is home for, and
+//! liveness of peers.
+//!
+//! The durable state (directory, sessions, retained messages) is one Raft group replicated to
+//! every node (see `fleetmq_cluster::Durable`); this module moves what is *not* durable:
+//! - **routes**: each node announces the filters it has subscribers for; an announcement is
+//!   acknowledged by every live peer before the SUBACK that caused it is sent;
+//! - **forwarding**: a publish is sent, in batches per peer, to the nodes with a matching
+//!   route, and a QoS 1/2 publish is acknowledged once those nodes have committed it;
+//! - **registry**: the home node of a `(tenant, device)` (rendezvous hash over the live
+//!   members) knows which node holds its session and tells that node to let go when another
+//!   one takes it over.
+
+pub mod convert;
+pub mod node_id;
+pub mod placement;
+pub mod routes;
+pub mod service;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use fleetmq_cluster::pb::node_service_client::NodeServiceClient;
+use fleetmq_cluster::pb::{self, RouteChange, RouteUpdate};
+use fleetmq_cluster::Durable;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::broker::Broker;
+use crate::message::Message;
+use routes::{LocalRoutes, RemoteRoutes, Route};
+
+/// How long one node-to-node call may take before the peer counts as unreachable.
+const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Route heartbeats: a peer that misses one is marked down (and skipped as a home node).
+const HEARTBEAT: Duration = Duration::from_millis(500);
+/// Messages per forwarded batch at most.
+const FORWARD_BATCH: usize = 512;
+
+enum RouteMsg {
+    Change(Route, bool),
+    Flush(oneshot::Sender<()>),
+}
+
+struct Fwd {
+    msg: pb::Message,
+    done: Option<oneshot::Sender<bool>>,
+}
+
+/// The cluster services of one node.
+pub struct Cluster {
+    /// This node's id.
+    pub id: u64,
+    durable: Durable,
+    local: Mutex<LocalRoutes>,
+    remote: RwLock<RemoteRoutes>,
+    route_tx: mpsc::UnboundedSender<RouteMsg>,
+    /// Route changes announced, and those sent to every live peer: equal when nothing waits.
+    announced: AtomicU64,
+    acked: Arc<AtomicU64>,
+    route_rx: Mutex<Option<mpsc::UnboundedReceiver<RouteMsg>>>,
+    forwarders: Mutex<HashMap<u64, mpsc::UnboundedSender<Fwd>>>,
+    /// Home-node registry: which node holds the session of a device homed here.
+    registry: Mutex<HashMap<(String, String), (u64, u64)>>,
+    /// Peers that failed their last call.
+    down: RwLock<HashSet<u64>>,
+    broker: OnceLock<Weak<Broker>>,
+}
+
+impl Cluster {
+    /// The cluster services over an opened durable store; call [`start`](Self::start) once the
+    /// broker exists.
+    pub fn new(durable: Durable) -> Arc<Cluster> {
+        let (route_tx, route_rx) = mpsc::unbounded_channel();
+        Arc::new(Cluster {
+            id: durable.node_id(),
+            durable,
+            local: Mutex::new(LocalRoutes::default()),
+            remote: RwLock::new(RemoteRoutes::default()),
+            route_tx,
+            announced: AtomicU64::new(0),
+            acked: Arc::new(AtomicU64::new(0)),
+            route_rx: Mutex::new(Some(route_rx)),
+            forwarders: Mutex::new(HashMap::new()),
+            registry: Mutex::new(HashMap::new()),
+            down: RwLock::new(HashSet::new()),
+            broker: OnceLock::new(),
+        })
+    }
+
+    /// Binds the broker and starts the route broadcaster.
+    pub fn start(self: &Arc<Self>, broker: &Arc<Broker>) {
+        let _ = self.broker.set(Arc::downgrade(broker));
+        if let Some(rx) = self.route_rx.lock().take() {
+            tokio::spawn(run_routes(self.clone(), rx));
+        }
+    }
+
+    fn broker(&self) -> Option<Arc<Broker>> {
+        self.broker.get().and_then(Weak::upgrade)
+    }
+
+    /// Other members as `(id, gRPC address)`.
+    pub fn peers(&self) -> Vec<(u64, String)> {
+        self.durable
+            .members()
+            .into_iter()
+            .filter(|(id, _)| *id != self.id)
+            .collect()
+    }
+
+    /// True when this node is the only member.
+    pub fn is_alone(&self) -> bool {
+        self.peers().is_empty()
+    }
+
+    fn addr_of(&self, node: u64) -> Option<String> {
+        self.durable
+            .members()
+            .into_iter()
+            .find(|(id, _)| *id == node)
+            .map(|(_, a)| a)
+    }
+
+    fn client(&self, addr: &str) -> Option<NodeServiceClient<tonic::transport::Channel>> {
+        match self.durable.channels().get(addr) {
+            Ok(c) => Some(NodeServiceClient::new(c)),
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "bad peer address");
+                None
+            }
+        }
+    }
+
+    fn mark(&self, node: u64, up: bool) {
+        let changed = if up {
+            self.down.write().remove(&node)
+        } else {
+            self.down.write().insert(node)
+        };
+        if changed {
+            tracing::info!(node, up, "peer liveness changed");
+        }
+    }
+
+    /// Members believed alive (this node included).
+    pub fn live_members(&self) -> Vec<u64> {
+        let down = self.down.read();
+        self.durable
+            .members()
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| *id == self.id || !down.contains(id))
+            .collect()
+    }
+
+    // ----- routes ---------------------------------------------------------------------------
+
+    /// A local subscriber for `filter` was added; announces the route if it is new.
+    pub fn route_added(&self, tenant: &str, filter: &str) {
+        if self.local.lock().add(tenant, filter) {
+            self.announced.fetch_add(1, Ordering::AcqRel);
+            let _ = self
+                .route_tx
+                .send(RouteMsg::Change((tenant.into(), filter.into()), true));
+        }
+    }
+
+    /// A local subscriber for `filter` was removed; withdraws the route with the last one.
+    pub fn route_removed(&self, tenant: &str, filter: &str) {
+        if self.local.lock().remove(tenant, filter) {
+            self.announced.fetch_add(1, Ordering::AcqRel);
+            let _ = self
+                .route_tx
+                .send(RouteMsg::Change((tenant.into(), filter.into()), false));
+        }
+    }
+
+    /// A future that resolves once every route change made so far has reached every live
+    /// peer (or the peer failed), to await before a SUBACK; `None` when nothing is pending.
+    pub fn routes_pending(&self) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        // Alone, there is nobody to tell (a node that joins later gets the full table).
+        if self.is_alone()
+            || self.acked.load(Ordering::Acquire) >= self.announced.load(Ordering::Acquire)
+        {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        let _ = self.route_tx.send(RouteMsg::Flush(tx));
+        Some(async move {
+            let _ = rx.await;
+        })
+    }
+
+    /// The other nodes with a subscriber for `topic`.
+    pub fn remote_nodes(&self, tenant: &str, topic: &str) -> BTreeSet<u64> {
+        let remote = self.remote.read();
+        if remote.is_empty() {
+            return BTreeSet::new();
+        }
+        remote.nodes_for(tenant, topic)
+    }
+
+    /// Applies a route update from a peer; returns the sequence now held for it.
+    pub fn apply_routes(&self, u: RouteUpdate) -> u64 {
+        let changes = u
+            .changes
+            .into_iter()
+            .map(|c| ((c.tenant, c.filter), c.added));
+        let r = self
+            .remote
+            .write()
+            .apply(u.node_id, u.sequence, u.full, changes);
+        metrics::gauge!("fleetmq_cluster_routes").set(self.remote.read().len() as f64);
+        match r {
+            routes::Applied::Yes(s) | routes::Applied::Gap(s) => s,
+        }
+    }
+
+    // ----- forwarding -----------------------------------------------------------------------
+
+    /// Sends a message to the nodes in `nodes`; the future resolves to the number of nodes
+    /// that took it (committed it for their subscribers).
+    pub fn forward(
+        &self,
+        nodes: &BTreeSet<u64>,
+        tenant: &str,
+        msg: &Message,
+    ) -> impl std::future::Future<Output = usize> + Send + 'static {
+        let m = convert::message_to_pb(tenant, msg);
+        let mut waits = Vec::with_capacity(nodes.len());
+        for &node in nodes {
+            let Some(tx) = self.forwarder(node) else {
+                continue;
+            };
+            let (done, rx) = oneshot::channel();
+            if tx
+                .send(Fwd {
+                    msg: m.clone(),
+                    done: Some(done),
+                })
+                .is_ok()
+            {
+                waits.push(rx);
+            }
+        }
+        async move {
+            let results = futures_util::future::join_all(waits).await;
+            results
+                .into_iter()
+                .filter(|r| matches!(r, Ok(true)))
+                .count()
+        }
+    }
+
+    fn forwarder(&self, node: u64) -> Option<mpsc::UnboundedSender<Fwd>> {
+        let mut map = self.forwarders.lock();
+        if let Some(tx) = map.get(&node) {
+            if !tx.is_closed() {
+                return Some(tx.clone());
+            }
+        }
+        let addr = self.addr_of(node)?;
+        let client = self.client(&addr)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_forwarder(self.id, node, client, rx));
+        map.insert(node, tx.clone());
+        Some(tx)
+    }
+
+    // ----- session registry -----------------------------------------------------------------
+
+    /// Tells the device's home node that this node now holds its session (connection
+    /// `conn`). Returns the node that held it before, which has let go of it, if another one.
+    /// Tries the next node in the key's preference when the home is unreachable, and gives up
+    /// (returning `None`) when none answers: a connection never waits on an unreachable node.
+    pub async fn register(&self, tenant: &str, device: &str, conn: u64) -> Option<u64> {
+        let prefs = placement::preference(tenant, device, &self.live_members());
+        for home in prefs.into_iter().take(3) {
+            if home == self.id {
+                return self.registry_put(tenant, device, self.id, conn).await;
+            }
+            let Some(addr) = self.addr_of(home) else {
+                continue;
+            };
+            let Some(mut client) = self.client(&addr) else {
+                continue;
+            };
+            let req = pb::RegisterRequest {
+                key: Some(pb::SessionKey {
+                    tenant: tenant.into(),
+                    device_id: device.into(),
+                }),
+                node_id: self.id,
+                connection_id: conn,
+            };
+            match tokio::time::timeout(RPC_TIMEOUT, client.register(req)).await {
+                Ok(Ok(r)) => {
+                    self.mark(home, true);
+                    let prev = r.into_inner().previous_node_id;
+                    return (prev != 0 && prev != self.id).then_some(prev);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(home, error = %e.message(), "register refused");
+                    self.mark(home, false);
+                }
+                Err(_) => {
+                    tracing::warn!(home, "register timed out");
+                    self.mark(home, false);
+                }
+            }
+        }
+        None
+    }
+
+    /// Home-node side of a registration: records `node` as the holder and makes the previous
+    /// holder (another node) let go first. Returns the previous holder if another node.
+    pub async fn registry_put(
+        &self,
+        tenant: &str,
+        device: &str,
+        node: u64,
+        conn: u64,
+    ) -> Option<u64> {
+        let prev = self
+            .registry
+            .lock()
+            .insert((tenant.to_string(), device.to_string()), (node, conn));
+        let prev_node = prev.map(|(n, _)| n).filter(|n| *n != node)?;
+        self.takeover_on(prev_node, tenant, device).await;
+        Some(prev_node)
+    }
+
+    /// Makes `node` close its connection for the device and drop the session from memory
+    /// (after committing what it had proposed). An unreachable node is assumed dead.
+    pub async fn takeover_on(&self, node: u64, tenant: &str, device: &str) {
+        if node == self.id {
+            if let Some(b) = self.broker() {
+                b.evict(tenant, device).await;
+            }
+            return;
+        }
+        let Some(addr) = self.addr_of(node) else {
+            return;
+        };
+        let Some(mut client) = self.client(&addr) else {
+            return;
+        };
+        let req = pb::TakeoverRequest {
+            key: Some(pb::SessionKey {
+                tenant: tenant.into(),
+                device_id: device.into(),
+            }),
+            connection_id: 0,
+            session_continues: true,
+        };
+        match tokio::time::timeout(RPC_TIMEOUT * 2, client.takeover(req)).await {
+            Ok(Ok(_)) => self.mark(node, true),
+            Ok(Err(e)) => {
+                tracing::warn!(node, error = %e.message(), "takeover failed; assuming the node lost the session")
+            }
+            Err(_) => {
+                tracing::warn!(node, "takeover timed out; assuming the node is gone");
+                self.mark(node, false);
+            }
+        }
+    }
+
+    /// Makes every other live node let go of the device's session (used when the registry has
+    /// no entry for it, e.g. after its home node restarted).
+    pub async fn takeover_everywhere(&self, tenant: &str, device: &str) {
+        let live: Vec<u64> = self
+            .live_members()
+            .into_iter()
+            .filter(|n| *n != self.id)
+            .collect();
+        let calls = live.iter().map(|n| self.takeover_on(*n, tenant, device));
+        futures_util::future::join_all(calls).await;
+    }
+}
+
+/// Sends route changes to every peer, in order, and heartbeats; answers flush waiters once
+/// the changes before them have been acknowledged (or the peer failed).
+async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<RouteMsg>) {
+    let mut seq: u64 = 0;
+    let mut processed: u64 = 0;
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => Some(m),
+                None => return,
+            },
+            _ = tick.tick() => None,
+        };
+        let mut changes = Vec::new();
+        let mut waiters = Vec::new();
+        let take = |m: RouteMsg, changes: &mut Vec<RouteChange>, waiters: &mut Vec<_>| match m {
+            RouteMsg::Change((tenant, filter), added) => changes.push(RouteChange {
+                tenant,
+                filter,
+                share_group: String::new(),
+                added,
+            }),
+            RouteMsg::Flush(tx) => waiters.push(tx),
+        };
+        if let Some(m) = first {
+            take(m, &mut changes, &mut waiters);
+            while let Ok(m) = rx.try_recv() {
+                take(m, &mut changes, &mut waiters);
+            }
+        }
+        if !changes.is_empty() {
+            seq += 1;
+            processed += changes.len() as u64;
+        }
+        let peers = cluster.peers();
+        // Routes of nodes that left the membership go.
+        {
+            let members: HashSet<u64> = peers.iter().map(|(id, _)| *id).collect();
+            let mut remote = cluster.remote.write();
+            for n in remote.nodes() {
+                if !members.contains(&n) {
+                    remote.drop_node(n);
+                }
+            }
+        }
+        let sends = peers.into_iter().map(|(node, addr)| {
+            let cluster = cluster.clone();
+            let changes = changes.clone();
+            async move { send_routes(&cluster, node, &addr, seq, changes).await }
+        });
+        futures_util::future::join_all(sends).await;
+        cluster.acked.store(processed, Ordering::Release);
+        for w in waiters {
+            let _ = w.send(());
+        }
+    }
+}
+
+/// One update (or heartbeat) to one peer, followed by the full table if the peer has a gap.
+async fn send_routes(
+    cluster: &Cluster,
+    node: u64,
+    addr: &str,
+    seq: u64,
+    changes: Vec<RouteChange>,
+) {
+    let Some(mut client) = cluster.client(addr) else {
+        return;
+    };
+    let update = RouteUpdate {
+        node_id: cluster.id,
+        sequence: seq,
+        changes,
+        full: false,
+    };
+    let ack = match tokio::time::timeout(RPC_TIMEOUT, client.update_routes(update)).await {
+        Ok(Ok(a)) => a.into_inner(),
+        Ok(Err(e)) => {
+            tracing::debug!(node, error = %e.message(), "route update failed");
+            cluster.mark(node, false);
+            return;
+        }
+        Err(_) => {
+            cluster.mark(node, false);
+            return;
+        }
+    };
+    cluster.mark(node, true);
+    if ack.sequence == seq {
+        return;
+    }
+    // The peer restarted or missed an update: send everything, replacing what it has.
+    let all = cluster.local.lock().all();
+    metrics::counter!("fleetmq_cluster_route_full_syncs_total").increment(1);
+    let full = RouteUpdate {
+        node_id: cluster.id,
+        sequence: seq,
+        changes: all
+            .into_iter()
+            .map(|(tenant, filter)| RouteChange {
+                tenant,
+                filter,
+                share_group: String::new(),
+                added: true,
+            })
+            .collect(),
+        full: true,
+    };
+    if !matches!(
+        tokio::time::timeout(RPC_TIMEOUT, client.update_routes(full)).await,
+        Ok(Ok(_))
+    ) {
+        tracing::debug!(node, "full route update failed");
+        cluster.mark(node, false);
+    }
+}
+
+/// Sends queued messages to one peer in batches, one batch in flight at a time (so messages
+/// from one publisher keep their order).
+async fn run_forwarder(
+    from: u64,
+    node: u64,
+    mut client: NodeServiceClient<tonic::transport::Channel>,
+    mut rx: mpsc::UnboundedReceiver<Fwd>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < FORWARD_BATCH {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let mut dones = Vec::with_capacity(batch.len());
+        let messages = batch
+            .into_iter()
+            .map(|f| {
+                dones.push(f.done);
+                f.msg
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let req = pb::ForwardBatch {
+            from_node_id: from,
+            messages,
+        };
+        let ok = match tokio::time::timeout(RPC_TIMEOUT * 2, client.forward(req)).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(node, error = %e.message(), "forwarding failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(node, "forwarding timed out");
+                false
+            }
+        };
+        metrics::histogram!("fleetmq_cluster_forward_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("fleetmq_cluster_forwarded_messages_total", "result" => if ok { "ok" } else { "error" })
+            .increment(dones.len() as u64);
+        for d in dones.into_iter().flatten() {
+            let _ = d.send(ok);
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The node-to-node gRPC service (`NodeService` in proto/fleetmq/cluster/v1/node.proto):
+//! membership, the session registry and takeover, route updates and forwarded publishes.
+//!
+//! It is served from the start (Raft needs the listener before the node has joined), so it
+//! answers `unavailable` until the broker is bound.
+
+use std::sync::{Arc, OnceLock};
+
+use fleetmq_cluster::pb::node_service_server::{NodeService, NodeServiceServer};
+use fleetmq_cluster::pb::{self, node_service_client::NodeServiceClient};
+use fleetmq_cluster::ClusterError;
+use tonic::{Request, Response, Status};
+
+use crate::broker::Broker;
+
+/// The service; cheap to clone.
+#[derive(Clone, Default)]
+pub struct NodeSvc {
+    broker: Arc<OnceLock<Arc<Broker>>>,
+}
+
+impl NodeSvc {
+    /// A service that answers `unavailable` until [`bind`](Self::bind).
+    pub fn new() -> NodeSvc {
+        NodeSvc::default()
+    }
+
+    /// Starts answering with this broker.
+    pub fn bind(&self, broker: Arc<Broker>) {
+        let _ = self.broker.set(broker);
+    }
+
+    /// The tonic service to add to a `Server`.
+    pub fn into_service(self) -> NodeServiceServer<NodeSvc> {
+        NodeServiceServer::new(self)
+    }
+
+    fn broker(&self) -> Result<&Arc<Broker>, Status> {
+        self.broker
+            .get()
+            .ok_or_else(|| Status::unavailable("node is starting"))
+    }
+}
+
+fn key_of(k: Option<pb::SessionKey>) -> Result<pb::SessionKey, Status> {
+    k.ok_or_else(|| Status::invalid_argument("missing session key"))
+}
+
+#[tonic::async_trait]
+impl NodeService for NodeSvc {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinReply>, Status> {
+        let broker = self.broker()?;
+        let node = request
+            .into_inner()
+            .node
+            .ok_or_else(|| Status::invalid_argument("missing node"))?;
+        if node.node_id == 0 || node.advertise_addr.is_empty() {
+            return Err(Status::invalid_argument("node id 0 or empty address"));
+        }
+        match broker
+            .durable
+            .add_node(node.node_id, node.advertise_addr.clone())
+            .await
+        {
+            Ok(()) => {}
+            Err(ClusterError::NotLeader {
+                leader_addr: Some(addr),
+                ..
+            }) => {
+                // Pass it on to the leader: the joining node may only know this member.
+                let channel = broker
+                    .durable
+                    .channels()
+                    .get(&addr)
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                let r = NodeServiceClient::new(channel)
+                    .join(pb::JoinRequest { node: Some(node) })
+                    .await?;
+                return Ok(r);
+            }
+            Err(e) => return Err(Status::unavailable(e.to_string())),
+        }
+        tracing::info!(node = node.node_id, addr = %node.advertise_addr, "node joined");
+        let members = broker
+            .durable
+            .members()
+            .into_iter()
+            .map(|(id, addr)| pb::NodeInfo {
+                node_id: id,
+                advertise_addr: addr,
+                mqtt_addr: String::new(),
+            })
+            .collect();
+        Ok(Response::new(pb::JoinReply {
+            members,
+            leader_id: broker.durable.leader().unwrap_or(0),
+        }))
+    }
+
+    async fn leave(
+        &self,
+        _request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveReply>, Status> {
+        Err(Status::unimplemented(
+            "graceful leave is not implemented yet",
+        ))
+    }
+
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterReply>, Status> {
+        let broker = self.broker()?;
+        let r = request.into_inner();
+        let key = key_of(r.key)?;
+        let prev = broker
+            .cluster
+            .registry_put(&key.tenant, &key.device_id, r.node_id, r.connection_id)
+            .await;
+        Ok(Response::new(pb::RegisterReply {
+            previous_node_id: prev.unwrap_or(0),
+        }))
+    }
+
+    async fn unregister(
+        &self,
+        _request: Request<pb::UnregisterRequest>,
+    ) -> Result<Response<pb::UnregisterReply>, Status> {
+        Ok(Response::new(pb::UnregisterReply {}))
+    }
+
+    async fn takeover(
+        &self,
+        request: Request<pb::TakeoverRequest>,
+    ) -> Result<Response<pb::TakeoverReply>, Status> {
+        let broker = self.broker()?;
+        let key = key_of(request.into_inner().key)?;
+        let closed = broker.evict(&key.tenant, &key.device_id).await;
+        Ok(Response::new(pb::TakeoverReply { closed }))
+    }
+
+    async fn update_routes(
+        &self,
+        request: Request<pb::RouteUpdate>,
+    ) -> Result<Response<pb::RouteAck>, Status> {
+        let broker = self.broker()?;
+        let sequence = broker.cluster.apply_routes(request.into_inner());
+        Ok(Response::new(pb::RouteAck { sequence }))
+    }
+
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardBatch>,
+    ) -> Result<Response<pb::ForwardAck>, Status> {
+        let broker = self.broker()?;
+        let batch = request.into_inner();
+        let mut accepted = 0u32;
+        let mut commits = Vec::with_capacity(batch.messages.len());
+        for m in batch.messages {
+            match super::convert::message_from_pb(m) {
+                Some((tenant, msg)) => {
+                    commits.push(broker.publish_forwarded(&tenant, msg));
+                    accepted += 1;
+                }
+                None => {
+                    tracing::warn!(
+                        from = batch.from_node_id,
+                        "malformed forwarded message dropped"
+                    );
+                    metrics::counter!("fleetmq_cluster_forward_rejected_total").increment(1);
+                }
+            }
+        }
+        // Proposals were made in order above; the reply waits for all their commits, so the
+        // sender acknowledges its publisher only for what is durable here.
+        for r in futures_util::future::join_all(commits).await {
+            if let Err(e) = r {
+                return Err(Status::unavailable(format!("commit failed: {e}")));
+            }
+        }
+        Ok(Response::new(pb::ForwardAck { accepted }))
+    }
+
+    async fn deliver(
+        &self,
+        _request: Request<pb::DeliverRequest>,
+    ) -> Result<Response<pb::DeliverReply>, Status> {
+        Err(Status::unimplemented(
+            "device deliveries come with the device API",
+        ))
+    }
+
+    async fn transfer_leader(
+        &self,
+        _request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderReply>, Status> {
+        Err(Status::unimplemented(
+            "leadership transfer is not implemented yet",
+        ))
+    }
+
+    async fn drain(
+        &self,
+        _request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainReply>, Status> {
+        Err(Status::unimplemented("drain is not implemented yet"))
+    }
+}

@@ -1,0 +1,699 @@
+//! The cluster against real processes: three `fleetmq` nodes on loopback, A forming the cluster
+//! and B and C joining it over gRPC (`--node-id`, `--grpc-addr`, `--join`), driven by byte-level
+//! MQTT clients (`support::Client`) and the REST API. What one node accepts must hold on every
+//! node:
+//!
+//! - the directory is replicated: a tenant created over REST on B and a user created on C log
+//!   in over MQTT on A; a password changed on A is changed on C; tenants stay isolated across
+//!   nodes;
+//! - publishes are forwarded: a subscriber on one node gets what is published on another (QoS 0
+//!   and 1, one copy each), and no longer after it unsubscribed;
+//! - retained messages set, replaced and cleared on one node are what a new subscriber on any
+//!   node gets;
+//! - a client id is connected once in the cluster: connecting on another node takes the session
+//!   over (MQTT 5 DISCONNECT 0x8E, 3.1.1 close) and only the new connection remains;
+//! - a persistent session (3.1.1 clean_session=false, 5 session expiry) resumes on another node
+//!   with session present and its queued messages, also after its node was killed with SIGKILL,
+//!   and the killed node rejoins after a restart.
+//!
+//! Every node admits clients without credentials into tenant `public` (`Node::start_cluster`),
+//! so only the directory test logs in. Replication is asynchronous where the contract allows it:
+//! those checks retry within `REPLICATION`. Subscriptions are cluster-wide before their SUBACK,
+//! so publishes right after a SUBACK are never retried. Every wait is bounded.
+mod common;
+mod support;
+
+use std::collections::HashSet;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::*;
+use serde_json::{json, Value};
+use support::*;
+
+const V3: bool = false;
+const V5: bool = true;
+const UNSUBACK: u8 = 11;
+/// How long replicated state (directory, retained messages) may take to show on another node.
+const REPLICATION: Duration = Duration::from_secs(10);
+
+// ----- cluster and helpers -----------------------------------------------------------------------
+
+/// Three nodes: A (id 1) forms the cluster on its empty data directory, B (id 2) joins A, C
+/// (id 3) joins naming A and B (`--join` is repeatable). Each gRPC port is picked right before
+/// its node starts, so it is fixed across `restart` and distinct from the running nodes' ports.
+/// `start_cluster` returns only after the node has joined and caught up.
+fn cluster3(args: &[&str]) -> [Node; 3] {
+    let a = Node::start_cluster(1, free_port(), &[], args);
+    let b = Node::start_cluster(2, free_port(), &[a.grpc_addr()], args);
+    let c = Node::start_cluster(3, free_port(), &[a.grpc_addr(), b.grpc_addr()], args);
+    [a, b, c]
+}
+
+/// One REST call with Basic auth; returns the status (any) and the JSON body (`Null` if none).
+fn rest(
+    node: &Node,
+    method: &str,
+    path: &str,
+    user: &str,
+    password: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    );
+    let req = ureq::request(method, &format!("http://{}{path}", node.http))
+        .set("Authorization", &auth)
+        .timeout(Duration::from_secs(30));
+    let result = match body {
+        Some(b) => req
+            .set("Content-Type", "application/json")
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let resp = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path} on {}: {e}", node.http),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// PUBLISHes received until `idle` passes without a packet, acknowledged (QoS 1). Any other
+/// packet fails the test.
+fn drain_msgs(c: &mut Client, idle: Duration) -> Vec<Msg> {
+    let mut v = Vec::new();
+    while let Some(p) = c.recv(idle) {
+        assert_eq!(p.kind(), PUBLISH, "unexpected packet {p:?}");
+        let m = parse_publish(&p, c.v5);
+        if m.qos == 1 {
+            c.send(&ack_packet(PUBACK, m.pid));
+        }
+        v.push(m);
+    }
+    v
+}
+
+/// Waits up to `secs` for `n` PUBLISHes, then listens until 500 ms pass without one (to catch
+/// duplicates and strays); returns (topic, payload, QoS) of everything, sorted.
+fn receive_sorted(c: &mut Client, n: usize, secs: u64) -> Vec<(String, String, u8)> {
+    let mut got = c.receive_acking(n, secs);
+    got.extend(drain_msgs(c, Duration::from_millis(500)));
+    let mut v: Vec<_> = got
+        .iter()
+        .map(|m| (m.topic.clone(), m.text(), m.qos))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Asserts no PUBLISH arrives within `dur`.
+#[track_caller]
+fn assert_silent(c: &mut Client, dur: Duration, what: &str) {
+    let got = drain_msgs(c, dur);
+    assert!(
+        got.is_empty(),
+        "{what}: expected nothing, got {:?}",
+        got.iter().map(|m| (&m.topic, m.text())).collect::<Vec<_>>()
+    );
+}
+
+/// UNSUBSCRIBE one filter and wait for the UNSUBACK.
+fn unsubscribe(c: &mut Client, filter: &str) {
+    let pid = c.take_pid();
+    let mut body = pid.to_be_bytes().to_vec();
+    if c.v5 {
+        body.push(0);
+    }
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    c.send(&frame(0xA2, &body));
+    let a = c.expect(UNSUBACK, "UNSUBACK");
+    assert_eq!(a.pid(), pid);
+}
+
+/// Subscribes to one filter; returns the reason codes and the PUBLISHes (retained messages)
+/// that came before the SUBACK, acknowledged.
+fn subscribe_collect(c: &mut Client, filter: &str, qos: u8) -> (Vec<u8>, Vec<Msg>) {
+    let pid = c.take_pid();
+    let v5 = c.v5;
+    c.send(&subscribe_packet(v5, pid, filter.as_bytes(), qos));
+    let mut early = Vec::new();
+    loop {
+        let p = c
+            .recv(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("no SUBACK for {filter}"));
+        match p.kind() {
+            SUBACK => {
+                assert_eq!(p.pid(), pid);
+                let skip = if v5 { 3 } else { 2 };
+                return (p.body[skip..].to_vec(), early);
+            }
+            PUBLISH => {
+                let m = parse_publish(&p, v5);
+                if m.qos == 1 {
+                    c.send(&ack_packet(PUBACK, m.pid));
+                }
+                early.push(m);
+            }
+            other => panic!("unexpected packet type {other} waiting for SUBACK: {p:?}"),
+        }
+    }
+}
+
+/// Publishes with the RETAIN flag at QoS 1 and waits for the PUBACK.
+fn publish_retained(c: &mut Client, topic: &str, payload: &[u8]) {
+    let pid = c.take_pid();
+    let mut p = publish_packet(c.v5, topic.as_bytes(), 1, pid, false, payload);
+    p[0] |= 0x01;
+    c.send(&p);
+    let ack = c.expect(PUBACK, "PUBACK of a retained message");
+    assert_eq!(ack.pid(), pid);
+}
+
+/// What a brand-new subscriber to `filter` on `node` gets right away: retained messages as
+/// (payload, retain flag). Waits up to 2 s for a first one, then 300 ms for more.
+fn fresh_subscriber_view(node: &Node, id: &str, filter: &str) -> Vec<(String, bool)> {
+    let mut c = Client::clean(node.mqtt, id, V3);
+    let (codes, mut got) = subscribe_collect(&mut c, filter, 1);
+    assert_eq!(codes, vec![1], "SUBACK for {filter}");
+    if got.is_empty() {
+        got.extend(c.receive_acking(1, 2));
+    }
+    got.extend(drain_msgs(&mut c, Duration::from_millis(300)));
+    c.disconnect();
+    got.iter().map(|m| (m.text(), m.retain)).collect()
+}
+
+/// Waits (within `REPLICATION`) until a new subscriber to `filter` on `node` gets exactly the
+/// retained payloads `want` (each with RETAIN set) and nothing else.
+#[track_caller]
+fn assert_retained_view(node: &Node, filter: &str, want: &[&str], what: &str) {
+    let want: Vec<(String, bool)> = want.iter().map(|w| (w.to_string(), true)).collect();
+    let deadline = Instant::now() + REPLICATION;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let id = format!("ret-view-{}-{attempt}", node.port());
+        let got = fresh_subscriber_view(node, &id, filter);
+        if got == want {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: a new subscriber to {filter} got {got:?}, wanted {want:?}");
+        }
+        sleep(Duration::from_millis(200));
+    }
+}
+
+/// Connects without credentials, retrying refusals and missing CONNACKs for up to `secs` (a
+/// cluster that just lost a node may have to elect a leader first). `persistent`: 3.1.1
+/// clean_session=false, or 5 clean_start=false with expiry 3600. Returns session-present.
+fn connect_within(node: &Node, id: &str, v5: bool, persistent: bool, secs: u64) -> (Client, bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let expiry = (persistent && v5).then_some(3600);
+        match try_login(node.mqtt, id, v5, !persistent, expiry, None, None) {
+            Ok(r) => return r,
+            Err(code) if Instant::now() < deadline => {
+                eprintln!("{id}: CONNACK {code:#04x} on {}, retrying", node.mqtt);
+                sleep(Duration::from_millis(250));
+            }
+            Err(code) => panic!("{id}: no successful CONNACK on {} ({code:#04x})", node.mqtt),
+        }
+    }
+}
+
+/// Receives until every payload of `want` came (acknowledging each), bounded by `secs`, then
+/// listens 500 ms more for duplicates. Asserts none is missing or unexpected, first deliveries
+/// are in publish order, all at QoS 1, and a repeat carries DUP.
+#[track_caller]
+fn assert_receives_all(c: &mut Client, want: &[Vec<u8>], secs: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut got: Vec<Msg> = Vec::new();
+    let mut seen = HashSet::new();
+    while seen.len() < want.len() && Instant::now() < deadline {
+        for m in c.receive_acking(1, 1) {
+            seen.insert(m.payload.clone());
+            got.push(m);
+        }
+    }
+    got.extend(drain_msgs(c, Duration::from_millis(500)));
+    let missing: Vec<String> = want
+        .iter()
+        .filter(|w| !got.iter().any(|m| &m.payload == *w))
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{what}: {} of {} acknowledged messages missing: {missing:?}",
+        missing.len(),
+        want.len()
+    );
+    let mut firsts = Vec::new();
+    let mut once = HashSet::new();
+    for m in &got {
+        assert!(want.contains(&m.payload), "{what}: unexpected {m:?}");
+        assert_eq!(m.qos, 1, "{what}: delivered QoS of {}", m.text());
+        if once.insert(m.payload.clone()) {
+            firsts.push(m.payload.clone());
+        } else {
+            assert!(m.dup, "{what}: {} delivered twice without DUP", m.text());
+        }
+    }
+    assert_eq!(firsts, want, "{what}: order of first delivery");
+}
+
+/// Logs in with a clean session, retrying refusals within `REPLICATION` (the user may not have
+/// reached `node` yet; the tests that use this raise the failed-login budget).
+fn login_within(node: &Node, id: &str, v5: bool, user: &str, password: &str) -> Client {
+    let deadline = Instant::now() + REPLICATION;
+    loop {
+        match try_login(
+            node.mqtt,
+            id,
+            v5,
+            true,
+            None,
+            Some(user),
+            Some(password.as_bytes()),
+        ) {
+            Ok((c, _)) => return c,
+            Err(code) if Instant::now() < deadline => {
+                eprintln!("{user} on {}: CONNACK {code:#04x}, retrying", node.mqtt);
+                sleep(Duration::from_millis(200));
+            }
+            Err(code) => panic!(
+                "{user} never logged in on {}: CONNACK {code:#04x}",
+                node.mqtt
+            ),
+        }
+    }
+}
+
+/// MQTT 5: DISCONNECT 0x8E (Session taken over) then close; 3.1.1: closed without a byte.
+#[track_caller]
+fn assert_taken_over(c: &mut Client, what: &str) {
+    if c.v5 {
+        let p = c
+            .recv(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{what}: no DISCONNECT (connection left open or closed)"));
+        assert_eq!(
+            disconnect_reason(&p),
+            Some(0x8E),
+            "{what}: wanted DISCONNECT 0x8E, got {p:?}"
+        );
+    }
+    c.raw
+        .s
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (closed, left) = c.raw.closed();
+    assert!(closed, "{what}: the old connection was not closed");
+    assert!(
+        left.is_empty(),
+        "{what}: unexpected bytes before close: {left:02x?}"
+    );
+}
+
+// ----- 1. directory ------------------------------------------------------------------------------
+
+/// A tenant created over REST on B and a user created by that tenant's administrator on C log
+/// in over MQTT on A (and everywhere); wrong passwords stay refused; the tenant's messages
+/// cross nodes but never reach another tenant; a password changed on A changes on C.
+#[test]
+fn three_nodes_share_the_directory() {
+    // The failed logins while waiting for a password change must never be throttled.
+    let [a, b, c] = cluster3(&["--login-ip-burst", "100"]);
+    const MGMT: &str = "management/admin";
+    let t_admin_pw = "Adm-acme-7q!";
+
+    // B printed its addresses only after catching up: the management administrator created
+    // on A's first start works on B at once.
+    let (status, v) = rest(
+        &b,
+        "POST",
+        "/tenant/tenants",
+        MGMT,
+        ADMIN_PW,
+        Some(json!({
+            "company": "Acme Inc",
+            "domain": "acme",
+            "adminName": "admin",
+            "adminPass": t_admin_pw,
+        })),
+    );
+    assert_eq!(status, 201, "create tenant on B: {v}");
+    let tid = v["id"].as_str().expect("tenant id").to_string();
+    let t_admin = format!("{tid}/admin");
+
+    // The tenant reaches A, and its administrator reaches C (polled as management/admin, so
+    // the waiting costs no failed logins).
+    wait_until(REPLICATION.as_secs(), &format!("tenant {tid} on A"), || {
+        rest(
+            &a,
+            "GET",
+            &format!("/tenant/tenants/{tid}"),
+            MGMT,
+            ADMIN_PW,
+            None,
+        )
+        .0 == 200
+    });
+    wait_until(REPLICATION.as_secs(), &format!("{t_admin} on C"), || {
+        rest(
+            &c,
+            "GET",
+            &format!("/user/{tid}/users/admin"),
+            MGMT,
+            ADMIN_PW,
+            None,
+        )
+        .0 == 200
+    });
+    // The tenant administrator's password (hashed on B) works on C.
+    let (status, v) = rest(
+        &c,
+        "POST",
+        &format!("/user/{tid}/users"),
+        &t_admin,
+        t_admin_pw,
+        Some(json!({ "userName": "alice", "password": "pw-alice-1", "fleetmqRole": "user" })),
+    );
+    assert_eq!(status, 201, "create user on C as the tenant admin: {v}");
+
+    // alice logs in on A (and B) once the user got there.
+    let alice = format!("{tid}/alice");
+    let mut alice_a = login_within(&a, "alice-sub", V5, &alice, "pw-alice-1");
+    login_within(&b, "alice-probe", V3, &alice, "pw-alice-1").disconnect();
+    // Everywhere, by tenant id and by domain; a wrong password is refused on every node.
+    for n in [&a, &b, &c] {
+        Client::login(n.mqtt, "alice-probe", V3, &alice, "pw-alice-1").disconnect();
+        Client::login(n.mqtt, "alice-probe", V3, "acme/alice", "pw-alice-1").disconnect();
+        assert_eq!(
+            try_login(
+                n.mqtt,
+                "alice-probe",
+                V3,
+                true,
+                None,
+                Some(&alice),
+                Some(b"pw-wrong")
+            )
+            .err(),
+            Some(4),
+            "wrong password on {}",
+            n.mqtt
+        );
+    }
+
+    // The tenant's messages cross nodes; the anonymous tenant's `#` on B never sees them.
+    alice_a.sub_ok("dir/#", 1);
+    let mut anon_b = Client::clean(b.mqtt, "anon-watch", V3);
+    anon_b.sub_ok("#", 1);
+    let mut alice_c = Client::login(c.mqtt, "alice-pub", V3, &alice, "pw-alice-1");
+    alice_c.publish("dir/x", b"hello from C", 1);
+    assert_eq!(
+        receive_sorted(&mut alice_a, 1, 10),
+        vec![("dir/x".to_string(), "hello from C".to_string(), 1)],
+        "alice on A"
+    );
+    assert_silent(
+        &mut anon_b,
+        Duration::from_millis(500),
+        "another tenant on B",
+    );
+
+    // A password changed on A: the old one stops working on C, the new one works there.
+    let (status, v) = rest(
+        &a,
+        "PUT",
+        &format!("/user/{tid}/users/alice"),
+        MGMT,
+        ADMIN_PW,
+        Some(json!({ "password": "pw-alice-2" })),
+    );
+    assert!(
+        (200..300).contains(&status),
+        "change password on A: {status} {v}"
+    );
+    let deadline = Instant::now() + REPLICATION;
+    loop {
+        match try_login(
+            c.mqtt,
+            "alice-probe",
+            V3,
+            true,
+            None,
+            Some(&alice),
+            Some(b"pw-alice-1"),
+        ) {
+            Err(4) => break,
+            Ok((cl, _)) if Instant::now() < deadline => {
+                cl.disconnect();
+                sleep(Duration::from_millis(200));
+            }
+            Ok(_) => panic!("old password still accepted on C after the change on A"),
+            Err(code) => panic!("old password on C: CONNACK {code:#04x}, wanted 4"),
+        }
+    }
+    Client::login(c.mqtt, "alice-probe", V3, &alice, "pw-alice-2").disconnect();
+}
+
+// ----- 2. forwarding -----------------------------------------------------------------------------
+
+/// Subscribers on A, B and C; a publisher on C sends QoS 0 and QoS 1: each subscriber gets one
+/// copy of each at its QoS. After A unsubscribes, publishes from C (and from another client on
+/// A) still reach B and C but no longer A.
+#[test]
+fn publish_on_one_node_reaches_a_subscriber_on_another() {
+    let [a, b, c] = cluster3(&[]);
+    let mut sub_a = Client::clean(a.mqtt, "fwd-sub-a", V3);
+    let mut sub_b = Client::clean(b.mqtt, "fwd-sub-b", V5);
+    let mut sub_c = Client::clean(c.mqtt, "fwd-sub-c", V3);
+    for s in [&mut sub_a, &mut sub_b, &mut sub_c] {
+        s.sub_ok("fwd/#", 1);
+    }
+
+    // No wait after the SUBACKs: subscriptions are cluster-wide before them.
+    let mut pub_c = Client::clean(c.mqtt, "fwd-pub-c", V5);
+    pub_c.publish("fwd/q0", b"zero", 0);
+    pub_c.publish("fwd/q1", b"one", 1);
+    let want = vec![
+        ("fwd/q0".to_string(), "zero".to_string(), 0),
+        ("fwd/q1".to_string(), "one".to_string(), 1),
+    ];
+    for (s, name) in [(&mut sub_a, "A"), (&mut sub_b, "B"), (&mut sub_c, "C")] {
+        assert_eq!(
+            receive_sorted(s, 2, 10),
+            want,
+            "subscriber on {name}: one copy of each, at the published QoS"
+        );
+    }
+
+    unsubscribe(&mut sub_a, "fwd/#");
+    pub_c.publish("fwd/after", b"after", 1);
+    let mut pub_a = Client::clean(a.mqtt, "fwd-pub-a", V3);
+    pub_a.publish("fwd/rev", b"rev", 1);
+    let want = vec![
+        ("fwd/after".to_string(), "after".to_string(), 1),
+        ("fwd/rev".to_string(), "rev".to_string(), 1),
+    ];
+    assert_eq!(receive_sorted(&mut sub_b, 2, 10), want, "subscriber on B");
+    assert_eq!(receive_sorted(&mut sub_c, 2, 10), want, "subscriber on C");
+    // B's copies came, so A's would have by now.
+    assert_silent(
+        &mut sub_a,
+        Duration::from_secs(1),
+        "unsubscribed subscriber on A",
+    );
+}
+
+// ----- 3. retained -------------------------------------------------------------------------------
+
+/// A retained message set on A is what a new subscriber gets on every node; replaced on C, the
+/// new value alone; cleared on B, nothing anywhere.
+#[test]
+fn retained_message_is_consistent_across_nodes() {
+    let [a, b, c] = cluster3(&[]);
+    let nodes = [(&a, "A"), (&b, "B"), (&c, "C")];
+
+    let mut pa = Client::clean(a.mqtt, "ret-pub-a", V3);
+    publish_retained(&mut pa, "ret/x", b"v1");
+    for (n, name) in nodes {
+        assert_retained_view(n, "ret/#", &["v1"], &format!("set on A, seen on {name}"));
+    }
+
+    let mut pc = Client::clean(c.mqtt, "ret-pub-c", V5);
+    publish_retained(&mut pc, "ret/x", b"v2");
+    for (n, name) in nodes {
+        assert_retained_view(
+            n,
+            "ret/#",
+            &["v2"],
+            &format!("replaced on C, seen on {name}"),
+        );
+    }
+
+    let mut pb = Client::clean(b.mqtt, "ret-pub-b", V3);
+    publish_retained(&mut pb, "ret/x", b"");
+    for (n, name) in nodes {
+        assert_retained_view(n, "ret/#", &[], &format!("cleared on B, seen on {name}"));
+    }
+}
+
+// ----- 4. takeover -------------------------------------------------------------------------------
+
+/// One MQTT 5 client id connects on A, then B, then C: each earlier connection gets DISCONNECT
+/// 0x8E and is closed. One 3.1.1 client id connects on C, then A: the first is closed. The
+/// surviving connections receive what other nodes publish, and the nodes count exactly them.
+#[test]
+fn takeover_across_nodes_leaves_exactly_one_connection() {
+    let [a, b, c] = cluster3(&[]);
+
+    let mut on_a = Client::clean(a.mqtt, "to5", V5);
+    let mut on_b = Client::clean(b.mqtt, "to5", V5);
+    assert_taken_over(&mut on_a, "to5 on A after connecting on B");
+    let mut on_c = Client::clean(c.mqtt, "to5", V5);
+    assert_taken_over(&mut on_b, "to5 on B after connecting on C");
+    on_c.sub_ok("to/5", 1);
+
+    let mut old = Client::clean(c.mqtt, "to4", V3);
+    let mut new = Client::clean(a.mqtt, "to4", V3);
+    assert_taken_over(&mut old, "to4 on C after connecting on A");
+    new.sub_ok("to/4", 1);
+
+    // The survivors receive from the other nodes, one copy each.
+    {
+        let mut pb = Client::clean(b.mqtt, "to-pub-b", V3);
+        pb.publish("to/5", b"for to5", 1);
+        pb.publish("to/4", b"for to4", 1);
+    }
+    assert_eq!(
+        receive_sorted(&mut on_c, 1, 10),
+        vec![("to/5".to_string(), "for to5".to_string(), 1)],
+        "to5 on C"
+    );
+    assert_eq!(
+        receive_sorted(&mut new, 1, 10),
+        vec![("to/4".to_string(), "for to4".to_string(), 1)],
+        "to4 on A"
+    );
+
+    // Only those two connections are left: to4 on A, to5 on C (the publisher is gone).
+    let counts = || [&a, &b, &c].map(|n| n.metric("fleetmq_connections"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counts() != [1.0, 0.0, 1.0] && Instant::now() < deadline {
+        sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        counts(),
+        [1.0, 0.0, 1.0],
+        "open MQTT connections on A, B, C"
+    );
+}
+
+// ----- 5. persistent session on another node -----------------------------------------------------
+
+/// 3.1.1 (clean_session=false) and 5 (expiry 3600) sessions subscribe at QoS 1 on A and go
+/// offline; 20 messages are published at QoS 1 on C; the clients reconnect on B: session
+/// present, every message in order, and the subscription still routes what A publishes.
+#[test]
+fn persistent_session_resumes_on_another_node() {
+    let [a, b, c] = cluster3(&[]);
+    let ids = [(V3, "ps-v4"), (V5, "ps-v5")];
+    for (v5, id) in ids {
+        let (mut s, present) = Client::persistent(a.mqtt, id, v5);
+        assert!(!present, "{id}: a new session is not present");
+        s.sub_ok("ps/#", 1);
+        s.disconnect();
+    }
+
+    let want = payloads("ps-m", 20);
+    let mut pc = Client::clean(c.mqtt, "ps-pub-c", V3);
+    pc.publish_many("ps/t", &want, 1);
+
+    let mut resumed = Vec::new();
+    for (v5, id) in ids {
+        let (mut s, present) = Client::persistent(b.mqtt, id, v5);
+        assert!(present, "{id}: session started on A must be present on B");
+        assert_receives_all(&mut s, &want, 20, &format!("{id} resumed on B"));
+        resumed.push((id, s));
+    }
+
+    let mut pa = Client::clean(a.mqtt, "ps-pub-a", V5);
+    pa.publish("ps/live", b"live", 1);
+    for (id, s) in &mut resumed {
+        assert_eq!(
+            receive_sorted(s, 1, 10),
+            vec![("ps/live".to_string(), "live".to_string(), 1)],
+            "{id}: the subscription moved to B with the session"
+        );
+    }
+}
+
+// ----- 6. persistent session after kill -9 of its node -------------------------------------------
+
+/// Persistent sessions subscribe on A and go offline; 20 QoS 1 messages are published and
+/// PUBACKed on C; A is killed with SIGKILL. On B the sessions resume (present) with every
+/// message, and the two remaining nodes keep routing. A restarted on its data directory and
+/// gRPC port rejoins and serves again.
+#[test]
+fn persistent_session_survives_kill_of_its_node() {
+    let [mut a, b, c] = cluster3(&[]);
+    let ids = [(V3, "k9-v4"), (V5, "k9-v5")];
+    for (v5, id) in ids {
+        let (mut s, present) = Client::persistent(a.mqtt, id, v5);
+        assert!(!present, "{id}: a new session is not present");
+        s.sub_ok("k9/#", 1);
+        s.disconnect();
+    }
+
+    let want = payloads("k9-m", 20);
+    {
+        let mut pc = Client::clean(c.mqtt, "k9-pub-c", V5);
+        pc.publish_many("k9/t", &want, 1);
+    }
+    a.kill9();
+
+    // A may have been the leader: allow an election before the CONNACK.
+    let mut resumed = Vec::new();
+    for (v5, id) in ids {
+        let (mut s, present) = connect_within(&b, id, v5, true, 30);
+        assert!(present, "{id}: session must survive kill -9 of A");
+        assert_receives_all(
+            &mut s,
+            &want,
+            20,
+            &format!("{id} resumed on B after kill -9 of A"),
+        );
+        resumed.push((id, s));
+    }
+
+    // B and C still form a majority and route between them.
+    let mut pc = connect_within(&c, "k9-pub-c2", V3, false, 30).0;
+    pc.publish("k9/live", b"live", 1);
+    for (id, s) in &mut resumed {
+        assert_eq!(
+            receive_sorted(s, 1, 10),
+            vec![("k9/live".to_string(), "live".to_string(), 1)],
+            "{id}: live message on B from C with A down"
+        );
+    }
+
+    // A comes back on the same data directory and gRPC port and serves again.
+    a.restart();
+    let mut back = connect_within(&a, "k9-back", V3, false, 30).0;
+    back.sub_ok("back/#", 1);
+    let mut pb = Client::clean(b.mqtt, "k9-pub-b", V3);
+    pb.publish("back/x", b"welcome back", 1);
+    assert_eq!(
+        receive_sorted(&mut back, 1, 10),
+        vec![("back/x".to_string(), "welcome back".to_string(), 1)],
+        "subscriber on the restarted A"
+    );
+}

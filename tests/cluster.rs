@@ -697,3 +697,668 @@ fn persistent_session_survives_kill_of_its_node() {
         "subscriber on the restarted A"
     );
 }
+
+// ----- 7. kill -9 mid-stream ---------------------------------------------------------------------
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+const NODE_NAMES: [&str; 3] = ["A", "B", "C"];
+const STREAM_Q1: &str = "stream/q1";
+const STREAM_Q2: &str = "stream/q2";
+/// The stream's two persistent subscribers: (filter, QoS, MQTT 5, client id). S1 is 3.1.1
+/// clean_session=false at QoS 1, S2 is 5 with session expiry 3600 at QoS 2.
+const STREAM_SUBS: [(&str, u8, bool, &str); 2] =
+    [(STREAM_Q1, 1, V3, "kill-s1"), (STREAM_Q2, 2, V5, "kill-s2")];
+
+/// One PUBLISH a stream subscriber received.
+#[derive(Debug, Clone)]
+struct Delivery {
+    topic: String,
+    text: String,
+    qos: u8,
+    pid: u16,
+    dup: bool,
+    /// False for a QoS 2 retransmission: DUP set and the same packet id and payload still
+    /// awaiting their PUBREL, which a client answers with PUBREC again without delivering
+    /// anything (MQTT 4.3.3). Every other PUBLISH is a new delivery to the application.
+    new: bool,
+    /// Which connection of the subscriber it came on (1 = the first).
+    conn: u32,
+}
+
+/// What a stream subscriber received over all its connections, and the client side of its
+/// session: the QoS 2 packet ids answered with PUBREC and not yet released, kept across
+/// reconnects as a real client keeps them.
+#[derive(Default)]
+struct StreamLog {
+    got: Vec<Delivery>,
+    awaiting_rel: HashMap<u16, Vec<u8>>,
+    /// Protocol oddities (QoS 0 deliveries, unexpected packets, a packet id reused while it
+    /// awaits PUBREL).
+    odd: Vec<String>,
+    conn: u32,
+    last_packet: Option<Instant>,
+}
+
+/// Locks a log even if a reader thread panicked holding it (the panic is reported apart).
+fn lock(log: &Mutex<StreamLog>) -> MutexGuard<'_, StreamLog> {
+    log.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl StreamLog {
+    /// Records one packet and answers it as a client does: PUBACK; PUBREC; PUBCOMP on PUBREL.
+    /// Write errors are ignored: the node may have just been killed.
+    fn handle(&mut self, c: &mut Client, p: Pkt) {
+        use std::io::Write as _;
+        self.last_packet = Some(Instant::now());
+        match p.kind() {
+            PUBLISH => {
+                let m = parse_publish(&p, c.v5);
+                let mut new = true;
+                match m.qos {
+                    1 => {
+                        let _ = c.raw.s.write_all(&ack_packet(PUBACK, m.pid));
+                    }
+                    2 => {
+                        match self.awaiting_rel.get(&m.pid) {
+                            Some(prev) if *prev == m.payload => new = !m.dup,
+                            Some(prev) => self.odd.push(format!(
+                                "conn {}: packet id {} reused for {:?} while {:?} awaits PUBREL",
+                                self.conn,
+                                m.pid,
+                                m.text(),
+                                String::from_utf8_lossy(prev)
+                            )),
+                            None => {}
+                        }
+                        self.awaiting_rel.insert(m.pid, m.payload.clone());
+                        let _ = c.raw.s.write_all(&ack_packet(PUBREC, m.pid));
+                    }
+                    _ => self.odd.push(format!(
+                        "conn {}: QoS 0 delivery of {:?} on {}",
+                        self.conn,
+                        m.text(),
+                        m.topic
+                    )),
+                }
+                self.got.push(Delivery {
+                    text: m.text(),
+                    topic: m.topic,
+                    qos: m.qos,
+                    pid: m.pid,
+                    dup: m.dup,
+                    new,
+                    conn: self.conn,
+                });
+            }
+            PUBREL => {
+                self.awaiting_rel.remove(&p.pid());
+                let _ = c.raw.s.write_all(&ack_packet(PUBCOMP, p.pid()));
+            }
+            k => self.odd.push(format!(
+                "conn {}: unexpected packet type {k}: {p:?}",
+                self.conn
+            )),
+        }
+    }
+}
+
+/// Reads a stream subscriber on its own thread, until its connection closes (returns `None`)
+/// or `stop` is set (returns the still-open client). Bounded at 120 s.
+fn spawn_stream_reader(
+    mut c: Client,
+    log: Arc<Mutex<StreamLog>>,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<Option<Client>> {
+    std::thread::spawn(move || {
+        let hard_stop = Instant::now() + Duration::from_secs(120);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < hard_stop {
+            let t0 = Instant::now();
+            match c.recv(Duration::from_millis(300)) {
+                Some(p) => lock(&log).handle(&mut c, p),
+                // A read that gives up well before its timeout met EOF or a reset.
+                None if t0.elapsed() < Duration::from_millis(200) => return None,
+                None => {}
+            }
+        }
+        Some(c)
+    })
+}
+
+/// Joins reader threads; returns the clients still connected, by subscriber index. A reader
+/// that panicked, or (with `expect_open`) whose connection closed, is noted.
+fn join_stream_readers(
+    readers: Vec<(usize, JoinHandle<Option<Client>>)>,
+    expect_open: Option<&str>,
+    notes: &mut Vec<String>,
+) -> [Option<Client>; 2] {
+    let mut out = [None, None];
+    for (i, h) in readers {
+        let id = STREAM_SUBS[i].3;
+        match h.join() {
+            Ok(Some(c)) => out[i] = Some(c),
+            Ok(None) => {
+                if let Some(name) = expect_open {
+                    notes.push(format!("{id}: connection to {name} closed while draining"));
+                }
+            }
+            Err(_) => notes.push(format!("{id}: reader thread panicked")),
+        }
+    }
+    out
+}
+
+/// Like `connect_within` (without credentials, retrying for up to `secs`), but returns what
+/// went wrong instead of panicking, and survives a refused TCP connect.
+fn try_connect_within(
+    addr: SocketAddr,
+    id: &str,
+    v5: bool,
+    persistent: bool,
+    secs: u64,
+) -> Result<(Client, bool), String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let expiry = (persistent && v5).then_some(3600);
+        let err = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                match try_login_on(Raw { s }, id, v5, !persistent, expiry, None, None) {
+                    Ok(r) => return Ok(r),
+                    Err(code) => format!("CONNACK {code:#04x}"),
+                }
+            }
+            Err(e) => format!("TCP connect: {e}"),
+        };
+        if Instant::now() >= deadline {
+            return Err(format!("{id} on {addr}: {err}"));
+        }
+        eprintln!("{id}: {err} on {addr}, retrying");
+        sleep(Duration::from_millis(250));
+    }
+}
+
+/// Waits up to 10 s for the acknowledgement `kind` of `pid`, skipping anything else; false
+/// on silence or a closed connection.
+fn await_ack(c: &mut Client, kind: u8, pid: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        match c.recv(left) {
+            Some(p) if p.kind() == kind && p.body.len() >= 2 && p.pid() == pid => return true,
+            Some(p) => eprintln!("stream publisher: skipping {p:?} awaiting type {kind} of {pid}"),
+            None => return false,
+        }
+    }
+}
+
+/// The stream's publisher: 3.1.1 with a persistent session on one node, one flow at a time.
+/// A flow that gets no acknowledgement (closed connection, or 10 s of silence) resumes on a
+/// new connection to the same node: the PUBLISH again with DUP and the same packet id, or the
+/// PUBREL once PUBREC came (MQTT 4.4). Three attempts per message.
+struct StreamPublisher {
+    addr: SocketAddr,
+    id: String,
+    c: Option<Client>,
+    next_pid: u16,
+    reconnects: u32,
+}
+
+impl StreamPublisher {
+    fn new(addr: SocketAddr, id: String) -> StreamPublisher {
+        let mut p = StreamPublisher {
+            addr,
+            id,
+            c: None,
+            next_pid: 1,
+            reconnects: 0,
+        };
+        p.connect();
+        p
+    }
+
+    /// (Re)connects, retrying for up to 30 s; the old connection is closed first.
+    fn connect(&mut self) {
+        self.c = None;
+        match try_connect_within(self.addr, &self.id, V3, true, 30) {
+            Ok((c, present)) => {
+                if self.reconnects > 0 && !present {
+                    eprintln!("{}: session not present after reconnecting", self.id);
+                }
+                self.c = Some(c);
+            }
+            Err(e) => eprintln!("{}: {e}", self.id),
+        }
+    }
+
+    /// Publishes one message; true once it is acknowledged (PUBACK, or PUBREC then PUBCOMP).
+    /// `kill` is killed right after the first PUBLISH was written, before its acknowledgement.
+    fn publish(
+        &mut self,
+        topic: &str,
+        qos: u8,
+        payload: &[u8],
+        mut kill: Option<&mut Node>,
+    ) -> bool {
+        use std::io::Write as _;
+        let pid = self.next_pid;
+        self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
+        let mut dup = false;
+        let mut got_rec = false;
+        for attempt in 0..3 {
+            if attempt > 0 {
+                self.reconnects += 1;
+                eprintln!(
+                    "{}: no acknowledgement for {:?} (pid {pid}), reconnecting to {}",
+                    self.id,
+                    String::from_utf8_lossy(payload),
+                    self.addr
+                );
+                self.connect();
+            }
+            let Some(c) = self.c.as_mut() else { continue };
+            let packet = if got_rec {
+                ack_packet(PUBREL, pid)
+            } else {
+                publish_packet(false, topic.as_bytes(), qos, pid, dup, payload)
+            };
+            let sent = c.raw.s.write_all(&packet).is_ok();
+            dup = true;
+            if let Some(n) = kill.take() {
+                n.kill9();
+            }
+            if !sent {
+                continue;
+            }
+            if qos == 1 {
+                if await_ack(c, PUBACK, pid) {
+                    return true;
+                }
+                continue;
+            }
+            if !got_rec {
+                if !await_ack(c, PUBREC, pid) {
+                    continue;
+                }
+                got_rec = true;
+                if c.raw.s.write_all(&ack_packet(PUBREL, pid)).is_err() {
+                    continue;
+                }
+            }
+            if await_ack(c, PUBCOMP, pid) {
+                return true;
+            }
+        }
+        if let Some(n) = kill.take() {
+            n.kill9();
+        }
+        false
+    }
+}
+
+/// Reconnects stream subscriber `i` with clean_session=false (5: clean_start=false, expiry
+/// 3600) on `node`, retrying up to 30 s while the cluster recovers. A session that is not
+/// present is noted (the round fails) and subscribed again, so later rounds still test.
+fn resume_stream_sub(
+    node: &Node,
+    name: &str,
+    i: usize,
+    log: &Mutex<StreamLog>,
+    notes: &mut Vec<String>,
+) -> Option<Client> {
+    let (topic, qos, v5, id) = STREAM_SUBS[i];
+    match try_connect_within(node.mqtt, id, v5, true, 30) {
+        Ok((mut c, present)) => {
+            lock(log).conn += 1;
+            if !present {
+                notes.push(format!("{id}: session not present on {name}"));
+                let codes = c.subscribe(topic, qos);
+                if codes != [qos] {
+                    notes.push(format!("{id}: subscribing again on {name}: {codes:?}"));
+                }
+            }
+            Some(c)
+        }
+        Err(e) => {
+            notes.push(format!("{id}: could not resume on {name}: {e}"));
+            None
+        }
+    }
+}
+
+/// Waits up to 30 s until `node` completes a CONNECT and a SUBSCRIBE (clean session): it
+/// serves MQTT and reaches its peers (a SUBACK waits for every live peer).
+fn probe_ready(node: &Node) -> Result<(), String> {
+    use std::io::Write as _;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let err = match try_connect_within(node.mqtt, "kill-probe", V3, false, 30) {
+            Ok((mut c, _)) => {
+                let pid = c.take_pid();
+                let _ = c
+                    .raw
+                    .s
+                    .write_all(&subscribe_packet(false, pid, b"kill-probe/#", 1));
+                match c.recv(Duration::from_secs(10)) {
+                    Some(p) if p.kind() == SUBACK && p.body.get(2) == Some(&1) => {
+                        c.disconnect();
+                        return Ok(());
+                    }
+                    other => format!("SUBSCRIBE answered with {other:?}"),
+                }
+            }
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(err);
+        }
+        sleep(Duration::from_millis(250));
+    }
+}
+
+/// Waits until every payload acknowledged in the round reached its subscriber and both were
+/// silent for `idle`, or `cap` passed.
+fn wait_stream_drained(
+    logs: &[Arc<Mutex<StreamLog>>; 2],
+    acked: &[Vec<String>; 2],
+    idle: Duration,
+    cap: Duration,
+) {
+    let start = Instant::now();
+    loop {
+        let now = Instant::now();
+        let mut complete = true;
+        let mut quiet = true;
+        for (log, acked) in logs.iter().zip(acked) {
+            let l = lock(log);
+            let seen: HashSet<&str> = l.got.iter().map(|d| d.text.as_str()).collect();
+            complete &= acked.iter().all(|a| seen.contains(a.as_str()));
+            let last = l.last_packet.map_or(start, |t| t.max(start));
+            quiet &= now.duration_since(last) >= idle;
+        }
+        if (complete && quiet) || now.duration_since(start) >= cap {
+            return;
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// One round of the stream: who was killed, published from, resumed on, and what happened.
+struct StreamRound {
+    r: usize,
+    v: usize,
+    p: usize,
+    m: usize,
+    /// The sequence number whose PUBLISH was on the wire when V was killed.
+    kill_seq: Option<usize>,
+    /// Payloads published, and those acknowledged, per subscriber (index into `STREAM_SUBS`).
+    published: [Vec<String>; 2],
+    acked: [Vec<String>; 2],
+    /// Anything else that failed the round (a session not present, a subscriber that could
+    /// not reconnect, a publish never acknowledged by the live publisher node).
+    notes: Vec<String>,
+}
+
+impl StreamRound {
+    /// The round's counts over everything received so far: (passed, report). S1: every
+    /// acknowledged QoS 1 payload received at least once. S2: every acknowledged QoS 2 payload
+    /// received, and no payload of the round delivered as new more than once.
+    fn verdict(&self, logs: &[Arc<Mutex<StreamLog>>; 2]) -> (bool, String) {
+        fn some(v: &[String]) -> String {
+            let mut s = v.iter().take(12).cloned().collect::<Vec<_>>().join(", ");
+            if v.len() > 12 {
+                s.push_str(&format!(", ... ({} in all)", v.len()));
+            }
+            s
+        }
+        let prefix = format!("{}:", self.r);
+        let mut ok = self.notes.is_empty();
+        let mut report = format!(
+            "round {} (killed {}, publisher on {}, resumed on {}, kill at seq {:?}):",
+            self.r, NODE_NAMES[self.v], NODE_NAMES[self.p], NODE_NAMES[self.m], self.kill_seq
+        );
+        for (i, (topic, qos, _, id)) in STREAM_SUBS.iter().enumerate() {
+            let l = lock(&logs[i]);
+            let mine: Vec<&Delivery> = l
+                .got
+                .iter()
+                .filter(|d| d.text.starts_with(&prefix))
+                .collect();
+            let mut all: HashMap<&str, Vec<&Delivery>> = HashMap::new();
+            let mut stray = Vec::new();
+            for d in &mine {
+                all.entry(d.text.as_str()).or_default().push(d);
+                if d.topic != *topic || d.qos != *qos || !self.published[i].contains(&d.text) {
+                    stray.push(format!("{} on {} at QoS {}", d.text, d.topic, d.qos));
+                }
+            }
+            let lost: Vec<String> = self.acked[i]
+                .iter()
+                .filter(|a| !all.contains_key(a.as_str()))
+                .cloned()
+                .collect();
+            let copies: usize = all.values().map(|v| v.len() - 1).sum();
+            let retransmitted = mine.iter().filter(|d| !d.new).count();
+            let mut dups: Vec<String> = Vec::new();
+            if *qos == 2 {
+                for (text, ds) in &all {
+                    if ds.iter().filter(|d| d.new).count() > 1 {
+                        let how: Vec<String> = ds
+                            .iter()
+                            .map(|d| {
+                                let dup = if d.dup { " DUP" } else { "" };
+                                let new = if d.new { "" } else { " (retransmission)" };
+                                format!("conn {} pid {}{dup}{new}", d.conn, d.pid)
+                            })
+                            .collect();
+                        dups.push(format!("{text} [{}]", how.join("; ")));
+                    }
+                }
+                dups.sort();
+            }
+            ok &= lost.is_empty() && dups.is_empty() && stray.is_empty();
+            report.push_str(&format!(
+                "\n  {id} {topic} QoS {qos}: published {} acknowledged {} received {} lost {} \
+                 duplicated {} (extra copies {copies}, QoS 2 retransmissions {retransmitted})",
+                self.published[i].len(),
+                self.acked[i].len(),
+                all.len(),
+                lost.len(),
+                dups.len(),
+            ));
+            if !lost.is_empty() {
+                report.push_str(&format!("\n    lost: {}", some(&lost)));
+            }
+            if !dups.is_empty() {
+                report.push_str(&format!("\n    delivered twice as new: {}", some(&dups)));
+            }
+            if !stray.is_empty() {
+                report.push_str(&format!("\n    unexpected: {}", some(&stray)));
+            }
+        }
+        for n in &self.notes {
+            report.push_str(&format!("\n  note: {n}"));
+        }
+        report.push_str(if ok { "\n  => ok" } else { "\n  => FAILED" });
+        (ok, report)
+    }
+}
+
+/// Ten rounds of: two persistent subscribers (3.1.1 QoS 1 on `stream/q1`, 5 QoS 2 on
+/// `stream/q2`) connected to node V, a publisher on another node P sending a numbered stream
+/// to both topics, V killed with SIGKILL mid-stream while P keeps publishing, the subscribers
+/// resuming (session present) on a third node M (or P) and draining, V restarted. Every
+/// message acknowledged to the publisher reaches S1 at least once and S2 exactly once. V, P
+/// and M rotate so each node is killed three or four times; the counts of every round are
+/// printed before the verdict.
+#[test]
+fn kill_9_mid_stream_loses_no_acknowledged_message() {
+    const ROUNDS: usize = 10;
+    /// Acknowledged messages of a round before V is killed, and publishes after.
+    const BEFORE_KILL: usize = 40;
+    const AFTER_KILL: usize = 40;
+    /// Silence that ends a drain once everything acknowledged arrived, and its cap otherwise.
+    const IDLE: Duration = Duration::from_secs(2);
+    const DRAIN_CAP: Duration = Duration::from_secs(20);
+    let started = Instant::now();
+    let mut nodes = cluster3(&[]);
+    let logs: [Arc<Mutex<StreamLog>>; 2] = Default::default();
+
+    // The sessions are new on A and subscribe there; later rounds only resume them.
+    let mut conns: [Option<Client>; 2] = [None, None];
+    for (i, (topic, qos, v5, id)) in STREAM_SUBS.into_iter().enumerate() {
+        let (mut c, present) = Client::persistent(nodes[0].mqtt, id, v5);
+        assert!(!present, "{id}: a new session is not present");
+        c.sub_ok(topic, qos);
+        lock(&logs[i]).conn = 1;
+        conns[i] = Some(c);
+    }
+
+    let mut rounds: Vec<StreamRound> = Vec::new();
+    // The subscribers' node: this round's victim; the next round's is where they moved.
+    let mut v = 0;
+    for r in 0..ROUNDS {
+        let m = (v + 1) % 3;
+        let p = if r % 2 == 0 { (v + 2) % 3 } else { m };
+        let mut rd = StreamRound {
+            r,
+            v,
+            p,
+            m,
+            kill_seq: None,
+            published: Default::default(),
+            acked: Default::default(),
+            notes: Vec::new(),
+        };
+        eprintln!(
+            "round {r} at {:.1?}: subscribers on {} (to be killed), publisher on {}, resume on {}",
+            started.elapsed(),
+            NODE_NAMES[v],
+            NODE_NAMES[p],
+            NODE_NAMES[m]
+        );
+
+        // The subscribers read and acknowledge on their own threads while the stream runs.
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for i in 0..2 {
+            let c = match conns[i].take() {
+                Some(c) => Some(c),
+                None => resume_stream_sub(&nodes[v], NODE_NAMES[v], i, &logs[i], &mut rd.notes),
+            };
+            if let Some(c) = c {
+                readers.push((i, spawn_stream_reader(c, logs[i].clone(), stop.clone())));
+            }
+        }
+
+        // The stream, alternately QoS 1 to stream/q1 and QoS 2 to stream/q2, payload
+        // "round:seq". V dies with a PUBLISH on the wire once BEFORE_KILL were acknowledged.
+        let mut publ = StreamPublisher::new(nodes[p].mqtt, format!("kill-pub-{r}"));
+        let mut seq = 0;
+        let mut after_kill = 0;
+        loop {
+            let killed = rd.kill_seq.is_some();
+            if killed && after_kill >= AFTER_KILL {
+                break;
+            }
+            let i = seq % 2;
+            let (topic, qos, _, _) = STREAM_SUBS[i];
+            let payload = format!("{r}:{seq}");
+            let kill_now = !killed && rd.acked[0].len() + rd.acked[1].len() >= BEFORE_KILL;
+            let victim = if kill_now { Some(&mut nodes[v]) } else { None };
+            let ok = publ.publish(topic, qos, payload.as_bytes(), victim);
+            if kill_now {
+                nodes[v].kill9(); // no-op: the publisher killed it already
+                rd.kill_seq = Some(seq);
+                eprintln!(
+                    "round {r}: killed {} at {:.1?} with {payload} on the wire",
+                    NODE_NAMES[v],
+                    started.elapsed()
+                );
+            }
+            if rd.kill_seq.is_some() {
+                after_kill += 1;
+            }
+            rd.published[i].push(payload.clone());
+            if ok {
+                rd.acked[i].push(payload);
+            } else {
+                rd.notes.push(format!(
+                    "{payload} never acknowledged by {} (live), stream stopped",
+                    NODE_NAMES[p]
+                ));
+                break;
+            }
+            seq += 1;
+        }
+        if rd.kill_seq.is_none() {
+            nodes[v].kill9();
+            rd.kill_seq = Some(seq);
+        }
+        drop(publ);
+        stop.store(true, Ordering::SeqCst);
+        // Connections to the dead V: closed, or dropped here.
+        drop(join_stream_readers(readers, None, &mut rd.notes));
+
+        // Resume both sessions on M (an election may be under way) and drain.
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for (i, log) in logs.iter().enumerate() {
+            if let Some(c) = resume_stream_sub(&nodes[m], NODE_NAMES[m], i, log, &mut rd.notes) {
+                readers.push((i, spawn_stream_reader(c, log.clone(), stop.clone())));
+            }
+        }
+        wait_stream_drained(&logs, &rd.acked, IDLE, DRAIN_CAP);
+        stop.store(true, Ordering::SeqCst);
+        conns = join_stream_readers(readers, Some(NODE_NAMES[m]), &mut rd.notes);
+
+        // V comes back (same data directory, node id and gRPC port) before the next round.
+        if r + 1 < ROUNDS {
+            nodes[v].restart();
+            if let Err(e) = probe_ready(&nodes[v]) {
+                rd.notes
+                    .push(format!("restarted {} not ready: {e}", NODE_NAMES[v]));
+            }
+        }
+        eprintln!("{}", rd.verdict(&logs).1);
+        rounds.push(rd);
+        v = m;
+    }
+
+    // The verdicts again over everything received (a late duplicate counts for its round).
+    eprintln!("==== all rounds, {:.1?} in ====", started.elapsed());
+    let mut failed = Vec::new();
+    for rd in &rounds {
+        let (ok, report) = rd.verdict(&logs);
+        eprintln!("{report}");
+        if !ok {
+            failed.push(rd.r);
+        }
+    }
+    let mut odd = Vec::new();
+    for (i, log) in logs.iter().enumerate() {
+        let l = lock(log);
+        let id = STREAM_SUBS[i].3;
+        odd.extend(l.odd.iter().map(|o| format!("{id}: {o}")));
+        odd.extend(
+            l.got
+                .iter()
+                .filter(|d| !(0..ROUNDS).any(|r| d.text.starts_with(&format!("{r}:"))))
+                .map(|d| format!("{id}: unexpected {:?} on {}", d.text, d.topic)),
+        );
+    }
+    for o in &odd {
+        eprintln!("odd: {o}");
+    }
+    assert!(
+        failed.is_empty() && odd.is_empty(),
+        "rounds failed: {failed:?}; protocol oddities: {odd:?} (reports above)"
+    );
+}

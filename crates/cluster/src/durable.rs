@@ -311,6 +311,19 @@ impl Durable {
     /// called, so that reads of the local state machine see every acknowledged write (used
     /// before a session moves here from another node).
     pub async fn read_barrier(&self) -> Result<(), ClusterError> {
+        // Retried through a failover (an election takes a few hundred milliseconds).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.read_barrier_once().await {
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn read_barrier_once(&self) -> Result<(), ClusterError> {
         let raft = &self.inner.raft;
         let empty = Batch(Arc::new(Vec::new()));
         let leader_addr = {
@@ -351,6 +364,30 @@ impl Durable {
             .await
             .map_err(|e| ClusterError::Timeout(e.to_string()))?;
         Ok(())
+    }
+
+    /// The index of the last entry applied here.
+    pub fn applied_index(&self) -> u64 {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0)
+    }
+
+    /// Waits (at most `timeout`) until this node has applied `index`; false on timeout.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        if self.applied_index() >= index {
+            return true;
+        }
+        self.inner
+            .raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "applied index")
+            .await
+            .is_ok()
     }
 
     /// Current Raft metrics (leadership, log and applied index), for health checks.

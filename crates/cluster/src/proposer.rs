@@ -22,6 +22,9 @@ use crate::type_config::{Batch, Raft, TypeConfig};
 /// leader to answer a forwarded one.
 const LEADER_WAIT: Duration = Duration::from_secs(3);
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a follower keeps retrying a proposal while the leader it knew is unreachable
+/// (an election takes a few hundred milliseconds; a minority partition never ends one).
+const FAILOVER_WINDOW: Duration = Duration::from_secs(5);
 
 /// Where proposals go when this node is not the leader of its group.
 #[derive(Clone)]
@@ -176,9 +179,25 @@ async fn submit(
     metrics::counter!("fleetmq_raft_proposals_total").increment(cmds.len() as u64);
     let started = Instant::now();
     let batch = Batch(std::sync::Arc::new(cmds));
-    let pending = match leader(raft, route).await {
+    // A leader that died or stepped down is retried until a new one is known (bounded), so a
+    // failover delays proposals instead of failing them; order is kept, as this task does
+    // nothing else meanwhile.
+    let retry_until = Instant::now() + FAILOVER_WINDOW;
+    let leader = loop {
+        match leader(raft, route).await {
+            Ok(Some(addr)) => match forward(route, &addr, &batch).await {
+                Pending::Done(Err(e)) if e.is_retryable() && Instant::now() < retry_until => {
+                    tracing::debug!(error = %e, "leader unreachable; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                done => break Ok(Some(done)),
+            },
+            other => break other.map(|_| None),
+        }
+    };
+    let pending = match leader {
         Err(e) => Pending::Done(Err(e)),
-        Ok(Some(addr)) => forward(route, &addr, &batch).await,
+        Ok(Some(done)) => done,
         Ok(None) => match raft.client_write_ff(batch).await {
             Ok(rx) => Pending::Local(rx),
             Err(fatal) => {

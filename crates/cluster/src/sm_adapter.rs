@@ -14,17 +14,22 @@ use openraft::{
 
 use crate::type_config::{RaftStorageError, TypeConfig};
 
-/// What a node's caches learn from its state machine: the directory and retained commands it
-/// applied (whoever proposed them), or that a snapshot replaced everything.
+/// What a node's caches learn from its state machine: the commands it applied that other
+/// nodes' in-memory state mirrors (directory, retained messages, persistent subscriptions and
+/// holders, orphan deliveries), whoever proposed them, or that a snapshot replaced everything.
 #[derive(Debug, Clone)]
 pub enum Applied {
-    /// Directory and retained-message commands of one entry, in log order.
-    Commands(Vec<fleetmq_storage::Command>),
+    /// Observed commands of one entry, in log order, with the entry's index and each
+    /// command's response.
+    Commands {
+        index: u64,
+        cmds: Vec<(fleetmq_storage::Command, fleetmq_storage::Response)>,
+    },
     /// A snapshot was installed: reload every cache from the state machine.
     Snapshot,
 }
 
-/// True for the commands other nodes' in-memory caches mirror.
+/// True for the commands other nodes' in-memory state mirrors.
 fn observed(cmd: &fleetmq_storage::Command) -> bool {
     use fleetmq_storage::Command as C;
     matches!(
@@ -33,6 +38,11 @@ fn observed(cmd: &fleetmq_storage::Command) -> bool {
             | C::DeleteEntry { .. }
             | C::DeleteTenantEntries { .. }
             | C::SetRetained { .. }
+            | C::PutSession { .. }
+            | C::DeleteSession { .. }
+            | C::Subscribe { .. }
+            | C::Unsubscribe { .. }
+            | C::Enqueue { .. }
     )
 }
 
@@ -132,8 +142,17 @@ impl RaftStateMachine<TypeConfig> for SmAdapter {
                         .apply(log_id.index, &batch.0, Some((&applied, None)))
                         .map_err(apply_err)?;
                     if self.observer.is_some() && batch.0.iter().any(observed) {
-                        let cmds = batch.0.iter().filter(|c| observed(c)).cloned().collect();
-                        self.notify(Applied::Commands(cmds));
+                        let cmds = batch
+                            .0
+                            .iter()
+                            .zip(resp.iter())
+                            .filter(|(c, _)| observed(c))
+                            .map(|(c, r)| (c.clone(), r.clone()))
+                            .collect();
+                        self.notify(Applied::Commands {
+                            index: log_id.index,
+                            cmds,
+                        });
                     }
                     resp
                 }

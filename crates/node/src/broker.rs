@@ -273,12 +273,16 @@ impl Broker {
             self.publish_detached(tenant.clone(), msg);
         }
         if persistent {
+            if !present {
+                session.state.lock().durable_from = self.durable.applied_index();
+            }
             let record = SessionRecord {
                 expiry_secs,
                 protocol,
                 disconnected_at_ms: None,
                 subscriptions: subs,
             };
+            let hold = self.cluster.hold_command(&key);
             self.durable
                 .propose(Command::PutSession {
                     key,
@@ -286,6 +290,9 @@ impl Broker {
                     fresh: !present,
                 })
                 .await?;
+            if let Some(h) = hold {
+                self.durable.propose_nowait(h);
+            }
         } else if was_persistent {
             self.durable.propose(Command::DeleteSession { key }).await?;
         }
@@ -425,6 +432,9 @@ impl Broker {
                     self.durable.propose_nowait(Command::DeleteSession {
                         key: session.key.clone(),
                     });
+                    if let Some(r) = self.cluster.release_command(&session.key) {
+                        self.durable.propose_nowait(r);
+                    }
                 }
             }
             (filters, will)
@@ -854,9 +864,18 @@ impl Broker {
                 .takeover_everywhere(&key.tenant, &key.client_id)
                 .await;
         }
+        if !clean_start {
+            // On record as the holder before the session is read (and its routes announced):
+            // from then on, publishers queue for it through Raft instead of as an orphan...
+            if let Some(h) = self.cluster.hold_command(key) {
+                self.durable.propose(h).await?;
+            }
+        }
         if prev.is_some() || !clean_start {
             self.durable.read_barrier().await?;
         }
+        // ...and what was queued through Raft after this index is added when applied here.
+        let from = self.durable.applied_index();
         let Some(rs) = self.durable.session(key)? else {
             return Ok(());
         };
@@ -866,9 +885,103 @@ impl Broker {
                 .await?;
         } else if self.sessions.lock().get(key).is_none() {
             self.restore(vec![rs], Vec::new());
+            if let Some(s) = self.sessions.lock().get(key) {
+                s.0.state.lock().durable_from = from;
+            }
             metrics::counter_session_moved();
         }
         Ok(())
+    }
+
+    /// The durable command queueing a QoS 1/2 message for the persistent sessions no live
+    /// node holds (see `Cluster::orphan_targets`), if there are any.
+    pub fn orphan_command(
+        &self,
+        tenant: &Tenant,
+        msg: &Message,
+        publisher: Option<&SessionKey>,
+        also_down: &std::collections::BTreeSet<u64>,
+        except: &[SessionKey],
+    ) -> Option<Command> {
+        let mut targets = self.cluster.orphan_targets(
+            &tenant.name,
+            &msg.topic,
+            msg.qos,
+            msg.retain,
+            publisher,
+            also_down,
+            |k| self.sessions.lock().get(k).is_some(),
+        );
+        targets.retain(|t| !except.contains(&t.key));
+        if targets.is_empty() {
+            return None;
+        }
+        metrics::orphan_deliveries(targets.len());
+        Some(Command::Enqueue {
+            message: msg.to_stored(publisher.cloned()),
+            targets,
+        })
+    }
+
+    /// After forwarding to `failed` nodes failed: they count as down, and the sessions they
+    /// held get the message through Raft (after a read barrier, so the holders on record are
+    /// current). `already` are the sessions the first orphan command covered.
+    pub async fn forward_failed(
+        self: &Arc<Self>,
+        tenant: Arc<Tenant>,
+        msg: Arc<Message>,
+        publisher: Option<SessionKey>,
+        failed: std::collections::BTreeSet<u64>,
+        already: Vec<SessionKey>,
+    ) {
+        self.cluster.mark_down(&failed);
+        if msg.qos == 0 {
+            return;
+        }
+        if let Err(e) = self.durable.read_barrier().await {
+            tracing::warn!(error = %e, "read barrier before re-queueing failed");
+        }
+        if let Some(cmd) = self.orphan_command(&tenant, &msg, publisher.as_ref(), &failed, &already)
+        {
+            if let Err(e) = self.durable.propose(cmd).await {
+                tracing::error!(error = %e, "queueing for the sessions of an unreachable node failed");
+            }
+        }
+    }
+
+    /// A delivery queued through Raft for a session (by a node that thought it orphaned):
+    /// added to the session if this node holds it and loaded it before that entry.
+    pub fn observe_enqueue(&self, index: u64, cmd: &Command, resp: &Response) {
+        let (Command::Enqueue { message, targets }, Response::Published { seqs }) = (cmd, resp)
+        else {
+            return;
+        };
+        let mut msg = None;
+        for (t, seq) in targets.iter().zip(seqs) {
+            let Some(session) = self.sessions.lock().get(&t.key).map(|b| b.0.clone()) else {
+                continue;
+            };
+            {
+                let st = session.state.lock();
+                if st.durable_from >= index || st.has_seq(*seq) {
+                    continue;
+                }
+            }
+            let m = msg
+                .get_or_insert_with(|| Message::from_stored(message.clone()))
+                .clone();
+            self.enqueue(
+                &session,
+                Delivery {
+                    msg: m,
+                    qos: t.qos,
+                    retain: t.retain,
+                    sub_ids: t.subscription_ids.clone(),
+                    seq: Some(*seq),
+                    dup: false,
+                },
+            );
+        }
     }
 
     /// Lets go of a device's session because another node takes it over: its connection is

@@ -1137,7 +1137,8 @@ where
         // Other nodes with subscribers get it too; a QoS 1/2 publish is acknowledged only
         // once they have committed it for their persistent sessions.
         let mut forward = None;
-        if !prepared.device_api {
+        let mut orphan_cmd = None;
+        if !prepared.device_api && !broker.cluster.is_alone() {
             let remote = broker.cluster.remote_nodes(&a.who.tenant.name, &msg.topic);
             if !remote.is_empty() {
                 let f = broker
@@ -1149,6 +1150,14 @@ where
                     forward = Some(f);
                 }
             }
+            // Persistent sessions no live node holds get it through Raft.
+            orphan_cmd = broker.orphan_command(
+                &a.who.tenant,
+                &prepared.msg,
+                Some(&a.session.key),
+                &Default::default(),
+                &[],
+            );
         }
         let inbound = (p.qos == 2 && a.persistent).then(|| (a.session.key.clone(), p.pkid));
         let cmd = broker.publish_command(&prepared, Some(&a.session.key), inbound);
@@ -1160,10 +1169,19 @@ where
         if p.qos > 0 {
             a.inbound_unacked += 1;
         }
-        if cmd.is_none() && retain_cmd.is_none() && forward.is_none() && a.pending.is_empty() {
+        if cmd.is_none()
+            && retain_cmd.is_none()
+            && forward.is_none()
+            && orphan_cmd.is_none()
+            && a.pending.is_empty()
+        {
             self.complete_publish(a, prepared, ack, Ok(Response::Ok))
         } else {
             let durable = broker.durable.clone();
+            let fallback = broker.clone();
+            let tenant = a.who.tenant.clone();
+            let msg = prepared.msg.clone();
+            let publisher = Some(a.session.key.clone());
             a.pending.push_back(Box::pin(async move {
                 // Both proposals are made at the first poll, in this order, so a later publish
                 // of the same client can never get an earlier queue position.
@@ -1179,13 +1197,31 @@ where
                         None => Ok(Response::Ok),
                     }
                 };
-                let forwarded = async {
-                    if let Some(f) = forward {
-                        f.await;
+                let orphaned: Vec<SessionKey> = match &orphan_cmd {
+                    Some(Command::Enqueue { targets, .. }) => {
+                        targets.iter().map(|t| t.key.clone()).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                let queued = async {
+                    match orphan_cmd {
+                        Some(c) => durable.propose(c).await.map(|_| ()),
+                        None => Ok(()),
                     }
                 };
-                let (r, p, ()) = futures_util::future::join3(retained, published, forwarded).await;
-                let result = r.and(p);
+                let forwarded = async {
+                    if let Some(f) = forward {
+                        let failed = f.await;
+                        if !failed.is_empty() {
+                            fallback
+                                .forward_failed(tenant, msg, publisher, failed, orphaned)
+                                .await;
+                        }
+                    }
+                };
+                let (r, p, q, ()) =
+                    futures_util::future::join4(retained, published, queued, forwarded).await;
+                let result = r.and(q).and(p);
                 Done::Publish {
                     prepared,
                     ack,

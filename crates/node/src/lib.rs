@@ -102,7 +102,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
         cfg.anonymous_tenant.clone(),
     ));
-    let cluster = cluster::Cluster::new(durable.clone());
+    let cluster = cluster::Cluster::new(durable.clone()).context("loading the session index")?;
     let broker = broker::Broker::new(cfg.clone(), durable.clone(), auth.clone(), cluster.clone());
     if cluster.is_alone() {
         broker.restore(durable.sessions()?, durable.retained()?);
@@ -111,8 +111,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         // state then); restoring them all here would make every node hold every session.
         broker.restore(Vec::new(), durable.retained()?);
     }
+    if !cluster.is_alone() {
+        // Caught up first: the log may say another node took a session since this one
+        // stopped, and that record must not be deleted.
+        durable
+            .read_barrier()
+            .await
+            .context("catching up with the cluster")?;
+        // After a restart this node holds no session in memory: off the record before peers
+        // see it alive (the node service answers nobody yet), so they treat those sessions as
+        // orphans and queue for them through Raft instead of forwarding here.
+        for key in cluster.held_on_record() {
+            if let Some(c) = cluster.release_command(&key) {
+                durable
+                    .propose(c)
+                    .await
+                    .context("releasing sessions held before the restart")?;
+            }
+        }
+    }
     cluster.start(&broker);
     node_svc.bind(broker.clone());
+    if !cluster.is_alone() {
+        cluster.wait_for_routes(Duration::from_secs(3)).await;
+    }
     if let Some(rx) = applied {
         tokio::spawn(observe_applied(rx, dir.clone(), broker.clone()));
     }
@@ -147,7 +169,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let http_state = http::HttpState {
         prometheus,
         ready: ready.clone(),
-        sample: Some(Arc::new(move || sampled.sample_tenant_metrics())),
+        sample: Some(Arc::new(move || {
+            sampled.sample_tenant_metrics();
+            sampled.cluster.sample_metrics();
+        })),
     };
     let mut shutdown_rx = broker.shutdown.subscribe();
     let rest_state = Arc::new(rest::RestState { auth: auth.clone() });
@@ -222,12 +247,32 @@ async fn observe_applied(
     use fleetmq_cluster::Applied;
     while let Some(ev) = rx.recv().await {
         match ev {
-            Applied::Commands(cmds) => {
-                for c in &cmds {
-                    if let fleetmq_storage::Command::SetRetained { .. } = c {
-                        broker.observe_retained(c);
-                    } else if let Err(e) = dir.observe(c) {
-                        tracing::error!(error = %e, "mirroring a directory change failed");
+            Applied::Commands { index, cmds } => {
+                use fleetmq_storage::{Command as C, Space};
+                for (c, r) in &cmds {
+                    match c {
+                        C::SetRetained { .. } => broker.observe_retained(c),
+                        C::PutSession { .. }
+                        | C::DeleteSession { .. }
+                        | C::Subscribe { .. }
+                        | C::Unsubscribe { .. } => broker.cluster.observe_session(c),
+                        C::Enqueue { .. } => broker.observe_enqueue(index, c, r),
+                        C::PutEntry {
+                            space: Space::Holder,
+                            tenant,
+                            name,
+                            ..
+                        }
+                        | C::DeleteEntry {
+                            space: Space::Holder,
+                            tenant,
+                            name,
+                        } => broker.cluster.observe_holder(tenant, name),
+                        _ => {
+                            if let Err(e) = dir.observe(c) {
+                                tracing::error!(error = %e, "mirroring a directory change failed");
+                            }
+                        }
                     }
                 }
             }

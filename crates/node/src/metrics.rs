@@ -227,3 +227,8 @@ pub fn tenant_usage(tenant: &str, connections: usize, sessions: usize, subscript
 pub fn counter_session_moved() {
     counter!("fleetmq_cluster_sessions_moved_total").increment(1);
 }
+
+/// Counts deliveries queued through Raft for sessions no live node held.
+pub fn orphan_deliveries(n: usize) {
+    counter!("fleetmq_cluster_orphan_deliveries_total").increment(n as u64);
+}

@@ -120,6 +120,9 @@ pub struct SessionState {
     /// to it just before is dropped instead of being queued on a dead object.
     pub ended: bool,
     pub will_timer: Option<tokio::task::AbortHandle>,
+    /// The Raft index this session's in-memory state reflects: deliveries queued through Raft
+    /// for it at a later index (`Enqueue`, by another node) are added when applied here.
+    pub durable_from: u64,
     next_pid: u16,
     next_order: u64,
 }
@@ -140,6 +143,7 @@ impl SessionState {
             pending_will: None,
             expiry_timer: None,
             ended: false,
+            durable_from: 0,
             will_timer: None,
             next_pid: 1,
             next_order: 0,
@@ -242,6 +246,12 @@ impl SessionState {
 
     /// Tracks a delivery as in flight under `pid`, after those already in flight (sending it,
     /// or placing a recovered one after a restart).
+    /// True when a durable delivery with this sequence number is queued or in flight.
+    pub fn has_seq(&self, seq: u64) -> bool {
+        self.queue.iter().any(|d| d.seq == Some(seq))
+            || self.inflight.values().any(|i| i.delivery.seq == Some(seq))
+    }
+
     pub fn restore_inflight(&mut self, pid: u16, d: Delivery, state: InflightState) {
         let order = self.next_order;
         self.next_order += 1;

@@ -165,6 +165,15 @@ pub enum Command {
     },
     /// Remove every entry of a tenant in a space (deleting a tenant).
     DeleteTenantEntries { space: Space, tenant: String },
+    /// Store a message once and queue it for sessions no node holds in memory (their node
+    /// died, or none took them yet), so a message to an offline persistent session is never
+    /// lost with a node. Applied like `Publish`; a node that holds one of the targets by the
+    /// time it applies this queues the delivery in memory too. (Appended last: variant indexes
+    /// of older commands stay as they are in existing logs.)
+    Enqueue {
+        message: StoredMessage,
+        targets: Vec<Target>,
+    },
 }
 
 /// The kinds of directory entries. Values are opaque to storage (the node encodes them as
@@ -178,6 +187,9 @@ pub enum Space {
     TrustedCert = 4,
     /// Cluster-wide settings and secrets (token signing key).
     Setting = 5,
+    /// Which node holds a persistent session in memory (name: client id, value: node id as
+    /// decimal text), so that others know whose sessions are orphaned when a node dies.
+    Holder = 6,
 }
 
 /// One directory entry as read back: `(space, tenant, name, value)`.

@@ -134,6 +134,12 @@ pub fn validate(cmd: &Command) -> Result<()> {
         | Command::Ack { key: k, .. }
         | Command::AckMany { key: k, .. }
         | Command::InboundRelease { key: k, .. } => key(k),
+        Command::Enqueue { targets, .. } => {
+            for t in targets {
+                key(&t.key)?;
+            }
+            Ok(())
+        }
         Command::Publish {
             targets, inbound, ..
         } => {
@@ -261,6 +267,9 @@ fn apply_one(ov: &mut Overlay<'_>, msg_id: u64, cmd: &Command) -> Result<Respons
             inbound,
         } => {
             return publish(ov, msg_id, message, targets, inbound.as_ref());
+        }
+        Command::Enqueue { message, targets } => {
+            return publish(ov, msg_id, message, targets, None);
         }
         Command::Release { key, seq } => {
             let k = queue_key(key, *seq)?;

@@ -13,6 +13,7 @@
 //!   one takes it over.
 
 pub mod convert;
+pub mod durable_index;
 pub mod node_id;
 pub mod placement;
 pub mod routes;
@@ -25,12 +26,14 @@ use std::time::Duration;
 
 use fleetmq_cluster::pb::node_service_client::NodeServiceClient;
 use fleetmq_cluster::pb::{self, RouteChange, RouteUpdate};
-use fleetmq_cluster::Durable;
+use fleetmq_cluster::{ClusterError, Durable};
+use fleetmq_storage::records::{Command, SessionKey, Space, Target};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::Broker;
 use crate::message::Message;
+use durable_index::DurableIndex;
 use routes::{LocalRoutes, RemoteRoutes, Route};
 
 /// How long one node-to-node call may take before the peer counts as unreachable.
@@ -67,15 +70,26 @@ pub struct Cluster {
     registry: Mutex<HashMap<(String, String), (u64, u64)>>,
     /// Peers that failed their last call.
     down: RwLock<HashSet<u64>>,
+    /// Persistent sessions of the cluster: subscriptions and holders (from the Raft log).
+    index: RwLock<DurableIndex>,
     broker: OnceLock<Weak<Broker>>,
 }
 
 impl Cluster {
     /// The cluster services over an opened durable store; call [`start`](Self::start) once the
     /// broker exists.
-    pub fn new(durable: Durable) -> Arc<Cluster> {
+    pub fn new(durable: Durable) -> Result<Arc<Cluster>, ClusterError> {
         let (route_tx, route_rx) = mpsc::unbounded_channel();
-        Arc::new(Cluster {
+        let mut index = DurableIndex::default();
+        for rs in durable.sessions()? {
+            index.load(&rs.key, &rs.record.subscriptions);
+        }
+        for (_, tenant, client, v) in durable.entries(Space::Holder)? {
+            if let Some(n) = parse_holder(&v) {
+                index.set_holder(SessionKey::new(tenant, client), Some(n));
+            }
+        }
+        Ok(Arc::new(Cluster {
             id: durable.node_id(),
             durable,
             local: Mutex::new(LocalRoutes::default()),
@@ -87,8 +101,9 @@ impl Cluster {
             forwarders: Mutex::new(HashMap::new()),
             registry: Mutex::new(HashMap::new()),
             down: RwLock::new(HashSet::new()),
+            index: RwLock::new(index),
             broker: OnceLock::new(),
-        })
+        }))
     }
 
     /// Binds the broker and starts the route broadcaster.
@@ -157,6 +172,50 @@ impl Cluster {
             .collect()
     }
 
+    /// Sets the cluster gauges (sampled when /metrics is scraped).
+    pub fn sample_metrics(&self) {
+        let m = self.durable.raft_metrics();
+        let group = "0";
+        let g = |name: &'static str, v: f64| metrics::gauge!(name, "group" => group).set(v);
+        g("fleetmq_raft_term", m.current_term as f64);
+        g(
+            "fleetmq_raft_leader_id",
+            m.current_leader.unwrap_or(0) as f64,
+        );
+        g(
+            "fleetmq_raft_is_leader",
+            if m.current_leader == Some(self.id) {
+                1.0
+            } else {
+                0.0
+            },
+        );
+        let last = m.last_log_index.unwrap_or(0);
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        g("fleetmq_raft_last_log_index", last as f64);
+        g("fleetmq_raft_applied_index", applied as f64);
+        g(
+            "fleetmq_raft_apply_lag",
+            last.saturating_sub(applied) as f64,
+        );
+        let voters = m.membership_config.membership().voter_ids().count();
+        g("fleetmq_raft_voters", voters as f64);
+        // Replication lag per follower, as the leader sees it (absent on followers).
+        if let Some(rep) = &m.replication {
+            for (node, matched) in rep {
+                let lag = last.saturating_sub(matched.map(|l| l.index).unwrap_or(0));
+                metrics::gauge!("fleetmq_raft_replication_lag", "group" => group, "peer" => node.to_string())
+                    .set(lag as f64);
+            }
+        }
+        let members = self.durable.members().len();
+        metrics::gauge!("fleetmq_cluster_members").set(members as f64);
+        metrics::gauge!("fleetmq_cluster_peers_down").set(self.down.read().len() as f64);
+        metrics::gauge!("fleetmq_cluster_routes").set(self.remote.read().len() as f64);
+        metrics::gauge!("fleetmq_cluster_local_routes").set(self.local.lock().len() as f64);
+        metrics::gauge!("fleetmq_cluster_registry_entries").set(self.registry.lock().len() as f64);
+    }
+
     // ----- routes ---------------------------------------------------------------------------
 
     /// A local subscriber for `filter` was added; announces the route if it is new.
@@ -195,17 +254,170 @@ impl Cluster {
         })
     }
 
-    /// The other nodes with a subscriber for `topic`.
+    /// The other live nodes with a subscriber for `topic`. A node believed down gets
+    /// nothing forwarded: its persistent sessions count as orphans instead (see
+    /// [`orphan_targets`](Self::orphan_targets)), so they get the message through Raft.
     pub fn remote_nodes(&self, tenant: &str, topic: &str) -> BTreeSet<u64> {
         let remote = self.remote.read();
         if remote.is_empty() {
             return BTreeSet::new();
         }
-        remote.nodes_for(tenant, topic)
+        let mut nodes = remote.nodes_for(tenant, topic);
+        drop(remote);
+        let down = self.down.read();
+        if !down.is_empty() {
+            nodes.retain(|n| !down.contains(n));
+        }
+        nodes
     }
 
-    /// Applies a route update from a peer; returns the sequence now held for it.
-    pub fn apply_routes(&self, u: RouteUpdate) -> u64 {
+    /// Waits (at most `timeout`) until every live peer has sent its routes: a node that just
+    /// started knows no route, and a publish it accepted before would miss every subscriber
+    /// elsewhere. Peers send them with their next heartbeat.
+    pub async fn wait_for_routes(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let missing: Vec<u64> = {
+                let remote = self.remote.read();
+                let down = self.down.read();
+                self.peers()
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .filter(|id| !down.contains(id) && !remote.heard_from(*id))
+                    .collect()
+            };
+            if missing.is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(?missing, "starting without the routes of some peers");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // ----- persistent sessions across nodes ---------------------------------------------------
+
+    /// Mirrors an applied session command into the index.
+    pub fn observe_session(&self, cmd: &Command) {
+        self.index.write().observe(cmd);
+    }
+
+    /// Mirrors an applied holder entry (re-read, as the directory does).
+    pub fn observe_holder(&self, tenant: &str, client: &str) {
+        let node = match self.durable.entry(Space::Holder, tenant, client) {
+            Ok(v) => v.as_deref().and_then(parse_holder),
+            Err(e) => {
+                tracing::error!(error = %e, "reading a session holder failed");
+                return;
+            }
+        };
+        self.index
+            .write()
+            .set_holder(SessionKey::new(tenant, client), node);
+    }
+
+    /// Records durably that this node holds a persistent session (skipped when on record).
+    pub fn hold_command(&self, key: &SessionKey) -> Option<Command> {
+        if self.is_alone() || self.index.read().holder(key) == Some(self.id) {
+            return None;
+        }
+        Some(Command::PutEntry {
+            space: Space::Holder,
+            tenant: key.tenant.clone(),
+            name: key.client_id.clone(),
+            value: self.id.to_string().into_bytes(),
+            create_only: false,
+        })
+    }
+
+    /// Forgets durably that a session is held (it ended).
+    pub fn release_command(&self, key: &SessionKey) -> Option<Command> {
+        if self.is_alone() {
+            return None;
+        }
+        Some(Command::DeleteEntry {
+            space: Space::Holder,
+            tenant: key.tenant.clone(),
+            name: key.client_id.clone(),
+        })
+    }
+
+    /// Sessions this node is on record as holding (to release after a restart: it holds
+    /// none in memory then).
+    pub fn held_on_record(&self) -> Vec<SessionKey> {
+        match self.durable.entries(Space::Holder) {
+            Ok(v) => v
+                .into_iter()
+                .filter(|(_, _, _, v)| parse_holder(v) == Some(self.id))
+                .map(|(_, t, c, _)| SessionKey::new(t, c))
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "reading session holders failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The persistent sessions matching `topic` that no live node holds: their node died (or
+    /// is believed down, or is in `also_down`), or none took them since. `held_here` says
+    /// whether this node has the session in memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn orphan_targets(
+        &self,
+        tenant: &str,
+        topic: &str,
+        qos: u8,
+        retain: bool,
+        publisher: Option<&SessionKey>,
+        also_down: &BTreeSet<u64>,
+        held_here: impl Fn(&SessionKey) -> bool,
+    ) -> Vec<Target> {
+        if qos == 0 || self.is_alone() {
+            return Vec::new();
+        }
+        let index = self.index.read();
+        if index.is_empty() {
+            return Vec::new();
+        }
+        let live: HashSet<u64> = self
+            .live_members()
+            .into_iter()
+            .filter(|n| !also_down.contains(n))
+            .collect();
+        index.orphan_targets(
+            tenant,
+            topic,
+            qos,
+            retain,
+            publisher,
+            |key, holder| match holder {
+                Some(n) if n != self.id => !live.contains(&n),
+                _ => !held_here(key),
+            },
+        )
+    }
+
+    /// Marks peers down after a failed forward (the next heartbeat marks them up again).
+    pub fn mark_down(&self, nodes: &BTreeSet<u64>) {
+        for n in nodes {
+            self.mark(*n, false);
+        }
+    }
+
+    /// Applies a route update from a peer once this node has applied as much of the log as
+    /// the sender had; returns the sequence now held for it.
+    pub async fn apply_routes(&self, u: RouteUpdate) -> u64 {
+        // It talks, so it is up: forwarding to it resumes before this node's next heartbeat.
+        self.mark(u.node_id, true);
+        if !self
+            .durable
+            .wait_applied(u.applied_index, RPC_TIMEOUT / 2)
+            .await
+        {
+            tracing::debug!(from = u.node_id, "route update ahead of this node's log");
+        }
         let changes = u
             .changes
             .into_iter()
@@ -222,18 +434,20 @@ impl Cluster {
 
     // ----- forwarding -----------------------------------------------------------------------
 
-    /// Sends a message to the nodes in `nodes`; the future resolves to the number of nodes
-    /// that took it (committed it for their subscribers).
+    /// Sends a message to the nodes in `nodes`; the future resolves to the nodes that did not
+    /// take it (unreachable, or their commit failed).
     pub fn forward(
         &self,
         nodes: &BTreeSet<u64>,
         tenant: &str,
         msg: &Message,
-    ) -> impl std::future::Future<Output = usize> + Send + 'static {
+    ) -> impl std::future::Future<Output = BTreeSet<u64>> + Send + 'static {
         let m = convert::message_to_pb(tenant, msg);
         let mut waits = Vec::with_capacity(nodes.len());
+        let mut failed = BTreeSet::new();
         for &node in nodes {
             let Some(tx) = self.forwarder(node) else {
+                failed.insert(node);
                 continue;
             };
             let (done, rx) = oneshot::channel();
@@ -244,15 +458,18 @@ impl Cluster {
                 })
                 .is_ok()
             {
-                waits.push(rx);
+                waits.push((node, rx));
+            } else {
+                failed.insert(node);
             }
         }
         async move {
-            let results = futures_util::future::join_all(waits).await;
-            results
-                .into_iter()
-                .filter(|r| matches!(r, Ok(true)))
-                .count()
+            for (node, rx) in waits {
+                if !matches!(rx.await, Ok(true)) {
+                    failed.insert(node);
+                }
+            }
+            failed
         }
     }
 
@@ -458,6 +675,7 @@ async fn send_routes(
         sequence: seq,
         changes,
         full: false,
+        applied_index: cluster.durable.applied_index(),
     };
     let ack = match tokio::time::timeout(RPC_TIMEOUT, client.update_routes(update)).await {
         Ok(Ok(a)) => a.into_inner(),
@@ -491,6 +709,7 @@ async fn send_routes(
             })
             .collect(),
         full: true,
+        applied_index: cluster.durable.applied_index(),
     };
     if !matches!(
         tokio::time::timeout(RPC_TIMEOUT, client.update_routes(full)).await,
@@ -549,4 +768,9 @@ async fn run_forwarder(
             let _ = d.send(ok);
         }
     }
+}
+
+/// A holder entry's value: the node id as decimal text.
+fn parse_holder(v: &[u8]) -> Option<u64> {
+    std::str::from_utf8(v).ok()?.trim().parse().ok()
 }

@@ -94,7 +94,9 @@ impl RemoteRoutes {
         if full {
             self.drop_node(node);
         } else if sequence == last {
-            // A heartbeat (no new changes) or a retransmission of an applied update.
+            // A heartbeat (no new changes) or a retransmission of an applied update; it also
+            // tells that the sender is in sync with this node.
+            self.sequences.insert(node, last);
             return Applied::Yes(last);
         } else if sequence != last + 1 {
             return Applied::Gap(last);
@@ -151,6 +153,12 @@ impl RemoteRoutes {
         }
         self.by_node.remove(&node);
         self.sequences.remove(&node);
+    }
+
+    /// True when an update from `node` has been applied since this node started (so its
+    /// routes here are complete).
+    pub fn heard_from(&self, node: u64) -> bool {
+        self.sequences.contains_key(&node)
     }
 
     /// The nodes that have announced routes.

@@ -147,7 +147,7 @@ impl NodeService for NodeSvc {
         request: Request<pb::RouteUpdate>,
     ) -> Result<Response<pb::RouteAck>, Status> {
         let broker = self.broker()?;
-        let sequence = broker.cluster.apply_routes(request.into_inner());
+        let sequence = broker.cluster.apply_routes(request.into_inner()).await;
         Ok(Response::new(pb::RouteAck { sequence }))
     }
 

@@ -184,7 +184,7 @@ impl Directory {
                         drop(st);
                         self.certs_version.send_modify(|v| *v += 1);
                     }
-                    Space::Tenant | Space::Setting => {}
+                    Space::Tenant | Space::Setting | Space::Holder => {}
                 }
                 Ok(())
             }
@@ -240,6 +240,8 @@ impl Directory {
                     None => st.settings.remove(name),
                 };
             }
+            // Session holders are the cluster's business (`cluster::Cluster`).
+            Space::Holder => {}
         }
         Ok(())
     }

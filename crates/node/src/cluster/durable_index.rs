@@ -1,0 +1,265 @@
+//! Every node's view of the persistent sessions of the whole cluster, mirrored from the Raft
+//! log: their subscriptions (a trie per tenant) and which node holds each one in memory.
+//!
+//! It answers one question on the publish path: which persistent sessions that match this
+//! topic does no live node hold? Those are *orphans* (their node died, or nobody loaded them
+//! since a restart); the publishing node queues the message for them durably itself, so a
+//! QoS 1/2 message to an offline session is never lost with a node. A plain value, no I/O.
+
+use std::collections::HashMap;
+
+use fleetmq_protocol::trie::TopicTrie;
+use fleetmq_storage::records::{Command, SessionKey, SubscriptionRecord, Target};
+
+/// Subscriptions and holders of persistent sessions.
+#[derive(Default)]
+pub struct DurableIndex {
+    tenants: HashMap<String, TopicTrie<String, SubscriptionRecord>>,
+    /// Each session's filters (as stored), to remove them.
+    filters: HashMap<SessionKey, Vec<String>>,
+    holders: HashMap<SessionKey, u64>,
+}
+
+impl DurableIndex {
+    /// Adds (or replaces) a subscription of a session.
+    fn subscribe(&mut self, key: &SessionKey, sub: &SubscriptionRecord) {
+        // Shared subscriptions pick one member among the connected ones; they are not
+        // queued for orphans (a group's other members take the messages).
+        if sub.filter.starts_with("$share/") {
+            return;
+        }
+        let filters = self.filters.entry(key.clone()).or_default();
+        if !filters.contains(&sub.filter) {
+            filters.push(sub.filter.clone());
+        }
+        self.tenants.entry(key.tenant.clone()).or_default().insert(
+            &sub.filter,
+            key.client_id.clone(),
+            sub.clone(),
+        );
+    }
+
+    fn unsubscribe(&mut self, key: &SessionKey, filter: &str) {
+        if let Some(fs) = self.filters.get_mut(key) {
+            fs.retain(|f| f != filter);
+        }
+        if let Some(trie) = self.tenants.get_mut(&key.tenant) {
+            trie.remove(filter, &key.client_id);
+            if trie.is_empty() {
+                self.tenants.remove(&key.tenant);
+            }
+        }
+    }
+
+    fn drop_session(&mut self, key: &SessionKey) {
+        for f in self.filters.remove(key).unwrap_or_default() {
+            self.unsubscribe(key, &f);
+        }
+    }
+
+    /// Loads one session as recovered from durable state.
+    pub fn load(&mut self, key: &SessionKey, subs: &[SubscriptionRecord]) {
+        self.drop_session(key);
+        for s in subs {
+            self.subscribe(key, s);
+        }
+    }
+
+    /// Mirrors one applied command (same rules as the state machine).
+    pub fn observe(&mut self, cmd: &Command) {
+        match cmd {
+            Command::PutSession { key, record, fresh } => {
+                if *fresh {
+                    self.drop_session(key);
+                }
+                for s in &record.subscriptions {
+                    self.subscribe(key, s);
+                }
+            }
+            Command::DeleteSession { key } => {
+                self.drop_session(key);
+                self.holders.remove(key);
+            }
+            Command::Subscribe { key, sub } => self.subscribe(key, sub),
+            Command::Unsubscribe { key, filter } => self.unsubscribe(key, filter),
+            _ => {}
+        }
+    }
+
+    /// Records (or forgets) the node holding a session.
+    pub fn set_holder(&mut self, key: SessionKey, node: Option<u64>) {
+        match node {
+            Some(n) => self.holders.insert(key, n),
+            None => self.holders.remove(&key),
+        };
+    }
+
+    /// The node holding a session, if any is on record.
+    pub fn holder(&self, key: &SessionKey) -> Option<u64> {
+        self.holders.get(key).copied()
+    }
+
+    /// The persistent sessions of `tenant` matching `topic` that `orphaned` says no live node
+    /// holds, as durable targets (one per session: highest QoS, every subscription id).
+    pub fn orphan_targets(
+        &self,
+        tenant: &str,
+        topic: &str,
+        qos: u8,
+        retain: bool,
+        publisher: Option<&SessionKey>,
+        mut orphaned: impl FnMut(&SessionKey, Option<u64>) -> bool,
+    ) -> Vec<Target> {
+        let Some(trie) = self.tenants.get(tenant) else {
+            return Vec::new();
+        };
+        let mut by_client: HashMap<String, Target> = HashMap::new();
+        trie.for_each_match(topic, |_, client, sub| {
+            let key = SessionKey::new(tenant, client.as_str());
+            if sub.no_local && publisher == Some(&key) {
+                return;
+            }
+            let q = qos.min(sub.qos);
+            if q == 0 {
+                return; // QoS 0 is not queued for offline sessions
+            }
+            let t = by_client.entry(client.clone()).or_insert_with(|| Target {
+                key,
+                qos: 0,
+                retain: false,
+                subscription_ids: Vec::new(),
+            });
+            t.qos = t.qos.max(q);
+            t.retain |= sub.retain_as_published && retain;
+            t.subscription_ids.extend(sub.subscription_id);
+        });
+        by_client
+            .into_values()
+            .filter(|t| orphaned(&t.key, self.holder(&t.key)))
+            .collect()
+    }
+
+    /// Persistent sessions known.
+    pub fn len(&self) -> usize {
+        self.filters.len()
+    }
+
+    /// True when none are known.
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetmq_storage::records::SessionRecord;
+
+    fn sub(filter: &str, qos: u8) -> SubscriptionRecord {
+        SubscriptionRecord {
+            filter: filter.into(),
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+            subscription_id: None,
+        }
+    }
+
+    fn key(c: &str) -> SessionKey {
+        SessionKey::new("t", c)
+    }
+
+    fn put(key: SessionKey, subs: Vec<SubscriptionRecord>, fresh: bool) -> Command {
+        Command::PutSession {
+            key,
+            record: SessionRecord {
+                expiry_secs: 60,
+                protocol: 4,
+                disconnected_at_ms: None,
+                subscriptions: subs,
+            },
+            fresh,
+        }
+    }
+
+    fn all(ix: &DurableIndex, topic: &str, qos: u8) -> Vec<Target> {
+        let mut v = ix.orphan_targets("t", topic, qos, false, None, |_, _| true);
+        v.sort_by(|a, b| a.key.client_id.cmp(&b.key.client_id));
+        v
+    }
+
+    #[test]
+    fn follows_the_state_machine_rules() {
+        let mut ix = DurableIndex::default();
+        ix.observe(&put(key("a"), vec![sub("x/#", 1)], true));
+        ix.observe(&Command::Subscribe {
+            key: key("b"),
+            sub: sub("x/y", 2),
+        });
+        ix.observe(&put(key("b"), vec![sub("x/y", 2)], true));
+        assert_eq!(all(&ix, "x/y", 2).len(), 2);
+        // A resume (not fresh) keeps the old subscriptions and adds the record's.
+        ix.observe(&put(key("a"), vec![sub("z", 1)], false));
+        assert_eq!(all(&ix, "x/y", 1).len(), 2);
+        assert_eq!(all(&ix, "z", 1).len(), 1);
+        // A clean start (fresh) drops them.
+        ix.observe(&put(key("a"), vec![], true));
+        assert_eq!(all(&ix, "x/y", 1).len(), 1);
+        ix.observe(&Command::Unsubscribe {
+            key: key("b"),
+            filter: "x/y".into(),
+        });
+        assert!(all(&ix, "x/y", 1).is_empty());
+        ix.observe(&Command::DeleteSession { key: key("a") });
+        assert!(all(&ix, "z", 1).is_empty());
+    }
+
+    #[test]
+    fn overlapping_subscriptions_give_one_target_at_the_highest_qos() {
+        let mut ix = DurableIndex::default();
+        let mut s1 = sub("a/+", 1);
+        s1.subscription_id = Some(7);
+        let mut s2 = sub("a/#", 2);
+        s2.subscription_id = Some(9);
+        ix.observe(&put(key("c"), vec![s1, s2], true));
+        let t = all(&ix, "a/b", 2);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].qos, 2);
+        let mut ids = t[0].subscription_ids.clone();
+        ids.sort();
+        assert_eq!(ids, vec![7, 9]);
+        assert_eq!(all(&ix, "a/b", 1)[0].qos, 1, "capped by the publish QoS");
+        assert!(all(&ix, "a/b", 0).is_empty(), "QoS 0 is not queued");
+    }
+
+    #[test]
+    fn only_orphans_are_targets() {
+        let mut ix = DurableIndex::default();
+        ix.observe(&put(key("held"), vec![sub("x", 1)], true));
+        ix.observe(&put(key("dead"), vec![sub("x", 1)], true));
+        ix.observe(&put(key("none"), vec![sub("x", 1)], true));
+        ix.set_holder(key("held"), Some(1));
+        ix.set_holder(key("dead"), Some(2));
+        let live = [1u64];
+        let mut t: Vec<String> = ix
+            .orphan_targets("t", "x", 1, false, None, |_, h| {
+                !h.is_some_and(|n| live.contains(&n))
+            })
+            .into_iter()
+            .map(|t| t.key.client_id)
+            .collect();
+        t.sort();
+        assert_eq!(t, vec!["dead".to_string(), "none".to_string()]);
+    }
+
+    #[test]
+    fn no_local_and_shared_subscriptions_are_skipped() {
+        let mut ix = DurableIndex::default();
+        let mut nl = sub("x", 1);
+        nl.no_local = true;
+        ix.observe(&put(key("p"), vec![nl, sub("$share/g/x", 1)], true));
+        let t = ix.orphan_targets("t", "x", 1, false, Some(&key("p")), |_, _| true);
+        assert!(t.is_empty());
+    }
+}

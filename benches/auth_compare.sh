@@ -44,7 +44,7 @@ run() { # broker label port username-template
 # fleetmq
 FPORT=$(free_port); HPORT=$(free_port)
 FLEETMQ_ADMIN_PASSWORD=admin-pw FLEETMQ_BOOTSTRAP_PASSWORD=boot-pw "$FLEETMQ" --mqtt-addr "127.0.0.1:$FPORT" --http-addr "127.0.0.1:$HPORT" \
-    --ws-addr "127.0.0.1:$(free_port)" --data-dir "$TMP/fleetmq-data" \
+    --ws-addr "127.0.0.1:$(free_port)" --grpc-addr "127.0.0.1:$(free_port)" --data-dir "$TMP/fleetmq-data" \
     --login-ip-burst 100000 >"$TMP/fleetmq.log" 2>&1 &
 FPID=$!; PIDS+=("$FPID")
 wait_port "$FPORT"

@@ -96,7 +96,7 @@ if [[ "${NO_FLEETMQ:-0}" != 1 ]]; then
         mkdir -p "$TMP/fleetmq-data"
         # shellcheck disable=SC2086
         "$FLEETMQ" --mqtt-addr "127.0.0.1:${PORT[fleetmq]}" --http-addr "127.0.0.1:$HTTP_PORT" \
-            --data-dir "$TMP/fleetmq-data" --anonymous-tenant bench --ws-addr "127.0.0.1:$(free_port)" $FLEETMQ_ARGS >"$TMP/fleetmq.log" 2>&1 &
+            --data-dir "$TMP/fleetmq-data" --anonymous-tenant bench --ws-addr "127.0.0.1:$(free_port)" --grpc-addr "127.0.0.1:$(free_port)" $FLEETMQ_ARGS >"$TMP/fleetmq.log" 2>&1 &
         PID[fleetmq]=$!
         PIDS+=("${PID[fleetmq]}")
         if wait_port "${PID[fleetmq]}" "${PORT[fleetmq]}" 20; then

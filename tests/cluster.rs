@@ -1362,3 +1362,531 @@ fn kill_9_mid_stream_loses_no_acknowledged_message() {
         "rounds failed: {failed:?}; protocol oddities: {odd:?} (reports above)"
     );
 }
+
+// ----- 8. minority partition ---------------------------------------------------------------------
+
+/// A gauge's value on `node`: its samples with or without labels, summed (0 when absent).
+fn gauge(node: &Node, name: &str) -> f64 {
+    let text = node.metrics();
+    metric_sum(&text, &format!("{name} ")) + metric_sum(&text, &format!("{name}{{"))
+}
+
+/// Waits until gauge `name` on `node` is `want`, until `deadline`; the last value seen if not.
+fn gauge_by(node: &Node, name: &str, want: f64, deadline: Instant) -> Result<(), f64> {
+    loop {
+        let v = gauge(node, name);
+        if v == want {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(v);
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits up to `secs` until gauge `name` on `node` (called `who`) is `want`.
+#[track_caller]
+fn wait_gauge(node: &Node, who: &str, name: &str, want: f64, secs: u64) {
+    if let Err(v) = gauge_by(node, name, want, Instant::now() + Duration::from_secs(secs)) {
+        panic!("{name} on {who} is {v} after {secs} s, wanted {want}");
+    }
+}
+
+/// The end of a node's log, for failure messages.
+fn log_tail(node: &Node) -> String {
+    let log = node.log();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// Nodes frozen with SIGSTOP (their sockets stay open, nothing answers). Dropping the guard
+/// sends SIGCONT, also when the test panics, so no process stays stopped.
+struct Frozen<'a>(Vec<(&'a Node, &'static str)>);
+
+impl<'a> Frozen<'a> {
+    fn freeze(nodes: &[(&'a Node, &'static str)]) -> Frozen<'a> {
+        let mut f = Frozen(Vec::new());
+        for &(n, name) in nodes {
+            // Kept before the signal: a node it may have reached gets SIGCONT in any case.
+            f.0.push((n, name));
+            assert!(n.signal("STOP"), "SIGSTOP to {name} failed");
+        }
+        f
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        for (n, name) in self.0.drain(..) {
+            if !n.signal("CONT") {
+                eprintln!("SIGCONT to {name} failed");
+            }
+        }
+    }
+}
+
+/// B and C are frozen with SIGSTOP, leaving A a minority of one. Once A marked them down, A
+/// still serves what needs no Raft commit (clean sessions: CONNECT, SUBSCRIBE, QoS 0 and 1
+/// publishes between them), and refuses a persistent CONNECT with CONNACK "server
+/// unavailable" (3.1.1: 3, 5: 0x88) instead of leaving it unanswered. After SIGCONT, writes
+/// work again: a persistent session connects on A and gets a QoS 1 message published on C,
+/// and a tenant and a retained message written before the partition are there on B and C.
+#[test]
+fn minority_refuses_durable_writes_and_heals() {
+    const MGMT: &str = "management/admin";
+    let [a, b, c] = cluster3(&[]);
+
+    // Written before the partition, through A: a tenant and a retained message.
+    let (status, v) = rest(
+        &a,
+        "POST",
+        "/tenant/tenants",
+        MGMT,
+        ADMIN_PW,
+        Some(json!({
+            "company": "Before Partition Ltd",
+            "domain": "beforepartition",
+            "adminName": "admin",
+            "adminPass": "Adm-before-9k!",
+        })),
+    );
+    assert_eq!(status, 201, "create tenant on A: {v}");
+    let tid = v["id"].as_str().expect("tenant id").to_string();
+    let mut pa = Client::clean(a.mqtt, "mh-ret-pub", V3);
+    publish_retained(&mut pa, "mh/ret/x", b"before partition");
+    pa.disconnect();
+    eprintln!(
+        "before the partition: Raft leader per A is node {}",
+        gauge(&a, "fleetmq_raft_leader_id")
+    );
+
+    let frozen = Frozen::freeze(&[(&b, "B"), (&c, "C")]);
+    let frozen_at = Instant::now();
+    // Heartbeats every 500 ms, a failed call (2 s RPC timeout) marks a peer down.
+    wait_gauge(&a, "A", "fleetmq_cluster_peers_down", 2.0, 10);
+    eprintln!("A marked B and C down after {:.1?}", frozen_at.elapsed());
+
+    // Clean sessions need no Raft: connect, subscribe and publish QoS 0 and 1 on A.
+    let mut sub = connect_within(&a, "mh-clean-sub", V3, false, 10).0;
+    sub.sub_ok("mh/minority/#", 1);
+    let mut publ = connect_within(&a, "mh-clean-pub", V3, false, 10).0;
+    publ.publish("mh/minority/q0", b"zero", 0);
+    publ.publish("mh/minority/q1", b"one", 1);
+    assert_eq!(
+        receive_sorted(&mut sub, 2, 10),
+        vec![
+            ("mh/minority/q0".to_string(), "zero".to_string(), 0),
+            ("mh/minority/q1".to_string(), "one".to_string(), 1),
+        ],
+        "clean subscriber on the minority node A"
+    );
+
+    // A persistent session needs a commit: refused with a CONNACK, within 20 s (the
+    // proposal is retried for 5 s without a reachable leader), never left hanging.
+    let attempts: Vec<_> = [(V3, "mh-durable-v4", 3u8), (V5, "mh-durable-v5", 0x88u8)]
+        .into_iter()
+        .map(|(v5, id, want)| {
+            let addr = a.mqtt;
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let mut raw = Raw::connect(addr);
+                raw.send(&connect_packet(id, v5, false, v5.then_some(3600)));
+                let ack = read_packet(&mut raw, Duration::from_secs(20));
+                (id, want, ack, t0.elapsed())
+            })
+        })
+        .collect();
+    for h in attempts {
+        let (id, want, ack, took) = h.join().expect("CONNECT thread panicked");
+        let ack = ack.unwrap_or_else(|| {
+            let how = if took < Duration::from_secs(19) {
+                "closed without a CONNACK"
+            } else {
+                "no CONNACK within 20 s"
+            };
+            panic!(
+                "{id}: persistent CONNECT on the minority node A: {how} after {took:.1?}, \
+                 wanted CONNACK {want:#04x} (server unavailable)"
+            )
+        });
+        assert_eq!(ack.kind(), CONNACK, "{id}: {ack:?}");
+        assert_eq!(
+            ack.body.get(1).copied(),
+            Some(want),
+            "{id}: persistent CONNECT on the minority node A answered {ack:?} after {took:.1?}, \
+             wanted return code {want:#04x} (server unavailable)"
+        );
+        eprintln!("{id}: refused with {want:#04x} after {took:.1?}");
+    }
+
+    // Heal: SIGCONT (the guard), then every node sees every peer up again.
+    drop(frozen);
+    for (n, name) in [(&a, "A"), (&b, "B"), (&c, "C")] {
+        wait_gauge(n, name, "fleetmq_cluster_peers_down", 0.0, 20);
+    }
+
+    // Writes work again: the session refused before connects (persistent) on A, subscribes,
+    // and gets a QoS 1 message published on C.
+    let (mut durable, _) = connect_within(&a, "mh-durable-v4", V3, true, 20);
+    durable.sub_ok("mh/heal/#", 1);
+    let mut pc = connect_within(&c, "mh-heal-pub", V3, false, 20).0;
+    pc.publish("mh/heal/x", b"after heal", 1);
+    assert_eq!(
+        receive_sorted(&mut durable, 1, 10),
+        vec![("mh/heal/x".to_string(), "after heal".to_string(), 1)],
+        "persistent subscriber on A after the partition healed, publisher on C"
+    );
+
+    // What was written before the partition is still there on the nodes that were frozen.
+    for (n, name) in [(&b, "B"), (&c, "C")] {
+        assert_retained_view(
+            n,
+            "mh/ret/#",
+            &["before partition"],
+            &format!("retained message set on A before the partition, read on {name}"),
+        );
+        wait_until(
+            REPLICATION.as_secs(),
+            &format!("tenant {tid} (created before the partition) on {name}"),
+            || {
+                rest(
+                    n,
+                    "GET",
+                    &format!("/tenant/tenants/{tid}"),
+                    MGMT,
+                    ADMIN_PW,
+                    None,
+                )
+                .0 == 200
+            },
+        );
+    }
+}
+
+// ----- 9. join of a fourth node, graceful leave ---------------------------------------------------
+
+/// `cluster3` plus D (id 4) joining A; C and D run with `--leave-on-shutdown` (on SIGTERM
+/// they leave the membership, close their clients and exit 0).
+fn cluster4_with_leavers() -> [Node; 4] {
+    let leave: &[&str] = &["--leave-on-shutdown"];
+    let a = Node::start_cluster(1, free_port(), &[], &[]);
+    let b = Node::start_cluster(2, free_port(), &[a.grpc_addr()], &[]);
+    let c = Node::start_cluster(3, free_port(), &[a.grpc_addr(), b.grpc_addr()], leave);
+    let d = Node::start_cluster(4, free_port(), &[a.grpc_addr()], leave);
+    [a, b, c, d]
+}
+
+/// What one subscriber of the leave test received over all its connections.
+#[derive(Default)]
+struct LeaveLog {
+    /// (connection number, message), in arrival order.
+    got: Vec<(u32, Msg)>,
+    /// (connection number, reason) of every DISCONNECT the server sent.
+    disconnects: Vec<(u32, u8)>,
+    /// Any other packet.
+    other: Vec<String>,
+    conn: u32,
+}
+
+fn lock_leave(log: &Mutex<LeaveLog>) -> MutexGuard<'_, LeaveLog> {
+    log.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads a subscriber on its own thread, acknowledging QoS 1, until the server closes the
+/// connection (returns true) or `stop` is set (false). Bounded at 120 s.
+fn spawn_leave_reader(
+    mut c: Client,
+    log: Arc<Mutex<LeaveLog>>,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<bool> {
+    std::thread::spawn(move || {
+        use std::io::Write as _;
+        let conn = {
+            let mut l = lock_leave(&log);
+            l.conn += 1;
+            l.conn
+        };
+        let hard_stop = Instant::now() + Duration::from_secs(120);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < hard_stop {
+            let t0 = Instant::now();
+            match c.recv(Duration::from_millis(300)) {
+                Some(p) => {
+                    let mut l = lock_leave(&log);
+                    match p.kind() {
+                        PUBLISH => {
+                            let m = parse_publish(&p, c.v5);
+                            if m.qos == 1 {
+                                let _ = c.raw.s.write_all(&ack_packet(PUBACK, m.pid));
+                            }
+                            l.got.push((conn, m));
+                        }
+                        DISCONNECT => l
+                            .disconnects
+                            .push((conn, disconnect_reason(&p).unwrap_or(0))),
+                        _ => l.other.push(format!("conn {conn}: {p:?}")),
+                    }
+                }
+                // A read that gives up well before its timeout met EOF or a reset.
+                None if t0.elapsed() < Duration::from_millis(200) => return true,
+                None => {}
+            }
+        }
+        false
+    })
+}
+
+/// D (id 4) joins a three-node cluster as a fourth member (a learner: still 3 voters) and
+/// routes both ways. Then a publisher on B streams 200 QoS 1 messages to two persistent
+/// subscribers on C (3.1.1 clean_session=false, 5 with session expiry), and C, started with
+/// `--leave-on-shutdown`, gets SIGTERM halfway: it exits 0, the MQTT 5 subscriber gets
+/// DISCONNECT 0x8B first, the subscribers resume on D (session present) and get every
+/// message B acknowledged (at least once), and the membership shrinks to 3 with 3 voters (D
+/// promoted).
+#[test]
+fn fourth_node_joins_and_a_node_leaves_gracefully() {
+    const TOPIC: &str = "leave/stream";
+    const TOTAL: usize = 200;
+    /// Acknowledged messages before C gets SIGTERM.
+    const HALF: usize = 100;
+    let [a, b, mut c, d] = cluster4_with_leavers();
+
+    // D is a member everywhere; a learner, so A still has 3 voters.
+    for (n, name) in [(&a, "A"), (&d, "D")] {
+        wait_gauge(n, name, "fleetmq_cluster_members", 4.0, 10);
+    }
+    wait_gauge(&a, "A", "fleetmq_raft_voters", 3.0, 10);
+
+    // D routes both ways: a persistent subscriber on D gets what A publishes, a subscriber on
+    // A what D publishes.
+    let (mut sub_d, present) = Client::persistent(d.mqtt, "j4-sub-d", V3);
+    assert!(!present, "j4-sub-d: a new session is not present");
+    sub_d.sub_ok("j4/to-d/#", 1);
+    let mut sub_a = Client::clean(a.mqtt, "j4-sub-a", V5);
+    sub_a.sub_ok("j4/to-a/#", 1);
+    let mut pub_a = Client::clean(a.mqtt, "j4-pub-a", V3);
+    pub_a.publish("j4/to-d/x", b"from A", 1);
+    let mut pub_d = Client::clean(d.mqtt, "j4-pub-d", V5);
+    pub_d.publish("j4/to-a/x", b"from D", 1);
+    assert_eq!(
+        receive_sorted(&mut sub_d, 1, 10),
+        vec![("j4/to-d/x".to_string(), "from A".to_string(), 1)],
+        "persistent subscriber on D, publisher on A"
+    );
+    assert_eq!(
+        receive_sorted(&mut sub_a, 1, 10),
+        vec![("j4/to-a/x".to_string(), "from D".to_string(), 1)],
+        "subscriber on A, publisher on D"
+    );
+    for cl in [sub_d, sub_a, pub_a, pub_d] {
+        cl.disconnect();
+    }
+
+    // Two persistent subscribers on C, read on their own threads.
+    let subs = [(V3, "leave-s4"), (V5, "leave-s5")];
+    let logs: [Arc<Mutex<LeaveLog>>; 2] = Default::default();
+    let stop_c = Arc::new(AtomicBool::new(false));
+    let mut readers_c = Vec::new();
+    for ((v5, id), log) in subs.iter().zip(&logs) {
+        let (mut s, present) = Client::persistent(c.mqtt, id, *v5);
+        assert!(!present, "{id}: a new session is not present");
+        s.sub_ok(TOPIC, 1);
+        readers_c.push(spawn_leave_reader(s, log.clone(), stop_c.clone()));
+    }
+
+    // The stream from B: one QoS 1 flow at a time (resent with DUP on a new connection when
+    // unacknowledged), slower in its second half so that it spans C's leave. Bounded at 90 s.
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let publisher = {
+        let acked = acked.clone();
+        let addr = b.mqtt;
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let mut p = StreamPublisher::new(addr, "leave-pub".to_string());
+            let mut published = Vec::new();
+            let mut unacked = Vec::new();
+            for i in 0..TOTAL {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let payload = format!("lv-{i}");
+                published.push(payload.clone());
+                if p.publish(TOPIC, 1, payload.as_bytes(), None) {
+                    acked
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(payload);
+                } else {
+                    unacked.push(payload);
+                }
+                sleep(Duration::from_millis(if i < HALF { 5 } else { 25 }));
+            }
+            (published, unacked)
+        })
+    };
+    let n_acked = || acked.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while n_acked() < HALF {
+        assert!(
+            Instant::now() < deadline && !publisher.is_finished(),
+            "only {} of the first {HALF} messages were acknowledged by B",
+            n_acked()
+        );
+        sleep(Duration::from_millis(5));
+    }
+
+    // SIGTERM to C mid-stream: it leaves the cluster and exits 0.
+    let mut failures: Vec<String> = Vec::new();
+    eprintln!("SIGTERM to C with {} of {TOTAL} acknowledged", n_acked());
+    let status = c.sigterm();
+    let exited = Instant::now();
+    eprintln!("C exited with {status} ({} acknowledged so far)", n_acked());
+    if !status.success() {
+        failures.push(format!(
+            "C (--leave-on-shutdown) exited with {status} on SIGTERM; end of its log:\n{}",
+            log_tail(&c)
+        ));
+    }
+    // The process is gone: its connections are closed.
+    let until = Instant::now() + Duration::from_secs(5);
+    while readers_c.iter().any(|h| !h.is_finished()) && Instant::now() < until {
+        sleep(Duration::from_millis(20));
+    }
+    stop_c.store(true, Ordering::SeqCst);
+    for h in readers_c {
+        h.join().expect("reader on C panicked");
+    }
+    for ((v5, id), log) in subs.iter().zip(&logs) {
+        let l = lock_leave(log);
+        if l.got.is_empty() {
+            failures.push(format!("{id}: nothing received on C before its SIGTERM"));
+        }
+        let want: Vec<(u32, u8)> = if *v5 { vec![(1, 0x8B)] } else { vec![] };
+        if l.disconnects != want {
+            failures.push(format!(
+                "{id} on C: server DISCONNECT reasons {:02x?}, wanted {want:02x?} (5: 0x8B \
+                 server shutting down; 3.1.1: closed without one)",
+                l.disconnects
+            ));
+        }
+    }
+
+    // The subscribers resume on D.
+    let stop_d = Arc::new(AtomicBool::new(false));
+    let mut readers_d = Vec::new();
+    for ((v5, id), log) in subs.iter().zip(&logs) {
+        let (s, present) = connect_within(&d, id, *v5, true, 30);
+        if !present {
+            failures.push(format!("{id}: session not present on D after C left"));
+        }
+        readers_d.push(spawn_leave_reader(s, log.clone(), stop_d.clone()));
+    }
+
+    // The membership shrank to A, B and D within 10 s of C's exit, D a voter now.
+    let by = exited + Duration::from_secs(10);
+    for (n, name) in [(&a, "A"), (&d, "D")] {
+        if let Err(v) = gauge_by(n, "fleetmq_cluster_members", 3.0, by) {
+            failures.push(format!(
+                "fleetmq_cluster_members on {name} is {v} 10 s after C left, wanted 3"
+            ));
+        }
+    }
+    if let Err(v) = gauge_by(&a, "fleetmq_raft_voters", 3.0, by) {
+        failures.push(format!(
+            "fleetmq_raft_voters on A is {v} 10 s after C left, wanted 3 (D promoted)"
+        ));
+    }
+
+    // Every acknowledged message reaches both subscribers (on C or D), at least once.
+    let (published, unacked) = publisher.join().expect("publisher thread panicked");
+    let acked: Vec<String> = acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if published.len() < TOTAL {
+        failures.push(format!(
+            "publisher on B stopped at its deadline after {} of {TOTAL}",
+            published.len()
+        ));
+    }
+    if !unacked.is_empty() {
+        failures.push(format!(
+            "B never acknowledged {} publishes during C's graceful leave: {:?}",
+            unacked.len(),
+            unacked
+        ));
+    }
+    let received_all = |log: &Mutex<LeaveLog>| {
+        let l = lock_leave(log);
+        let seen: HashSet<&str> = l
+            .got
+            .iter()
+            .map(|(_, m)| m.payload.as_slice())
+            .map(|p| std::str::from_utf8(p).unwrap_or(""))
+            .collect();
+        acked.iter().all(|a| seen.contains(a.as_str()))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !logs.iter().all(|l| received_all(l)) && Instant::now() < deadline {
+        sleep(Duration::from_millis(100));
+    }
+    // A little longer, for stray packets.
+    sleep(Duration::from_millis(500));
+    stop_d.store(true, Ordering::SeqCst);
+    for h in readers_d {
+        h.join().expect("reader on D panicked");
+    }
+
+    let published: HashSet<&str> = published.iter().map(String::as_str).collect();
+    for ((_, id), log) in subs.iter().zip(&logs) {
+        let l = lock_leave(log);
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut stray = Vec::new();
+        let mut on_d = 0;
+        for (conn, m) in &l.got {
+            *seen.entry(m.text()).or_default() += 1;
+            if *conn > 1 {
+                on_d += 1;
+            }
+            if m.topic != TOPIC || m.qos != 1 || !published.contains(m.text().as_str()) {
+                stray.push(format!(
+                    "conn {conn}: {:?} on {} at QoS {}",
+                    m.text(),
+                    m.topic,
+                    m.qos
+                ));
+            }
+        }
+        let lost: Vec<&String> = acked.iter().filter(|a| !seen.contains_key(*a)).collect();
+        let copies: usize = seen.values().map(|n| n - 1).sum();
+        eprintln!(
+            "{id}: published {} acknowledged {} received {} ({} on D, extra copies {copies}) \
+             lost {}",
+            published.len(),
+            acked.len(),
+            seen.len(),
+            on_d,
+            lost.len()
+        );
+        if !lost.is_empty() {
+            failures.push(format!(
+                "{id}: {} of {} acknowledged messages never received: {:?}",
+                lost.len(),
+                acked.len(),
+                lost
+            ));
+        }
+        if !stray.is_empty() {
+            failures.push(format!("{id}: unexpected deliveries: {stray:?}"));
+        }
+        if !l.other.is_empty() {
+            failures.push(format!("{id}: unexpected packets: {:?}", l.other));
+        }
+        // Only C's shutdown may send a DISCONNECT (connection 1).
+        if l.disconnects.iter().any(|(conn, _)| *conn > 1) {
+            failures.push(format!("{id}: DISCONNECT on D: {:02x?}", l.disconnects));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "graceful leave of C:\n- {}",
+        failures.join("\n- ")
+    );
+}

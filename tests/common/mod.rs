@@ -252,6 +252,22 @@ impl Node {
         self.spawn(&mqtt, "127.0.0.1:0");
     }
 
+    /// Sends signal `sig` (a name as `kill -s` takes it: "STOP", "CONT", "TERM", ...) to the
+    /// running process without waiting for anything; false if no process runs or `kill` failed.
+    /// SIGSTOP freezes the node (its sockets stay open, nothing answers) until SIGCONT.
+    pub fn signal(&self, sig: &str) -> bool {
+        match self.child.as_ref() {
+            Some(c) => Command::new("kill")
+                .arg("-s")
+                .arg(sig)
+                .arg(c.id().to_string())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false),
+            None => false,
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {

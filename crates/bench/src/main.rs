@@ -98,6 +98,10 @@ struct Common {
     /// `--username`/`--password`), e.g. credentials issued by device registration.
     #[arg(long, global = true)]
     logins_file: Option<std::path::PathBuf>,
+    /// Port the subscribers connect to instead of `--port` (publisher and subscriber on
+    /// different cluster nodes).
+    #[arg(long, global = true)]
+    sub_port: Option<u16>,
 }
 
 /// Credentials read from `--logins-file`.
@@ -1059,9 +1063,13 @@ async fn pubsub(
     let received_total = Arc::new(AtomicU64::new(0));
     let mut sub_streams = Vec::with_capacity(nsubs);
     let mut session_present_any = false;
+    let sub_addr = match c.sub_port {
+        Some(p) => SocketAddr::new(addr.ip(), p),
+        None => addr,
+    };
     for i in 0..nsubs {
         let id = format!("{run_id}-sub-{i}");
-        let (mut s, sp) = mqtt_connect(addr, &id, c.clean, 600, deadline)
+        let (mut s, sp) = mqtt_connect(sub_addr, &id, c.clean, 600, deadline)
             .await
             .with_context(|| format!("subscriber {i}"))?;
         session_present_any |= sp;

@@ -172,6 +172,12 @@ impl Durable {
     /// Proposes one command; resolves once it is committed (flushed) and applied.
     /// Commands are applied in the order their `propose`/`propose_nowait` calls happened.
     pub async fn propose(&self, cmd: Command) -> Result<Response, ClusterError> {
+        self.propose_indexed(cmd).await.map(|(r, _)| r)
+    }
+
+    /// Like [`propose`](Self::propose), also returning the index of the entry it was
+    /// committed in (to make other nodes wait until they have applied it).
+    pub async fn propose_indexed(&self, cmd: Command) -> Result<(Response, u64), ClusterError> {
         fleetmq_storage::validate(&cmd).map_err(|e| ClusterError::InvalidCommand(e.to_string()))?;
         if self.inner.closing.load(Ordering::Acquire) {
             return Err(ClusterError::ShuttingDown);
@@ -303,6 +309,56 @@ impl Durable {
             raft.change_membership(next, false)
                 .await
                 .map_err(membership_err)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a node from the group (it leaves the cluster). A learner takes the place of a
+    /// leaving voter while there are fewer than [`MAX_VOTERS`]. Only the leader can; others
+    /// answer `NotLeader`. Removing a node that is not a member is a no-op.
+    pub async fn remove_node(&self, id: u64) -> Result<(), ClusterError> {
+        let raft = &self.inner.raft;
+        let m = raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.inner.id) {
+            let leader_addr = m.current_leader.and_then(|l| {
+                m.membership_config
+                    .nodes()
+                    .find(|(n, _)| **n == l)
+                    .map(|(_, n)| n.addr.clone())
+            });
+            return Err(ClusterError::NotLeader {
+                leader_id: m.current_leader,
+                leader_addr,
+            });
+        }
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let all: Vec<u64> = membership.nodes().map(|(n, _)| *n).collect();
+        if !all.contains(&id) {
+            return Ok(());
+        }
+        if voters.contains(&id) {
+            let mut next = voters.clone();
+            next.remove(&id);
+            if next.len() < MAX_VOTERS {
+                if let Some(l) = all.iter().find(|n| **n != id && !voters.contains(n)) {
+                    next.insert(*l);
+                }
+            }
+            if next.is_empty() {
+                return Err(ClusterError::Raft("the last voter cannot leave".into()));
+            }
+            // retain = false: the leaving voter is dropped, not kept as a learner.
+            raft.change_membership(next, false)
+                .await
+                .map_err(membership_err)?;
+        } else {
+            raft.change_membership(
+                openraft::ChangeMembers::RemoveNodes(std::collections::BTreeSet::from([id])),
+                false,
+            )
+            .await
+            .map_err(membership_err)?;
         }
         Ok(())
     }

@@ -25,6 +25,8 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a follower keeps retrying a proposal while the leader it knew is unreachable
 /// (an election takes a few hundred milliseconds; a minority partition never ends one).
 const FAILOVER_WINDOW: Duration = Duration::from_secs(5);
+/// How long a leader waits for a majority to commit a proposal before refusing it.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where proposals go when this node is not the leader of its group.
 #[derive(Clone)]
@@ -41,7 +43,8 @@ pub(crate) struct Route {
 pub(crate) const MAX_IN_FLIGHT: usize = 2;
 
 /// Where the outcome of one command goes; `None` for fire-and-forget proposals.
-pub(crate) type Reply = Option<oneshot::Sender<Result<Response, ClusterError>>>;
+/// The answer carries the index of the Raft entry the command was committed in.
+pub(crate) type Reply = Option<oneshot::Sender<Result<(Response, u64), ClusterError>>>;
 
 /// Messages to the batcher.
 // Shutdown is sent once; boxing Command would cost an allocation per proposal instead.
@@ -226,11 +229,19 @@ async fn submit(
 async fn respond(mut flight_rx: mpsc::Receiver<InFlight>) {
     while let Some(f) = flight_rx.recv().await {
         let result = match f.rx {
-            Pending::Local(rx) => match rx.await {
-                Ok(Ok(resp)) => Ok(resp),
-                Ok(Err(e)) => Err(ClusterError::from(&e)),
+            // A leader cut off from its majority never commits: the proposal is refused after
+            // a while (it may still commit later, if the majority comes back first).
+            Pending::Local(rx) => match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {
+                Ok(Ok(Ok(resp))) => Ok(resp),
+                Ok(Ok(Err(e))) => Err(ClusterError::from(&e)),
                 // Raft dropped the responder: it is shutting down or stopped on a fatal error.
-                Err(_) => Err(ClusterError::ShuttingDown),
+                Ok(Err(_)) => Err(ClusterError::ShuttingDown),
+                Err(_) => {
+                    metrics::counter!("fleetmq_raft_commit_timeouts_total").increment(1);
+                    Err(ClusterError::Unavailable(
+                        "no majority: the write was not committed in time".into(),
+                    ))
+                }
             },
             Pending::Done(r) => r,
         };
@@ -249,9 +260,10 @@ async fn respond(mut flight_rx: mpsc::Receiver<InFlight>) {
                     fail_all(f.replies, || ClusterError::Raft(msg.clone()));
                     continue;
                 }
+                let index = resp.log_id.index;
                 for (reply, r) in f.replies.into_iter().zip(resp.data) {
                     if let Some(tx) = reply {
-                        let _ = tx.send(Ok(r));
+                        let _ = tx.send(Ok((r, index)));
                     }
                 }
             }

@@ -785,7 +785,12 @@ impl Broker {
             }
         }
         let cmd = self.publish_command(&prepared, None, None);
-        if retain_cmd.is_none() && cmd.is_none() {
+        let enqueue = if prepared.device_api || self.cluster.is_alone() {
+            None
+        } else {
+            self.orphan_command(&tenant, &msg, None, &Default::default(), &[])
+        };
+        if retain_cmd.is_none() && cmd.is_none() && enqueue.is_none() {
             self.deliver(prepared, &[]);
             return;
         }
@@ -793,6 +798,9 @@ impl Broker {
         tokio::spawn(async move {
             if let Some(rc) = retain_cmd {
                 broker.durable.propose_nowait(rc);
+            }
+            if let Some(e) = enqueue {
+                broker.durable.propose_nowait(e);
             }
             let seqs = match cmd {
                 Some(c) => match broker.durable.propose(c).await {
@@ -821,18 +829,15 @@ impl Broker {
         msg: Arc<Message>,
     ) -> impl std::future::Future<Output = Result<(), ClusterError>> + Send + 'static {
         let t = self.tenant(tenant);
-        let prepared = self.route(&t, &msg, None);
-        let cmd = self.publish_command(&prepared, None, None);
+        let mut prepared = self.route(&t, &msg, None);
+        // Persistent sessions got their QoS 1/2 copy through Raft from the publishing node
+        // (`Enqueue`, added here when applied): only the others are served from the forward.
+        prepared
+            .matches
+            .retain(|m| m.qos == 0 || !m.session.state.lock().persistent);
         let broker = self.clone();
         async move {
-            let seqs = match cmd {
-                Some(c) => match broker.durable.propose(c).await? {
-                    Response::Published { seqs } => seqs,
-                    _ => Vec::new(),
-                },
-                None => Vec::new(),
-            };
-            broker.deliver(prepared, &seqs);
+            broker.deliver(prepared, &[]);
             Ok(())
         }
     }
@@ -893,8 +898,8 @@ impl Broker {
         Ok(())
     }
 
-    /// The durable command queueing a QoS 1/2 message for the persistent sessions no live
-    /// node holds (see `Cluster::orphan_targets`), if there are any.
+    /// The durable command queueing a QoS 1/2 message for the matching persistent sessions
+    /// this node does not hold (see `Cluster::orphan_targets`), if there are any.
     pub fn orphan_command(
         &self,
         tenant: &Tenant,
@@ -934,19 +939,11 @@ impl Broker {
         failed: std::collections::BTreeSet<u64>,
         already: Vec<SessionKey>,
     ) {
+        // Persistent sessions do not depend on forwards (they are queued through Raft by the
+        // publishing node); what is lost here is live delivery to clean sessions there.
+        let _ = (tenant, msg, publisher, already);
         self.cluster.mark_down(&failed);
-        if msg.qos == 0 {
-            return;
-        }
-        if let Err(e) = self.durable.read_barrier().await {
-            tracing::warn!(error = %e, "read barrier before re-queueing failed");
-        }
-        if let Some(cmd) = self.orphan_command(&tenant, &msg, publisher.as_ref(), &failed, &already)
-        {
-            if let Err(e) = self.durable.propose(cmd).await {
-                tracing::error!(error = %e, "queueing for the sessions of an unreachable node failed");
-            }
-        }
+        metrics::dropped("forward_failed", failed.len() as u64);
     }
 
     /// A delivery queued through Raft for a session (by a node that thought it orphaned):
@@ -981,6 +978,23 @@ impl Broker {
                     dup: false,
                 },
             );
+        }
+    }
+
+    /// Records this node as the holder of every persistent session it has in memory (those
+    /// it took while it was alone have none on record).
+    pub fn hold_all(&self) {
+        let keys: Vec<SessionKey> = self
+            .sessions
+            .lock()
+            .iter()
+            .filter(|b| b.0.state.lock().persistent)
+            .map(|b| b.0.key.clone())
+            .collect();
+        for key in keys {
+            if let Some(c) = self.cluster.hold_command(&key) {
+                self.durable.propose_nowait(c);
+            }
         }
     }
 
@@ -1148,6 +1162,7 @@ impl Broker {
         }
         let mut messages: HashMap<u64, Arc<Message>> = HashMap::new();
         let mut restored = 0usize;
+        let applied = self.durable.applied_index();
         for rs in sessions {
             let expiry = rs.record.expiry_secs;
             let elapsed_ms = rs
@@ -1165,6 +1180,8 @@ impl Broker {
             {
                 let mut st: parking_lot::MutexGuard<'_, SessionState> = session.state.lock();
                 st.generation = 1;
+                // Entries replayed before this point are in the recovered state already.
+                st.durable_from = applied;
                 for pid in rs.inbound_pids {
                     st.inbound_qos2.insert(pid, true);
                 }

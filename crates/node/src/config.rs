@@ -139,6 +139,10 @@ pub struct Cli {
     /// Lifetime of device tokens issued on s/uat, seconds.
     #[arg(long, env = "FLEETMQ_DEVICE_TOKEN_LIFETIME")]
     pub device_token_lifetime_secs: Option<u64>,
+    /// On SIGTERM, leave the cluster (hand this node's place to another) before stopping:
+    /// for scaling in, not for a restart.
+    #[arg(long, env = "FLEETMQ_LEAVE_ON_SHUTDOWN")]
+    pub leave_on_shutdown: bool,
     /// Print the bound addresses as one JSON line on stdout once listening (for tests/scripts).
     #[arg(long, env = "FLEETMQ_PRINT_ADDRS")]
     pub print_addrs: bool,
@@ -191,6 +195,7 @@ pub struct FileConfig {
     pub login_tenant_per_minute: Option<u32>,
     pub device_token_lifetime_secs: Option<u64>,
     pub print_addrs: Option<bool>,
+    pub leave_on_shutdown: Option<bool>,
     pub log: Option<String>,
 }
 
@@ -239,6 +244,7 @@ pub struct Config {
     pub login_tenant_per_minute: u32,
     pub device_token_lifetime_secs: u64,
     pub print_addrs: bool,
+    pub leave_on_shutdown: bool,
     pub log: String,
 }
 
@@ -307,6 +313,7 @@ impl Default for Config {
             login_tenant_per_minute: 600,
             device_token_lifetime_secs: 3600,
             print_addrs: false,
+            leave_on_shutdown: false,
             log: "info,openraft=warn".into(),
         }
     }
@@ -463,6 +470,7 @@ impl Config {
                 .or(file.device_token_lifetime_secs)
                 .unwrap_or(d.device_token_lifetime_secs),
             print_addrs: cli.print_addrs || file.print_addrs.unwrap_or(false),
+            leave_on_shutdown: cli.leave_on_shutdown || file.leave_on_shutdown.unwrap_or(false),
             log: cli.log.or(file.log).unwrap_or(d.log),
         };
         if cfg.receive_maximum == 0 || cfg.max_inflight == 0 {

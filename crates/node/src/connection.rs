@@ -199,9 +199,18 @@ async fn commit_all(
     durable: &fleetmq_cluster::Durable,
     cmds: Vec<Command>,
 ) -> Result<(), ClusterError> {
-    futures_util::future::try_join_all(cmds.into_iter().map(|c| durable.propose(c)))
-        .await
-        .map(|_| ())
+    commit_all_indexed(durable, cmds).await.map(|_| ())
+}
+
+/// Commits `cmds`; returns the highest Raft index they were committed in (0 for none).
+async fn commit_all_indexed(
+    durable: &fleetmq_cluster::Durable,
+    cmds: Vec<Command>,
+) -> Result<u64, ClusterError> {
+    let done =
+        futures_util::future::try_join_all(cmds.into_iter().map(|c| durable.propose_indexed(c)))
+            .await?;
+    Ok(done.into_iter().map(|(_, i)| i).max().unwrap_or(0))
 }
 
 /// What `poll_io` saw first.
@@ -1630,11 +1639,21 @@ where
             self.write_suback(pkid, &codes);
         } else {
             let durable = broker.durable.clone();
+            let cluster = broker.cluster.clone();
             a.pending.push_back(Box::pin(async move {
-                if let Some(r) = routes {
-                    r.await;
+                let persistent = !cmds.is_empty();
+                let result = commit_all_indexed(&durable, cmds).await;
+                match &result {
+                    // A persistent subscription: every node must have applied it (publishers
+                    // queue for it from their copy of the log) and have the routes.
+                    Ok(index) if persistent => cluster.sync_peers(*index).await,
+                    _ => {
+                        if let Some(r) = routes {
+                            r.await;
+                        }
+                    }
                 }
-                let result = commit_all(&durable, cmds).await;
+                let result = result.map(|_| ());
                 Done::Suback {
                     pkid,
                     codes,

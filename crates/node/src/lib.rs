@@ -207,6 +207,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = http_task.await;
+    if cfg.leave_on_shutdown && !cluster.is_alone() {
+        // After the clients' state is committed: their sessions stay in Raft and, with this
+        // node gone from the membership, count as orphans until they reconnect elsewhere.
+        match cluster.leave().await {
+            Ok(()) => tracing::info!("left the cluster"),
+            Err(e) => tracing::error!(error = %e, "leaving the cluster failed"),
+        }
+    }
     durable.shutdown().await.context("closing durable state")?;
     if let Some(tx) = grpc_shutdown.take() {
         let _ = tx.send(());

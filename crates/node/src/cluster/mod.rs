@@ -45,7 +45,8 @@ const FORWARD_BATCH: usize = 512;
 
 enum RouteMsg {
     Change(Route, bool),
-    Flush(oneshot::Sender<()>),
+    /// Answer once every live peer has the changes so far and has applied this Raft index.
+    Flush(oneshot::Sender<()>, u64),
 }
 
 struct Fwd {
@@ -248,10 +249,26 @@ impl Cluster {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        let _ = self.route_tx.send(RouteMsg::Flush(tx));
+        let _ = self.route_tx.send(RouteMsg::Flush(tx, 0));
         Some(async move {
             let _ = rx.await;
         })
+    }
+
+    /// Resolves once every live peer has the route changes made so far and has applied the
+    /// Raft entry `index` (a persistent subscription committed there): awaited before the
+    /// SUBACK, so that a publish anywhere after it queues for the new subscription.
+    pub fn sync_peers(&self, index: u64) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let rx = (!self.is_alone()).then(|| {
+            let (tx, rx) = oneshot::channel();
+            let _ = self.route_tx.send(RouteMsg::Flush(tx, index));
+            rx
+        });
+        async move {
+            if let Some(rx) = rx {
+                let _ = rx.await;
+            }
+        }
     }
 
     /// The other live nodes with a subscriber for `topic`. A node believed down gets
@@ -294,6 +311,43 @@ impl Cluster {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Leaves the cluster: asks the leader (possibly this node) to remove this node from the
+    /// membership, retrying through an election for a few seconds.
+    pub async fn leave(&self) -> Result<(), ClusterError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let result = match self.durable.remove_node(self.id).await {
+                Err(ClusterError::NotLeader {
+                    leader_addr: Some(addr),
+                    ..
+                }) => match self.client(&addr) {
+                    Some(mut c) => {
+                        match tokio::time::timeout(
+                            RPC_TIMEOUT * 2,
+                            c.leave(pb::LeaveRequest { node_id: self.id }),
+                        )
+                        .await
+                        {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(e)) => Err(ClusterError::Unavailable(e.message().to_string())),
+                            Err(_) => Err(ClusterError::Timeout("leave".into())),
+                        }
+                    }
+                    None => Err(ClusterError::Unavailable(format!("bad address {addr}"))),
+                },
+                other => other,
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "leave not done yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -360,9 +414,12 @@ impl Cluster {
         }
     }
 
-    /// The persistent sessions matching `topic` that no live node holds: their node died (or
-    /// is believed down, or is in `also_down`), or none took them since. `held_here` says
-    /// whether this node has the session in memory.
+    /// The persistent sessions matching `topic` that this node does not hold (`held_here`
+    /// says which it has in memory): wherever they are (on another node, or nowhere since
+    /// their node died), a QoS 1/2 message reaches them through Raft. The node holding one
+    /// adds it when it applies the entry; forwards serve only clean sessions. So no
+    /// persistent session's message depends on a forward, a route, or a node staying up.
+    /// (`also_down` is unused now; kept for callers that know more than the heartbeats.)
     #[allow(clippy::too_many_arguments)]
     pub fn orphan_targets(
         &self,
@@ -381,22 +438,10 @@ impl Cluster {
         if index.is_empty() {
             return Vec::new();
         }
-        let live: HashSet<u64> = self
-            .live_members()
-            .into_iter()
-            .filter(|n| !also_down.contains(n))
-            .collect();
-        index.orphan_targets(
-            tenant,
-            topic,
-            qos,
-            retain,
-            publisher,
-            |key, holder| match holder {
-                Some(n) if n != self.id => !live.contains(&n),
-                _ => !held_here(key),
-            },
-        )
+        let _ = also_down;
+        index.orphan_targets(tenant, topic, qos, retain, publisher, |key, _| {
+            !held_here(key)
+        })
     }
 
     /// Marks peers down after a failed forward (the next heartbeat marks them up again).
@@ -604,6 +649,9 @@ impl Cluster {
 async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<RouteMsg>) {
     let mut seq: u64 = 0;
     let mut processed: u64 = 0;
+    // Sessions taken while this node was alone have no holder on record: published once a
+    // peer appears, so the newcomer does not take them for orphans.
+    let mut holders_published = false;
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -623,7 +671,7 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
                 share_group: String::new(),
                 added,
             }),
-            RouteMsg::Flush(tx) => waiters.push(tx),
+            RouteMsg::Flush(tx, index) => waiters.push((tx, index)),
         };
         if let Some(m) = first {
             take(m, &mut changes, &mut waiters);
@@ -636,6 +684,12 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
             processed += changes.len() as u64;
         }
         let peers = cluster.peers();
+        if !holders_published && !peers.is_empty() {
+            if let Some(b) = cluster.broker() {
+                b.hold_all();
+                holders_published = true;
+            }
+        }
         // Routes of nodes that left the membership go.
         {
             let members: HashSet<u64> = peers.iter().map(|(id, _)| *id).collect();
@@ -646,14 +700,15 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
                 }
             }
         }
+        let min_index = waiters.iter().map(|(_, i)| *i).max().unwrap_or(0);
         let sends = peers.into_iter().map(|(node, addr)| {
             let cluster = cluster.clone();
             let changes = changes.clone();
-            async move { send_routes(&cluster, node, &addr, seq, changes).await }
+            async move { send_routes(&cluster, node, &addr, seq, changes, min_index).await }
         });
         futures_util::future::join_all(sends).await;
         cluster.acked.store(processed, Ordering::Release);
-        for w in waiters {
+        for (w, _) in waiters {
             let _ = w.send(());
         }
     }
@@ -666,6 +721,7 @@ async fn send_routes(
     addr: &str,
     seq: u64,
     changes: Vec<RouteChange>,
+    min_index: u64,
 ) {
     let Some(mut client) = cluster.client(addr) else {
         return;
@@ -675,7 +731,7 @@ async fn send_routes(
         sequence: seq,
         changes,
         full: false,
-        applied_index: cluster.durable.applied_index(),
+        applied_index: cluster.durable.applied_index().max(min_index),
     };
     let ack = match tokio::time::timeout(RPC_TIMEOUT, client.update_routes(update)).await {
         Ok(Ok(a)) => a.into_inner(),

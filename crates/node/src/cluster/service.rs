@@ -102,11 +102,30 @@ impl NodeService for NodeSvc {
 
     async fn leave(
         &self,
-        _request: Request<pb::LeaveRequest>,
+        request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveReply>, Status> {
-        Err(Status::unimplemented(
-            "graceful leave is not implemented yet",
-        ))
+        let broker = self.broker()?;
+        let id = request.into_inner().node_id;
+        match broker.durable.remove_node(id).await {
+            Ok(()) => {
+                tracing::info!(node = id, "node left the cluster");
+                Ok(Response::new(pb::LeaveReply {}))
+            }
+            Err(ClusterError::NotLeader {
+                leader_addr: Some(addr),
+                ..
+            }) => {
+                let channel = broker
+                    .durable
+                    .channels()
+                    .get(&addr)
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                NodeServiceClient::new(channel)
+                    .leave(pb::LeaveRequest { node_id: id })
+                    .await
+            }
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
     }
 
     async fn register(

@@ -236,7 +236,7 @@ impl Directory {
             }
             Space::Setting => {
                 match value {
-                    Some(v) => st.settings.insert(name.to_string(), v.to_vec()),
+                    Some(v) => st.settings.insert(name.to_string(), setting_value(v)),
                     None => st.settings.remove(name),
                 };
             }
@@ -274,7 +274,7 @@ impl Directory {
                 .insert((tenant, name), Arc::new(serde_json::from_slice(&v)?));
         }
         for (_, _, name, v) in self.durable.entries(Space::Setting)? {
-            st.settings.insert(name, v);
+            st.settings.insert(name, setting_value(&v));
         }
         Ok(())
     }
@@ -711,6 +711,13 @@ impl Directory {
             .insert(name.to_string(), v.clone());
         Ok(v)
     }
+}
+
+/// A setting's value as stored: `put` wrote the bytes as JSON (an array of numbers). Read
+/// back raw, a restarted node (or another node) would use a different signing key than the
+/// node that created it.
+fn setting_value(stored: &[u8]) -> Vec<u8> {
+    serde_json::from_slice::<Vec<u8>>(stored).unwrap_or_else(|_| stored.to_vec())
 }
 
 /// Decodes a JSON value stored by this module (for tests and tools).

@@ -31,7 +31,7 @@ TMP=$(mktemp -d /tmp/fleetmq-cluster.XXXXXX)
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    rm -rf "$TMP"
+    [[ "${KEEP:-0}" == 1 ]] && echo "kept $TMP" >&2 || rm -rf "$TMP"
 }
 trap cleanup EXIT
 

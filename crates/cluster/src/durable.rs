@@ -85,6 +85,9 @@ fn raft_config() -> Result<Config, ClusterError> {
         // memory grows with its size) does not grow
         // forever; with batching that is far more than 20k commands.
         snapshot_policy: SnapshotPolicy::LogsSinceLast(4_000),
+        // Entries are group-committed batches of up to thousands of commands: a few per
+        // append keeps each RPC well under the gRPC message limit.
+        max_payload_entries: 32,
         max_in_snapshot_log_to_keep: 200,
         purge_batch_size: 256,
         ..Default::default()
@@ -258,11 +261,24 @@ impl Durable {
 
     /// The members of the cluster (voters and learners) as `(id, gRPC address)`, by id.
     pub fn members(&self) -> Vec<(u64, String)> {
-        let m = self.inner.raft.metrics().borrow().clone();
+        // Borrowed, not cloned: the metrics hold the replication map too.
+        let rx = self.inner.raft.metrics();
+        let m = rx.borrow();
         m.membership_config
             .nodes()
             .map(|(id, n)| (*id, n.addr.clone()))
             .collect()
+    }
+
+    /// How many members the cluster has (cheap: on the publish path).
+    pub fn member_count(&self) -> usize {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .count()
     }
 
     /// The leader of the group as this node last heard.
@@ -508,7 +524,9 @@ async fn join(cfg: &DurableConfig, channels: &Channels) -> Result<(), ClusterErr
                     continue;
                 }
             };
-            let mut client = NodeServiceClient::new(channel);
+            let mut client = NodeServiceClient::new(channel)
+                .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
             let req = JoinRequest {
                 node: Some(me.clone()),
             };

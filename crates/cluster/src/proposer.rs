@@ -125,7 +125,8 @@ async fn leader(raft: &Raft, route: &Route) -> Result<Option<String>, ClusterErr
     let deadline = Instant::now() + LEADER_WAIT;
     loop {
         let found = {
-            let m = raft.metrics().borrow().clone();
+            let rx = raft.metrics();
+            let m = rx.borrow();
             match m.current_leader {
                 Some(l) if l == route.self_id => Some(None),
                 Some(l) => m

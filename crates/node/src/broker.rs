@@ -820,9 +820,11 @@ impl Broker {
     // ----- cluster ----------------------------------------------------------------------------
 
     /// Publishes a message another node forwarded: to this node's subscribers only (never
-    /// forwarded again, and never retained again: the retained set is replicated). Resolves
-    /// once what it queued for persistent sessions is committed. The proposal is made at the
-    /// first poll, so futures polled in order commit in order.
+    /// forwarded again, and never retained again: the retained set is replicated). Persistent
+    /// sessions got their QoS 1/2 copy through Raft from the publishing node (`Enqueue`, added
+    /// here when applied), except through shared subscriptions, which that path skips: those
+    /// are queued here. The proposal is made at the first poll, so futures polled in order
+    /// commit in order.
     pub fn publish_forwarded(
         self: &Arc<Self>,
         tenant: &str,
@@ -830,14 +832,27 @@ impl Broker {
     ) -> impl std::future::Future<Output = Result<(), ClusterError>> + Send + 'static {
         let t = self.tenant(tenant);
         let mut prepared = self.route(&t, &msg, None);
-        // Persistent sessions got their QoS 1/2 copy through Raft from the publishing node
-        // (`Enqueue`, added here when applied): only the others are served from the forward.
-        prepared
-            .matches
-            .retain(|m| m.qos == 0 || !m.session.state.lock().persistent);
+        prepared.matches.retain(|m| {
+            if m.qos == 0 {
+                return true;
+            }
+            let st = m.session.state.lock();
+            !st.persistent
+                || !st.subscriptions.keys().any(|f| {
+                    !f.starts_with("$share/") && fleetmq_protocol::topic::matches(f, &msg.topic)
+                })
+        });
+        let cmd = self.publish_command(&prepared, None, None);
         let broker = self.clone();
         async move {
-            broker.deliver(prepared, &[]);
+            let seqs = match cmd {
+                Some(c) => match broker.durable.propose(c).await? {
+                    Response::Published { seqs } => seqs,
+                    _ => Vec::new(),
+                },
+                None => Vec::new(),
+            };
+            broker.deliver(prepared, &seqs);
             Ok(())
         }
     }

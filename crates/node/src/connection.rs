@@ -1143,8 +1143,8 @@ where
             // connected clean sessions stay zero-copy.
             prepared.msg = prepared.msg.detached();
         }
-        // Other nodes with subscribers get it too; a QoS 1/2 publish is acknowledged only
-        // once they have committed it for their persistent sessions.
+        // Other nodes with subscribers get it too (a QoS 1/2 publish is acknowledged once they
+        // took it); persistent sessions elsewhere get it through Raft (`orphan_cmd`).
         let mut forward = None;
         let mut orphan_cmd = None;
         if !prepared.device_api && !broker.cluster.is_alone() {

@@ -76,7 +76,11 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> GrpcClient {
         let client = match self.channels.get(&node.addr) {
-            Ok(c) => Some(RaftServiceClient::new(c)),
+            Ok(c) => Some(
+                RaftServiceClient::new(c)
+                    .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(super::MAX_MESSAGE_BYTES),
+            ),
             Err(e) => {
                 tracing::warn!(target, addr = %node.addr, error = %e, "bad peer address");
                 None
@@ -204,7 +208,9 @@ pub async fn forward_write(
     let channel = channels
         .get(addr)
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let mut client = RaftServiceClient::new(channel);
+    let mut client = RaftServiceClient::new(channel)
+        .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(super::MAX_MESSAGE_BYTES);
     let request = RaftRequest {
         group,
         payload: encode(batch)?,

@@ -8,3 +8,9 @@ pub mod server;
 
 pub use client::{Channels, GrpcNetwork};
 pub use server::RaftServer;
+
+/// Largest gRPC message accepted or sent between nodes. tonic's default (4 MiB) is far below
+/// what a Raft append of big group-committed entries, a snapshot chunk or a forwarded batch
+/// of large payloads can reach; a message over the limit would fail forever and wedge
+/// replication to that peer.
+pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;

@@ -46,6 +46,8 @@ impl RaftServer {
     /// The tonic service to add to a `Server`.
     pub fn into_service(self) -> RaftServiceServer<RaftServer> {
         RaftServiceServer::new(self)
+            .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
     }
 
     fn group(&self, group: u64) -> Result<Raft, Status> {

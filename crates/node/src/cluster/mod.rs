@@ -130,7 +130,7 @@ impl Cluster {
 
     /// True when this node is the only member.
     pub fn is_alone(&self) -> bool {
-        self.peers().is_empty()
+        self.durable.member_count() <= 1
     }
 
     fn addr_of(&self, node: u64) -> Option<String> {
@@ -143,7 +143,11 @@ impl Cluster {
 
     fn client(&self, addr: &str) -> Option<NodeServiceClient<tonic::transport::Channel>> {
         match self.durable.channels().get(addr) {
-            Ok(c) => Some(NodeServiceClient::new(c)),
+            Ok(c) => Some(
+                NodeServiceClient::new(c)
+                    .max_decoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES),
+            ),
             Err(e) => {
                 tracing::warn!(%addr, error = %e, "bad peer address");
                 None

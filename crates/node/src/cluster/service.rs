@@ -33,6 +33,8 @@ impl NodeSvc {
     /// The tonic service to add to a `Server`.
     pub fn into_service(self) -> NodeServiceServer<NodeSvc> {
         NodeServiceServer::new(self)
+            .max_decoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
     }
 
     fn broker(&self) -> Result<&Arc<Broker>, Status> {
@@ -77,6 +79,8 @@ impl NodeService for NodeSvc {
                     .get(&addr)
                     .map_err(|e| Status::unavailable(e.to_string()))?;
                 let r = NodeServiceClient::new(channel)
+                    .max_decoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
                     .join(pb::JoinRequest { node: Some(node) })
                     .await?;
                 return Ok(r);
@@ -121,6 +125,8 @@ impl NodeService for NodeSvc {
                     .get(&addr)
                     .map_err(|e| Status::unavailable(e.to_string()))?;
                 NodeServiceClient::new(channel)
+                    .max_decoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
                     .leave(pb::LeaveRequest { node_id: id })
                     .await
             }
@@ -193,8 +199,8 @@ impl NodeService for NodeSvc {
                 }
             }
         }
-        // Proposals were made in order above; the reply waits for all their commits, so the
-        // sender acknowledges its publisher only for what is durable here.
+        // Proposals (persistent members of shared subscriptions only) were made in order
+        // above; the reply waits for their commits.
         for r in futures_util::future::join_all(commits).await {
             if let Err(e) = r {
                 return Err(Status::unavailable(format!("commit failed: {e}")));

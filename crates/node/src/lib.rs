@@ -292,6 +292,9 @@ async fn observe_applied(
                     Ok(all) => broker.reload_retained(all),
                     Err(e) => tracing::error!(error = %e, "reloading retained messages failed"),
                 }
+                if let Err(e) = broker.cluster.reload_index() {
+                    tracing::error!(error = %e, "reloading the persistent-session index failed");
+                }
             }
         }
     }

@@ -357,6 +357,22 @@ impl Cluster {
 
     // ----- persistent sessions across nodes ---------------------------------------------------
 
+    /// Rebuilds the persistent-session index from the state machine (after a snapshot was
+    /// installed: the commands it replaced were never observed here).
+    pub fn reload_index(&self) -> Result<(), ClusterError> {
+        let mut index = DurableIndex::default();
+        for rs in self.durable.sessions()? {
+            index.load(&rs.key, &rs.record.subscriptions);
+        }
+        for (_, tenant, client, v) in self.durable.entries(Space::Holder)? {
+            if let Some(n) = parse_holder(&v) {
+                index.set_holder(SessionKey::new(tenant, client), Some(n));
+            }
+        }
+        *self.index.write() = index;
+        Ok(())
+    }
+
     /// Mirrors an applied session command into the index.
     pub fn observe_session(&self, cmd: &Command) {
         self.index.write().observe(cmd);

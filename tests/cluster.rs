@@ -1890,3 +1890,34 @@ fn fourth_node_joins_and_a_node_leaves_gracefully() {
         failures.join("\n- ")
     );
 }
+
+/// An MQTT 5 PUBACK says "no matching subscribers" (0x10) only when no node has one: a
+/// subscriber on another node, clean or persistent, makes it 0x00.
+#[test]
+fn puback_reason_counts_subscribers_on_other_nodes() {
+    let [a, _b, c] = cluster3(&[]);
+    let mut clean = Client::clean(a.mqtt, "rc-clean", V3);
+    clean.sub_ok("rc/clean", 1);
+    let (mut persistent, _) = Client::persistent(a.mqtt, "rc-persistent", V3);
+    persistent.sub_ok("rc/persistent", 1);
+    drop(persistent); // offline: its messages go through Raft
+
+    let mut publisher = Client::clean(c.mqtt, "rc-pub", V5);
+    let mut next_pid = 0u16;
+    let mut reason = |topic: &str| {
+        next_pid += 1;
+        let pid = next_pid;
+        publisher.send(&publish_packet(true, topic.as_bytes(), 1, pid, false, b"x"));
+        let ack = publisher.expect(PUBACK, "PUBACK");
+        assert_eq!(ack.pid(), pid);
+        // v5 PUBACK: packet id, then the reason code (absent means 0x00).
+        ack.body.get(2).copied().unwrap_or(0)
+    };
+    assert_eq!(reason("rc/clean"), 0x00, "clean subscriber on A");
+    assert_eq!(
+        reason("rc/persistent"),
+        0x00,
+        "offline persistent subscriber on A"
+    );
+    assert_eq!(reason("rc/nobody"), 0x10, "no subscriber anywhere");
+}

@@ -48,6 +48,9 @@ pub struct Prepared {
     /// Taken by the device-API pipeline (a reserved upstream topic), not routed: the
     /// publisher is answered "success", not "no matching subscribers".
     pub device_api: bool,
+    /// Subscribers on other nodes take it too (forwarded, or queued through Raft): not "no
+    /// matching subscribers" either.
+    pub remote: bool,
 }
 
 impl Prepared {
@@ -521,6 +524,7 @@ impl Broker {
                 msg: msg.clone(),
                 matches: out,
                 device_api: true,
+                remote: false,
             };
         }
         // (group, filter, members): one pick per group and filter.
@@ -607,6 +611,7 @@ impl Broker {
             msg: msg.clone(),
             matches: out,
             device_api: false,
+            remote: false,
         }
     }
 

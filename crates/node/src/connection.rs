@@ -1159,7 +1159,7 @@ where
                     forward = Some(f);
                 }
             }
-            // Persistent sessions no live node holds get it through Raft.
+            // Persistent sessions this node does not hold get it through Raft.
             orphan_cmd = broker.orphan_command(
                 &a.who.tenant,
                 &prepared.msg,
@@ -1167,6 +1167,7 @@ where
                 &Default::default(),
                 &[],
             );
+            prepared.remote = !remote.is_empty() || orphan_cmd.is_some();
         }
         let inbound = (p.qos == 2 && a.persistent).then(|| (a.session.key.clone(), p.pkid));
         let cmd = broker.publish_command(&prepared, Some(&a.session.key), inbound);
@@ -1333,7 +1334,8 @@ where
     ) -> Result<(), Close> {
         let (reason, ok) = match result {
             Ok(Response::Published { seqs }) => {
-                let matched = !prepared.matches.is_empty() || prepared.device_api;
+                let matched =
+                    !prepared.matches.is_empty() || prepared.device_api || prepared.remote;
                 self.broker.deliver(prepared, &seqs);
                 (
                     if matched {
@@ -1346,7 +1348,8 @@ where
             }
             Ok(Response::DuplicateInbound) => (rc::SUCCESS, true),
             Ok(Response::Ok | Response::Exists) => {
-                let matched = !prepared.matches.is_empty() || prepared.device_api;
+                let matched =
+                    !prepared.matches.is_empty() || prepared.device_api || prepared.remote;
                 self.broker.deliver(prepared, &[]);
                 (
                     if matched {

@@ -292,15 +292,9 @@ impl Durable {
         let raft = &self.inner.raft;
         let m = raft.metrics().borrow().clone();
         if m.current_leader != Some(self.inner.id) {
-            let leader_addr = m.current_leader.and_then(|l| {
-                m.membership_config
-                    .nodes()
-                    .find(|(n, _)| **n == l)
-                    .map(|(_, n)| n.addr.clone())
-            });
             return Err(ClusterError::NotLeader {
                 leader_id: m.current_leader,
-                leader_addr,
+                leader_addr: leader_addr(&m),
             });
         }
         let known = m
@@ -336,15 +330,9 @@ impl Durable {
         let raft = &self.inner.raft;
         let m = raft.metrics().borrow().clone();
         if m.current_leader != Some(self.inner.id) {
-            let leader_addr = m.current_leader.and_then(|l| {
-                m.membership_config
-                    .nodes()
-                    .find(|(n, _)| **n == l)
-                    .map(|(_, n)| n.addr.clone())
-            });
             return Err(ClusterError::NotLeader {
                 leader_id: m.current_leader,
-                leader_addr,
+                leader_addr: leader_addr(&m),
             });
         }
         let membership = m.membership_config.membership();
@@ -398,21 +386,18 @@ impl Durable {
     async fn read_barrier_once(&self) -> Result<(), ClusterError> {
         let raft = &self.inner.raft;
         let empty = Batch(Arc::new(Vec::new()));
-        let leader_addr = {
-            let m = raft.metrics().borrow().clone();
+        let remote_leader = {
+            let rx = raft.metrics();
+            let m = rx.borrow();
             match m.current_leader {
                 Some(l) if l == self.inner.id => None,
-                Some(l) => m
-                    .membership_config
-                    .nodes()
-                    .find(|(n, _)| **n == l)
-                    .map(|(_, n)| n.addr.clone()),
+                Some(_) => leader_addr(&m),
                 None => {
                     return Err(ClusterError::Unavailable("no leader known".into()));
                 }
             }
         };
-        let index = match leader_addr {
+        let index = match remote_leader {
             None => {
                 // client_write returns once applied here: nothing more to wait for.
                 raft.client_write(empty).await.map_err(|e| match e {
@@ -497,6 +482,15 @@ impl Durable {
         self.inner.storage.flush().await?;
         Ok(())
     }
+}
+
+/// The advertised address of the leader the metrics name, if it is known and a member.
+pub(crate) fn leader_addr(m: &RaftMetrics<u64, BasicNode>) -> Option<String> {
+    let l = m.current_leader?;
+    m.membership_config
+        .nodes()
+        .find(|(n, _)| **n == l)
+        .map(|(_, n)| n.addr.clone())
 }
 
 fn membership_err<E: std::fmt::Display>(e: RaftError<u64, E>) -> ClusterError {

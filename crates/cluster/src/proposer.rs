@@ -129,11 +129,7 @@ async fn leader(raft: &Raft, route: &Route) -> Result<Option<String>, ClusterErr
             let m = rx.borrow();
             match m.current_leader {
                 Some(l) if l == route.self_id => Some(None),
-                Some(l) => m
-                    .membership_config
-                    .nodes()
-                    .find(|(id, _)| **id == l)
-                    .map(|(_, n)| Some(n.addr.clone())),
+                Some(_) => crate::durable::leader_addr(&m).map(Some),
                 None => None,
             }
         };

@@ -793,7 +793,7 @@ impl Broker {
         let enqueue = if prepared.device_api || self.cluster.is_alone() {
             None
         } else {
-            self.orphan_command(&tenant, &msg, None, &Default::default(), &[])
+            self.orphan_command(&tenant, &msg, None)
         };
         if retain_cmd.is_none() && cmd.is_none() && enqueue.is_none() {
             self.deliver(prepared, &[]);
@@ -925,19 +925,15 @@ impl Broker {
         tenant: &Tenant,
         msg: &Message,
         publisher: Option<&SessionKey>,
-        also_down: &std::collections::BTreeSet<u64>,
-        except: &[SessionKey],
     ) -> Option<Command> {
-        let mut targets = self.cluster.orphan_targets(
+        let targets = self.cluster.orphan_targets(
             &tenant.name,
             &msg.topic,
             msg.qos,
             msg.retain,
             publisher,
-            also_down,
             |k| self.sessions.lock().get(k).is_some(),
         );
-        targets.retain(|t| !except.contains(&t.key));
         if targets.is_empty() {
             return None;
         }
@@ -948,21 +944,11 @@ impl Broker {
         })
     }
 
-    /// After forwarding to `failed` nodes failed: they count as down, and the sessions they
-    /// held get the message through Raft (after a read barrier, so the holders on record are
-    /// current). `already` are the sessions the first orphan command covered.
-    pub async fn forward_failed(
-        self: &Arc<Self>,
-        tenant: Arc<Tenant>,
-        msg: Arc<Message>,
-        publisher: Option<SessionKey>,
-        failed: std::collections::BTreeSet<u64>,
-        already: Vec<SessionKey>,
-    ) {
-        // Persistent sessions do not depend on forwards (they are queued through Raft by the
-        // publishing node); what is lost here is live delivery to clean sessions there.
-        let _ = (tenant, msg, publisher, already);
-        self.cluster.mark_down(&failed);
+    /// After forwarding to `failed` nodes failed: they count as down until they answer again.
+    /// Persistent sessions do not depend on forwards (the publishing node queues for them
+    /// through Raft); what is lost is live delivery to clean sessions there.
+    pub fn forward_failed(&self, failed: &std::collections::BTreeSet<u64>) {
+        self.cluster.mark_down(failed);
         metrics::dropped("forward_failed", failed.len() as u64);
     }
 

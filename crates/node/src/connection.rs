@@ -1160,13 +1160,7 @@ where
                 }
             }
             // Persistent sessions this node does not hold get it through Raft.
-            orphan_cmd = broker.orphan_command(
-                &a.who.tenant,
-                &prepared.msg,
-                Some(&a.session.key),
-                &Default::default(),
-                &[],
-            );
+            orphan_cmd = broker.orphan_command(&a.who.tenant, &prepared.msg, Some(&a.session.key));
             prepared.remote = !remote.is_empty() || orphan_cmd.is_some();
         }
         let inbound = (p.qos == 2 && a.persistent).then(|| (a.session.key.clone(), p.pkid));
@@ -1189,9 +1183,6 @@ where
         } else {
             let durable = broker.durable.clone();
             let fallback = broker.clone();
-            let tenant = a.who.tenant.clone();
-            let msg = prepared.msg.clone();
-            let publisher = Some(a.session.key.clone());
             a.pending.push_back(Box::pin(async move {
                 // Both proposals are made at the first poll, in this order, so a later publish
                 // of the same client can never get an earlier queue position.
@@ -1207,12 +1198,6 @@ where
                         None => Ok(Response::Ok),
                     }
                 };
-                let orphaned: Vec<SessionKey> = match &orphan_cmd {
-                    Some(Command::Enqueue { targets, .. }) => {
-                        targets.iter().map(|t| t.key.clone()).collect()
-                    }
-                    _ => Vec::new(),
-                };
                 let queued = async {
                     match orphan_cmd {
                         Some(c) => durable.propose(c).await.map(|_| ()),
@@ -1223,9 +1208,7 @@ where
                     if let Some(f) = forward {
                         let failed = f.await;
                         if !failed.is_empty() {
-                            fallback
-                                .forward_failed(tenant, msg, publisher, failed, orphaned)
-                                .await;
+                            fallback.forward_failed(&failed);
                         }
                     }
                 };

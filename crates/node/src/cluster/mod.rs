@@ -81,15 +81,7 @@ impl Cluster {
     /// broker exists.
     pub fn new(durable: Durable) -> Result<Arc<Cluster>, ClusterError> {
         let (route_tx, route_rx) = mpsc::unbounded_channel();
-        let mut index = DurableIndex::default();
-        for rs in durable.sessions()? {
-            index.load(&rs.key, &rs.record.subscriptions);
-        }
-        for (_, tenant, client, v) in durable.entries(Space::Holder)? {
-            if let Some(n) = parse_holder(&v) {
-                index.set_holder(SessionKey::new(tenant, client), Some(n));
-            }
-        }
+        let index = build_index(&durable)?;
         Ok(Arc::new(Cluster {
             id: durable.node_id(),
             durable,
@@ -141,7 +133,8 @@ impl Cluster {
             .map(|(_, a)| a)
     }
 
-    fn client(&self, addr: &str) -> Option<NodeServiceClient<tonic::transport::Channel>> {
+    /// A node-service client for `addr` over the shared channels (`None`: bad address).
+    pub fn client(&self, addr: &str) -> Option<NodeServiceClient<tonic::transport::Channel>> {
         match self.durable.channels().get(addr) {
             Ok(c) => Some(
                 NodeServiceClient::new(c)
@@ -360,16 +353,7 @@ impl Cluster {
     /// Rebuilds the persistent-session index from the state machine (after a snapshot was
     /// installed: the commands it replaced were never observed here).
     pub fn reload_index(&self) -> Result<(), ClusterError> {
-        let mut index = DurableIndex::default();
-        for rs in self.durable.sessions()? {
-            index.load(&rs.key, &rs.record.subscriptions);
-        }
-        for (_, tenant, client, v) in self.durable.entries(Space::Holder)? {
-            if let Some(n) = parse_holder(&v) {
-                index.set_holder(SessionKey::new(tenant, client), Some(n));
-            }
-        }
-        *self.index.write() = index;
+        *self.index.write() = build_index(&self.durable)?;
         Ok(())
     }
 
@@ -439,8 +423,6 @@ impl Cluster {
     /// their node died), a QoS 1/2 message reaches them through Raft. The node holding one
     /// adds it when it applies the entry; forwards serve only clean sessions. So no
     /// persistent session's message depends on a forward, a route, or a node staying up.
-    /// (`also_down` is unused now; kept for callers that know more than the heartbeats.)
-    #[allow(clippy::too_many_arguments)]
     pub fn orphan_targets(
         &self,
         tenant: &str,
@@ -448,7 +430,6 @@ impl Cluster {
         qos: u8,
         retain: bool,
         publisher: Option<&SessionKey>,
-        also_down: &BTreeSet<u64>,
         held_here: impl Fn(&SessionKey) -> bool,
     ) -> Vec<Target> {
         if qos == 0 || self.is_alone() {
@@ -458,7 +439,6 @@ impl Cluster {
         if index.is_empty() {
             return Vec::new();
         }
-        let _ = also_down;
         index.orphan_targets(tenant, topic, qos, retain, publisher, |key, _| {
             !held_here(key)
         })
@@ -844,6 +824,20 @@ async fn run_forwarder(
             let _ = d.send(ok);
         }
     }
+}
+
+/// The persistent-session index as the state machine holds it now.
+fn build_index(durable: &Durable) -> Result<DurableIndex, ClusterError> {
+    let mut index = DurableIndex::default();
+    for rs in durable.sessions()? {
+        index.load(&rs.key, &rs.record.subscriptions);
+    }
+    for (_, tenant, client, v) in durable.entries(Space::Holder)? {
+        if let Some(n) = parse_holder(&v) {
+            index.set_holder(SessionKey::new(tenant, client), Some(n));
+        }
+    }
+    Ok(index)
 }
 
 /// A holder entry's value: the node id as decimal text.

@@ -98,7 +98,7 @@ impl RemoteRoutes {
             // tells that the sender is in sync with this node.
             self.sequences.insert(node, last);
             return Applied::Yes(last);
-        } else if sequence != last + 1 {
+        } else if Some(sequence) != last.checked_add(1) {
             return Applied::Gap(last);
         }
         for (route, added) in changes {

@@ -44,6 +44,17 @@ impl NodeSvc {
     }
 }
 
+/// A client for the leader, to pass on a membership request this node cannot serve.
+fn leader_client(
+    broker: &Broker,
+    addr: &str,
+) -> Result<NodeServiceClient<tonic::transport::Channel>, Status> {
+    broker
+        .cluster
+        .client(addr)
+        .ok_or_else(|| Status::unavailable(format!("bad leader address {addr}")))
+}
+
 fn key_of(k: Option<pb::SessionKey>) -> Result<pb::SessionKey, Status> {
     k.ok_or_else(|| Status::invalid_argument("missing session key"))
 }
@@ -73,14 +84,7 @@ impl NodeService for NodeSvc {
                 ..
             }) => {
                 // Pass it on to the leader: the joining node may only know this member.
-                let channel = broker
-                    .durable
-                    .channels()
-                    .get(&addr)
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                let r = NodeServiceClient::new(channel)
-                    .max_decoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
+                let r = leader_client(broker, &addr)?
                     .join(pb::JoinRequest { node: Some(node) })
                     .await?;
                 return Ok(r);
@@ -119,14 +123,7 @@ impl NodeService for NodeSvc {
                 leader_addr: Some(addr),
                 ..
             }) => {
-                let channel = broker
-                    .durable
-                    .channels()
-                    .get(&addr)
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                NodeServiceClient::new(channel)
-                    .max_decoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
+                leader_client(broker, &addr)?
                     .leave(pb::LeaveRequest { node_id: id })
                     .await
             }

@@ -81,6 +81,8 @@ pub struct Broker {
     tenants: RwLock<HashMap<String, Arc<Tenant>>>,
     /// Sessions by key; the key lives once, inside the session (see `SessionMap`).
     sessions: Mutex<SessionMap>,
+    /// Connections superseded by a takeover before they attached (locked inside `sessions`).
+    fences: Mutex<crate::cluster::registry::Fences>,
     next_id: AtomicU64,
     /// Open connections, for the node's connection limit.
     pub connections: AtomicUsize,
@@ -110,7 +112,11 @@ impl Broker {
             limits,
             tenants: RwLock::new(HashMap::new()),
             sessions: Mutex::new(SessionMap::default()),
-            next_id: AtomicU64::new(1),
+            fences: Mutex::new(Default::default()),
+            // From the clock, so that connection ids of this node keep growing across
+            // restarts: a late takeover aimed at a connection of the previous run must not
+            // look newer than today's (see `cluster::registry`).
+            next_id: AtomicU64::new(now_us().max(1)),
             connections: AtomicUsize::new(0),
             shutdown,
         })
@@ -209,6 +215,16 @@ impl Broker {
         let mut old_will = None;
         let (session, present, was_persistent, subs) = {
             let mut map = self.sessions.lock();
+            if !self
+                .fences
+                .lock()
+                .may_attach(&(key.tenant.clone(), key.client_id.clone()), conn_id)
+            {
+                drop(map);
+                // Superseded between the claim and here: what the claim loaded goes again.
+                self.evict(&key.tenant, &key.client_id, conn_id).await;
+                return Err(superseded());
+            }
             let existing = map.get(&key).map(|b| b.0.clone());
             let mut resumed = None;
             let mut was_persistent = false;
@@ -230,6 +246,7 @@ impl Broker {
                 }
                 if resume {
                     st.conn = Some(conn_id);
+                    st.newest_conn = st.newest_conn.max(conn_id);
                     st.kick = kick_tx.take();
                     st.expiry_secs = expiry_secs;
                     if st.persistent != persistent {
@@ -259,6 +276,7 @@ impl Broker {
                     {
                         let mut st = s.state.lock();
                         st.conn = Some(conn_id);
+                        st.newest_conn = conn_id;
                         st.kick = kick_tx.take();
                         st.generation = 1;
                     }
@@ -879,6 +897,7 @@ impl Broker {
             .cluster
             .register(&key.tenant, &key.client_id, conn_id)
             .await;
+        self.check_fence(key, conn_id)?;
         if self.sessions.lock().get(key).is_some() {
             return Ok(()); // here already: a local takeover, `attach` does the rest
         }
@@ -916,6 +935,19 @@ impl Broker {
             metrics::counter_session_moved();
         }
         Ok(())
+    }
+
+    /// Refuses a connection that a takeover (for a newer connection elsewhere) superseded
+    /// while it registered, before it loads anything.
+    fn check_fence(&self, key: &SessionKey, conn_id: u64) -> Result<(), ClusterError> {
+        let fence = (key.tenant.clone(), key.client_id.clone());
+        let _map = self.sessions.lock();
+        let mut fences = self.fences.lock();
+        // `may_attach` forgets an older fence; this is only a look, attach checks again.
+        if fences.is_empty() || fences.may_attach(&fence, conn_id) {
+            return Ok(());
+        }
+        Err(superseded())
     }
 
     /// The durable command queueing a QoS 1/2 message for the matching persistent sessions
@@ -1008,11 +1040,25 @@ impl Broker {
     /// closed (DISCONNECT 0x8E), its subscriptions leave this node's routes, and it leaves
     /// memory but not durable state. Returns once everything this node proposed for it is
     /// committed. False when the session is not here.
-    pub async fn evict(self: &Arc<Self>, tenant: &str, device: &str) -> bool {
+    pub async fn evict(self: &Arc<Self>, tenant: &str, device: &str, conn: u64) -> bool {
         let key = SessionKey::new(tenant, device);
         let (session, persistent, filters) = {
             let mut map = self.sessions.lock();
-            let Some(session) = map.get(&key).map(|b| b.0.clone()) else {
+            let session = map.get(&key).map(|b| b.0.clone());
+            let newest = session
+                .as_ref()
+                .map(|s| s.state.lock().newest_conn)
+                .filter(|n| *n > 0);
+            let fence = (tenant.to_string(), device.to_string());
+            if !self
+                .fences
+                .lock()
+                .on_takeover(&fence, conn, newest, now_ms())
+            {
+                ::metrics::counter!("fleetmq_cluster_stale_takeovers_total").increment(1);
+                return false; // the device came back here since: the takeover is stale
+            }
+            let Some(session) = session else {
                 return false;
             };
             let mut st = session.state.lock();
@@ -1284,4 +1330,17 @@ pub fn split_share(filter: &str) -> (Option<Arc<str>>, String) {
         Ok(Some((group, inner))) => (Some(Arc::from(group)), inner.to_string()),
         _ => (None, filter.to_string()),
     }
+}
+
+/// Microseconds since the epoch (connection ids start there).
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The error of a connection that another, newer one superseded before it attached.
+fn superseded() -> ClusterError {
+    ClusterError::Unavailable("the session was taken over by a newer connection".into())
 }

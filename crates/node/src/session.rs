@@ -106,6 +106,9 @@ pub struct SessionState {
     pub inbound_qos2: SmallMap<u16, bool>,
     /// The connection currently attached, if any.
     pub conn: Option<u64>,
+    /// The newest connection ever attached here (0: none): a takeover aimed at an older one
+    /// is stale (see `cluster::registry::Fences`).
+    pub newest_conn: u64,
     pub kick: Option<oneshot::Sender<Kick>>,
     /// Bumped on every connect; delayed wills and expiry timers check it to see if they are stale.
     pub generation: u64,
@@ -138,6 +141,7 @@ impl SessionState {
             inflight: SmallMap::default(),
             inbound_qos2: SmallMap::default(),
             conn: None,
+            newest_conn: 0,
             kick: None,
             generation: 0,
             pending_will: None,

@@ -16,6 +16,7 @@ pub mod convert;
 pub mod durable_index;
 pub mod node_id;
 pub mod placement;
+pub mod registry;
 pub mod routes;
 pub mod service;
 
@@ -34,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::broker::Broker;
 use crate::message::Message;
 use durable_index::DurableIndex;
+use registry::{Holder, Put, Registry, ANY_CONNECTION};
 use routes::{LocalRoutes, RemoteRoutes, Route};
 
 /// How long one node-to-node call may take before the peer counts as unreachable.
@@ -68,7 +70,7 @@ pub struct Cluster {
     route_rx: Mutex<Option<mpsc::UnboundedReceiver<RouteMsg>>>,
     forwarders: Mutex<HashMap<u64, mpsc::UnboundedSender<Fwd>>>,
     /// Home-node registry: which node holds the session of a device homed here.
-    registry: Mutex<HashMap<(String, String), (u64, u64)>>,
+    registry: Mutex<Registry>,
     /// Peers that failed their last call.
     down: RwLock<HashSet<u64>>,
     /// Persistent sessions of the cluster: subscriptions and holders (from the Raft log).
@@ -92,7 +94,7 @@ impl Cluster {
             acked: Arc::new(AtomicU64::new(0)),
             route_rx: Mutex::new(Some(route_rx)),
             forwarders: Mutex::new(HashMap::new()),
-            registry: Mutex::new(HashMap::new()),
+            registry: Mutex::new(Registry::default()),
             down: RwLock::new(HashSet::new()),
             index: RwLock::new(index),
             broker: OnceLock::new(),
@@ -587,21 +589,45 @@ impl Cluster {
         node: u64,
         conn: u64,
     ) -> Option<u64> {
-        let prev = self
-            .registry
-            .lock()
-            .insert((tenant.to_string(), device.to_string()), (node, conn));
-        let prev_node = prev.map(|(n, _)| n).filter(|n| *n != node)?;
-        self.takeover_on(prev_node, tenant, device).await;
-        Some(prev_node)
+        let key = (tenant.to_string(), device.to_string());
+        // A takeover of the device under way finishes first (bounded by its RPC timeout), so
+        // that a third connection never attaches while the first is still live.
+        let deadline = tokio::time::Instant::now() + RPC_TIMEOUT * 3;
+        let prev = loop {
+            match self.registry.lock().put(key.clone(), Holder { node, conn }) {
+                Put::Done => return None,
+                Put::Takeover(prev) => break prev,
+                Put::Busy if tokio::time::Instant::now() < deadline => {}
+                Put::Busy => {
+                    tracing::warn!(
+                        tenant,
+                        device,
+                        "registration waited too long for a takeover"
+                    );
+                    return None;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        // Clears the busy mark even when this call is dropped (its caller timed out).
+        struct Done<'a>(&'a Mutex<Registry>, &'a (String, String));
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.lock().takeover_done(self.1);
+            }
+        }
+        let _done = Done(&self.registry, &key);
+        self.takeover_on(prev.node, tenant, device, prev.conn).await;
+        Some(prev.node)
     }
 
-    /// Makes `node` close its connection for the device and drop the session from memory
-    /// (after committing what it had proposed). An unreachable node is assumed dead.
-    pub async fn takeover_on(&self, node: u64, tenant: &str, device: &str) {
+    /// Makes `node` close its connection `conn` for the device (or any, with
+    /// [`ANY_CONNECTION`]) and drop the session from memory (after committing what it had
+    /// proposed). An unreachable node is assumed dead.
+    pub async fn takeover_on(&self, node: u64, tenant: &str, device: &str, conn: u64) {
         if node == self.id {
             if let Some(b) = self.broker() {
-                b.evict(tenant, device).await;
+                b.evict(tenant, device, conn).await;
             }
             return;
         }
@@ -616,7 +642,7 @@ impl Cluster {
                 tenant: tenant.into(),
                 device_id: device.into(),
             }),
-            connection_id: 0,
+            connection_id: conn,
             session_continues: true,
         };
         match tokio::time::timeout(RPC_TIMEOUT * 2, client.takeover(req)).await {
@@ -639,7 +665,9 @@ impl Cluster {
             .into_iter()
             .filter(|n| *n != self.id)
             .collect();
-        let calls = live.iter().map(|n| self.takeover_on(*n, tenant, device));
+        let calls = live
+            .iter()
+            .map(|n| self.takeover_on(*n, tenant, device, ANY_CONNECTION));
         futures_util::future::join_all(calls).await;
     }
 }

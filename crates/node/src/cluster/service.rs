@@ -159,8 +159,11 @@ impl NodeService for NodeSvc {
         request: Request<pb::TakeoverRequest>,
     ) -> Result<Response<pb::TakeoverReply>, Status> {
         let broker = self.broker()?;
-        let key = key_of(request.into_inner().key)?;
-        let closed = broker.evict(&key.tenant, &key.device_id).await;
+        let r = request.into_inner();
+        let key = key_of(r.key)?;
+        let closed = broker
+            .evict(&key.tenant, &key.device_id, r.connection_id)
+            .await;
         Ok(Response::new(pb::TakeoverReply { closed }))
     }
 

@@ -17,4 +17,6 @@ pub use records::*;
 pub use state_machine::{validate, StateMachineStore, MAX_COMMANDS_PER_ENTRY, NO_SESSION_SEQ};
 
 #[cfg(test)]
+mod sim_tests;
+#[cfg(test)]
 mod tests;

@@ -1921,3 +1921,60 @@ fn puback_reason_counts_subscribers_on_other_nodes() {
     );
     assert_eq!(reason("rc/nobody"), 0x10, "no subscriber anywhere");
 }
+
+// ----- 11. a dead voter is replaced ----------------------------------------------------------------
+
+/// Four nodes, A B C voting and D a learner, with `--dead-node-after 2`. C is killed with
+/// SIGKILL: within seconds the leader makes D a voter in C's place. Then B is killed too: with
+/// the original voters that would leave A alone of three (no majority, no durable write), but
+/// A and D are two of the three voters {A, B, D}, so a persistent session still connects and
+/// gets a QoS 1 message through Raft. C restarts and catches up as a learner.
+#[test]
+fn a_dead_voter_is_replaced_by_a_learner() {
+    let args: &[&str] = &["--dead-node-after", "2"];
+    let a = Node::start_cluster(1, free_port(), &[], args);
+    let mut b = Node::start_cluster(2, free_port(), &[a.grpc_addr()], args);
+    let mut c = Node::start_cluster(3, free_port(), &[a.grpc_addr()], args);
+    let d = Node::start_cluster(4, free_port(), &[a.grpc_addr()], args);
+    wait_gauge(&d, "D", "fleetmq_cluster_members", 4.0, 10);
+    wait_gauge(&a, "A", "fleetmq_raft_voters", 3.0, 10);
+    assert_eq!(
+        gauge(&d, "fleetmq_raft_is_voter"),
+        0.0,
+        "D starts as a learner"
+    );
+
+    // A persistent session with a subscription, written while all four run.
+    let (mut s, _) = connect_within(&a, "dv-sub", V3, true, 10);
+    s.sub_ok("dv/#", 1);
+    drop(s);
+
+    c.kill9();
+    wait_gauge(&d, "D", "fleetmq_raft_is_voter", 1.0, 30);
+    wait_gauge(&a, "A", "fleetmq_raft_voters", 3.0, 10);
+
+    b.kill9();
+    // A and D: two of the three voters. Durable writes work (after an election if B led).
+    let (mut p, _) = connect_within(&d, "dv-pub", V3, true, 20);
+    p.publish("dv/x", b"after two kills", 1);
+    let (mut s, present) = connect_within(&a, "dv-sub", V3, true, 20);
+    assert!(
+        present,
+        "dv-sub: the session written before the kills is present"
+    );
+    assert_receives_all(&mut s, &[b"after two kills".to_vec()], 10, "dv-sub on A");
+
+    // C comes back as a learner and catches up with what was written without it.
+    c.restart();
+    wait_gauge(&c, "C", "fleetmq_raft_is_voter", 0.0, 20);
+    let deadline = Instant::now() + REPLICATION;
+    let want = gauge(&a, "fleetmq_raft_applied_index");
+    while gauge(&c, "fleetmq_raft_applied_index") < want {
+        assert!(
+            Instant::now() < deadline,
+            "C did not catch up:\n{}",
+            log_tail(&c)
+        );
+        sleep(Duration::from_millis(100));
+    }
+}

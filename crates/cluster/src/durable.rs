@@ -367,6 +367,39 @@ impl Durable {
         Ok(())
     }
 
+    /// On the leader: puts live learners in the places of voters in `dead` and promotes
+    /// learners while there are fewer than [`MAX_VOTERS`] voters (see [`crate::rebalance`]).
+    /// Replaced voters stay as learners. True when the membership changed; elsewhere a no-op.
+    pub async fn rebalance_voters(
+        &self,
+        dead: &std::collections::BTreeSet<u64>,
+    ) -> Result<bool, ClusterError> {
+        let raft = &self.inner.raft;
+        let (voters, learners) = {
+            let rx = raft.metrics();
+            let m = rx.borrow();
+            if m.current_leader != Some(self.inner.id) {
+                return Ok(false);
+            }
+            let membership = m.membership_config.membership();
+            if membership.get_joint_config().len() > 1 {
+                return Ok(false); // a change is under way
+            }
+            let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+            let learners = membership.learner_ids().collect();
+            (voters, learners)
+        };
+        let Some(next) = crate::rebalance::plan_voters(&voters, &learners, dead, MAX_VOTERS) else {
+            return Ok(false);
+        };
+        tracing::warn!(?voters, ?next, ?dead, "replacing voters");
+        // retain = true: a replaced voter stays a learner and catches up when it returns.
+        raft.change_membership(next, true)
+            .await
+            .map_err(membership_err)?;
+        Ok(true)
+    }
+
     /// Waits until this node has applied everything the leader had committed when this was
     /// called, so that reads of the local state machine see every acknowledged write (used
     /// before a session moves here from another node).

@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod log_adapter;
 pub mod pb;
 mod proposer;
+pub mod rebalance;
 pub mod sm_adapter;
 pub mod type_config;
 

@@ -143,6 +143,10 @@ pub struct Cli {
     /// for scaling in, not for a restart.
     #[arg(long, env = "FLEETMQ_LEAVE_ON_SHUTDOWN")]
     pub leave_on_shutdown: bool,
+    /// Seconds a voting member may be unreachable before the Raft leader puts a live learner
+    /// in its place (0: never).
+    #[arg(long = "dead-node-after", env = "FLEETMQ_DEAD_NODE_AFTER")]
+    pub dead_node_after_secs: Option<u64>,
     /// Print the bound addresses as one JSON line on stdout once listening (for tests/scripts).
     #[arg(long, env = "FLEETMQ_PRINT_ADDRS")]
     pub print_addrs: bool,
@@ -196,6 +200,7 @@ pub struct FileConfig {
     pub device_token_lifetime_secs: Option<u64>,
     pub print_addrs: Option<bool>,
     pub leave_on_shutdown: Option<bool>,
+    pub dead_node_after_secs: Option<u64>,
     pub log: Option<String>,
 }
 
@@ -245,6 +250,7 @@ pub struct Config {
     pub device_token_lifetime_secs: u64,
     pub print_addrs: bool,
     pub leave_on_shutdown: bool,
+    pub dead_node_after_secs: u64,
     pub log: String,
 }
 
@@ -314,6 +320,7 @@ impl Default for Config {
             device_token_lifetime_secs: 3600,
             print_addrs: false,
             leave_on_shutdown: false,
+            dead_node_after_secs: 30,
             log: "info,openraft=warn".into(),
         }
     }
@@ -471,6 +478,10 @@ impl Config {
                 .unwrap_or(d.device_token_lifetime_secs),
             print_addrs: cli.print_addrs || file.print_addrs.unwrap_or(false),
             leave_on_shutdown: cli.leave_on_shutdown || file.leave_on_shutdown.unwrap_or(false),
+            dead_node_after_secs: cli
+                .dead_node_after_secs
+                .or(file.dead_node_after_secs)
+                .unwrap_or(d.dead_node_after_secs),
             log: cli.log.or(file.log).unwrap_or(d.log),
         };
         if cfg.receive_maximum == 0 || cfg.max_inflight == 0 {

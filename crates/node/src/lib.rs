@@ -131,6 +131,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     cluster.start(&broker);
+    cluster.spawn_voter_rebalancer(std::time::Duration::from_secs(cfg.dead_node_after_secs));
     node_svc.bind(broker.clone());
     if !cluster.is_alone() {
         cluster.wait_for_routes(Duration::from_secs(3)).await;

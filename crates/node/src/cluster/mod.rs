@@ -73,6 +73,8 @@ pub struct Cluster {
     registry: Mutex<Registry>,
     /// Peers that failed their last call.
     down: RwLock<HashSet<u64>>,
+    /// Since when each peer in `down` has been down (for replacing dead voters).
+    down_since: Mutex<HashMap<u64, std::time::Instant>>,
     /// Persistent sessions of the cluster: subscriptions and holders (from the Raft log).
     index: RwLock<DurableIndex>,
     broker: OnceLock<Weak<Broker>>,
@@ -96,6 +98,7 @@ impl Cluster {
             forwarders: Mutex::new(HashMap::new()),
             registry: Mutex::new(Registry::default()),
             down: RwLock::new(HashSet::new()),
+            down_since: Mutex::new(HashMap::new()),
             index: RwLock::new(index),
             broker: OnceLock::new(),
         }))
@@ -158,7 +161,52 @@ impl Cluster {
         };
         if changed {
             tracing::info!(node, up, "peer liveness changed");
+            let mut since = self.down_since.lock();
+            if up {
+                since.remove(&node);
+            } else {
+                since.insert(node, std::time::Instant::now());
+            }
         }
+    }
+
+    /// Peers down for longer than `after`, as this node sees them.
+    pub fn dead_nodes(&self, after: Duration) -> BTreeSet<u64> {
+        self.down_since
+            .lock()
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= after)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// Starts the task that, while this node leads the group, puts live learners in the
+    /// places of voters down for longer than `dead_after` and promotes learners to keep three
+    /// voters (see `fleetmq_cluster::rebalance`). Zero disables it.
+    pub fn spawn_voter_rebalancer(self: &Arc<Self>, dead_after: Duration) {
+        if dead_after.is_zero() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(c) = weak.upgrade() else { return };
+                if c.durable.leader() != Some(c.id) {
+                    continue;
+                }
+                let dead = c.dead_nodes(dead_after);
+                match c.durable.rebalance_voters(&dead).await {
+                    Ok(true) => {
+                        metrics::counter!("fleetmq_cluster_voter_changes_total").increment(1)
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "replacing voters failed; retrying"),
+                }
+            }
+        });
     }
 
     /// Members believed alive (this node included).
@@ -200,6 +248,12 @@ impl Cluster {
         );
         let voters = m.membership_config.membership().voter_ids().count();
         g("fleetmq_raft_voters", voters as f64);
+        let is_voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == self.id);
+        g("fleetmq_raft_is_voter", if is_voter { 1.0 } else { 0.0 });
         // Replication lag per follower, as the leader sees it (absent on followers).
         if let Some(rep) = &m.replication {
             for (node, matched) in rep {

@@ -14,6 +14,7 @@
 #   SKIP_BUILD=1       do not run cargo (binaries must exist)
 #   BENCH_THREADS=N    tokio worker threads of the generator (default 1: leaves a core to the broker)
 #   ONLY="fanin_q0 idle"  run only these scenario names
+#   CLUSTER=1          afterwards, the cluster scenarios of benches/cluster.sh (3 nodes)
 #   RESULTS=path       where to write the raw JSON lines
 #                      (default target/bench-results/<timestamp>.jsonl)
 #
@@ -237,3 +238,11 @@ for i, r in enumerate(out):
         print("-+-".join("-" * x for x in w))
 PY
 log "raw results: $RESULTS"
+
+# --- cluster scenarios (Mosquitto has no cluster to compare with) ---------------
+# CLUSTER=1 also runs benches/cluster.sh: cross-node latency against same-node, durable
+# throughput with 1 and 3 replicas, takeover latency, resume after kill -9.
+if [[ "${CLUSTER:-0}" == 1 ]]; then
+    log "cluster scenarios (benches/cluster.sh)"
+    SKIP_BUILD=1 QUICK="$QUICK" "$ROOT/benches/cluster.sh"
+fi

@@ -1978,3 +1978,35 @@ fn a_dead_voter_is_replaced_by_a_learner() {
         sleep(Duration::from_millis(100));
     }
 }
+
+// ----- 12. the registry forgets ended sessions ------------------------------------------------------
+
+/// The home registry does not keep every client id it has seen: 200 clean sessions connect
+/// and disconnect through A (their homes spread over A, B and C), and the registry entries of
+/// the three nodes come back to the one client still connected. Without unregistration they
+/// would stay at about 200, growing with every new client id (a connection storm's memory).
+#[test]
+fn registry_forgets_ended_sessions() {
+    let [a, b, c] = cluster3(&[]);
+    let _stays = Client::clean(b.mqtt, "rg-stays", V5);
+    for i in 0..200 {
+        let id = format!("rg-{i}");
+        let cl = Client::clean(a.mqtt, &id, i % 2 == 0);
+        cl.disconnect();
+    }
+    let total = || {
+        [&a, &b, &c]
+            .iter()
+            .map(|n| gauge(n, "fleetmq_cluster_registry_entries"))
+            .sum::<f64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while total() != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "registry entries stay at {} (wanted 1)",
+            total()
+        );
+        sleep(Duration::from_millis(200));
+    }
+}

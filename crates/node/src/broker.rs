@@ -444,10 +444,13 @@ impl Broker {
             st.ended = true;
             let will = st.pending_will.take();
             let persistent = st.persistent;
+            let newest_conn = st.newest_conn;
             drop(st);
             if map.get(&session.key).map(|s| s.0.id) == Some(session.id) {
                 map.remove(&session.key);
                 self.metrics.sessions.decrement(1.0);
+                self.cluster
+                    .unregister(&session.key.tenant, &session.key.client_id, newest_conn);
                 if persistent {
                     track_persistent(tenant, false);
                     self.durable.propose_nowait(Command::DeleteSession {

@@ -634,6 +634,50 @@ impl Cluster {
         None
     }
 
+    /// The session of the device ended on this node (newest connection `conn`): tells its
+    /// home, without waiting, so the registry does not keep every client id ever seen.
+    pub fn unregister(&self, tenant: &str, device: &str, conn: u64) {
+        if self.is_alone() {
+            return;
+        }
+        let Some(home) = placement::preference(tenant, device, &self.live_members())
+            .into_iter()
+            .next()
+        else {
+            return;
+        };
+        if home == self.id {
+            self.registry_remove(tenant, device, self.id, conn);
+            return;
+        }
+        let (Some(addr), Ok(rt)) = (self.addr_of(home), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let Some(mut client) = self.client(&addr) else {
+            return;
+        };
+        let req = pb::UnregisterRequest {
+            key: Some(pb::SessionKey {
+                tenant: tenant.into(),
+                device_id: device.into(),
+            }),
+            node_id: self.id,
+            connection_id: conn,
+        };
+        rt.spawn(async move {
+            if let Ok(Err(e)) = tokio::time::timeout(RPC_TIMEOUT, client.unregister(req)).await {
+                tracing::debug!(home, error = %e.message(), "unregister failed");
+            }
+        });
+    }
+
+    /// Home-node side of an unregistration (see [`Registry::remove`]).
+    pub fn registry_remove(&self, tenant: &str, device: &str, node: u64, conn: u64) {
+        let key = (tenant.to_string(), device.to_string());
+        self.registry.lock().remove(&key, Holder { node, conn });
+    }
+
     /// Home-node side of a registration: records `node` as the holder and makes the previous
     /// holder (another node) let go first. Returns the previous holder if another node.
     pub async fn registry_put(

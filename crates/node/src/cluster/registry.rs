@@ -80,6 +80,21 @@ impl Registry {
         self.busy.remove(key);
     }
 
+    /// The session of `holder` ended: forgets the device unless a newer connection (or
+    /// another node, or a takeover under way) is on record by now. True when forgotten.
+    pub fn remove(&mut self, key: &DeviceKey, holder: Holder) -> bool {
+        if self.busy.contains(key) {
+            return false;
+        }
+        match self.holders.get(key) {
+            Some(h) if h.node == holder.node && h.conn <= holder.conn => {
+                self.holders.remove(key);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The device's holder on record.
     pub fn get(&self, key: &DeviceKey) -> Option<Holder> {
         self.holders.get(key).copied()
@@ -191,6 +206,12 @@ mod tests {
             Put::Takeover(Holder { node: 2, conn: 3 })
         );
         r.takeover_done(&key(1));
+        // An ended session of an older holder does not remove the newer record.
+        assert!(!r.remove(&key(1), Holder { node: 2, conn: 3 }));
+        assert!(!r.remove(&key(1), Holder { node: 3, conn: 0 }));
+        assert!(r.remove(&key(1), Holder { node: 3, conn: 1 }));
+        assert!(r.is_empty());
+        r.put(key(1), Holder { node: 3, conn: 1 });
         r.forget_node(3);
         assert!(r.is_empty());
     }

@@ -149,8 +149,14 @@ impl NodeService for NodeSvc {
 
     async fn unregister(
         &self,
-        _request: Request<pb::UnregisterRequest>,
+        request: Request<pb::UnregisterRequest>,
     ) -> Result<Response<pb::UnregisterReply>, Status> {
+        let broker = self.broker()?;
+        let r = request.into_inner();
+        let key = key_of(r.key)?;
+        broker
+            .cluster
+            .registry_remove(&key.tenant, &key.device_id, r.node_id, r.connection_id);
         Ok(Response::new(pb::UnregisterReply {}))
     }
 

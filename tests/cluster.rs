@@ -2010,3 +2010,29 @@ fn registry_forgets_ended_sessions() {
         sleep(Duration::from_millis(200));
     }
 }
+
+// ----- 13. sessions of a dead node expire ----------------------------------------------------------
+
+/// A persistent session whose node was killed expires on time although no node holds it: two
+/// MQTT 5 sessions on B, one with a 2 s expiry and one with an hour; B is killed with SIGKILL.
+/// Some seconds later the short one is gone (a new connection on A finds no session) and the
+/// long one is still there (session present, with its subscription).
+#[test]
+fn sessions_of_a_dead_node_expire_on_time() {
+    let [a, mut b, _c] = cluster3(&[]);
+    let (mut short, _) = Client::connect(b.mqtt, "ex-short", V5, false, Some(2));
+    short.sub_ok("ex/short", 1);
+    let (mut long, _) = Client::connect(b.mqtt, "ex-long", V5, false, Some(3600));
+    long.sub_ok("ex/long", 1);
+    b.kill9();
+    // Down is noticed within a heartbeat, the expiry runs 2 s from then, and the leader
+    // sweeps every 2 s.
+    sleep(Duration::from_secs(7));
+    let (_, present) = connect_within(&a, "ex-long", V5, true, 20);
+    assert!(present, "the hour-long session expired with its node");
+    let (_, present) = connect_within(&a, "ex-short", V5, true, 20);
+    assert!(
+        !present,
+        "the 2 s session of the killed node was still there after 7 s"
+    );
+}

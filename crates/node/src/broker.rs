@@ -940,6 +940,11 @@ impl Broker {
         Ok(())
     }
 
+    /// True when this node has the session in memory.
+    pub fn holds(&self, key: &SessionKey) -> bool {
+        self.sessions.lock().get(key).is_some()
+    }
+
     /// Refuses a connection that a takeover (for a newer connection elsewhere) superseded
     /// while it registered, before it loads anything.
     fn check_fence(&self, key: &SessionKey, conn_id: u64) -> Result<(), ClusterError> {

@@ -1330,7 +1330,7 @@ where
                 )
             }
             Ok(Response::DuplicateInbound) => (rc::SUCCESS, true),
-            Ok(Response::Ok | Response::Exists) => {
+            Ok(Response::Ok | Response::Exists | Response::Kept) => {
                 let matched =
                     !prepared.matches.is_empty() || prepared.device_api || prepared.remote;
                 self.broker.deliver(prepared, &[]);
@@ -1949,7 +1949,7 @@ where
                 let seqs = match resp {
                     Response::Published { seqs } => seqs,
                     Response::DuplicateInbound => continue,
-                    Response::Ok | Response::Exists => Vec::new(),
+                    Response::Ok | Response::Exists | Response::Kept => Vec::new(),
                 };
                 self.broker.deliver(prepared, &seqs);
             }

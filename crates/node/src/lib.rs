@@ -131,6 +131,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     cluster.start(&broker);
+    cluster.spawn_orphan_expiry(std::time::Duration::from_secs(2));
     cluster.spawn_voter_rebalancer(std::time::Duration::from_secs(cfg.dead_node_after_secs));
     node_svc.bind(broker.clone());
     if !cluster.is_alone() {
@@ -263,8 +264,14 @@ async fn observe_applied(
                         C::SetRetained { .. } => broker.observe_retained(c),
                         C::PutSession { .. }
                         | C::DeleteSession { .. }
+                        | C::SetDisconnected { .. }
                         | C::Subscribe { .. }
                         | C::Unsubscribe { .. } => broker.cluster.observe_session(c),
+                        C::ExpireSession { key, .. } => {
+                            if *r == fleetmq_storage::Response::Ok {
+                                broker.cluster.observe_expired(key);
+                            }
+                        }
                         C::Enqueue { .. } => broker.observe_enqueue(index, c, r),
                         C::PutEntry {
                             space: Space::Holder,

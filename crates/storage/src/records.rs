@@ -174,6 +174,13 @@ pub enum Command {
         message: StoredMessage,
         targets: Vec<Target>,
     },
+    /// Remove an expired session that no live node holds, only if its `Space::Holder` entry
+    /// is still `holder` (`None`: absent). A node that claimed the session in between changed
+    /// that entry first, so the session it loaded is never deleted under it (`Response::Kept`).
+    ExpireSession {
+        key: SessionKey,
+        holder: Option<Vec<u8>>,
+    },
 }
 
 /// The kinds of directory entries. Values are opaque to storage (the node encodes them as
@@ -208,6 +215,8 @@ pub enum Response {
     DuplicateInbound,
     /// For `PutEntry` with `create_only`: the entry already existed and was not changed.
     Exists,
+    /// For `ExpireSession`: the holder changed, the session was kept.
+    Kept,
 }
 
 /// Everything a node needs to rebuild one persistent session after a restart.

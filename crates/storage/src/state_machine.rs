@@ -133,7 +133,8 @@ pub fn validate(cmd: &Command) -> Result<()> {
         | Command::Release { key: k, .. }
         | Command::Ack { key: k, .. }
         | Command::AckMany { key: k, .. }
-        | Command::InboundRelease { key: k, .. } => key(k),
+        | Command::InboundRelease { key: k, .. }
+        | Command::ExpireSession { key: k, .. } => key(k),
         Command::Enqueue { targets, .. } => {
             for t in targets {
                 key(&t.key)?;
@@ -253,6 +254,15 @@ fn apply_one(ov: &mut Overlay<'_>, msg_id: u64, cmd: &Command) -> Result<Respons
         Command::DeleteSession { key } => {
             drop_session_state(ov, key)?;
             ov.del(tagged(SESSION, key)?);
+        }
+        Command::ExpireSession { key, holder } => {
+            let hk = entry_key(Space::Holder, &key.tenant, &key.client_id)?;
+            if ov.get(&hk)?.as_deref() != holder.as_deref() {
+                return Ok(Response::Kept);
+            }
+            drop_session_state(ov, key)?;
+            ov.del(tagged(SESSION, key)?);
+            ov.del(hk);
         }
         Command::SetDisconnected { key, at_ms } => {
             update_record(ov, key, |r| r.disconnected_at_ms = *at_ms)?;

@@ -495,3 +495,46 @@ fn message_slot_refcount_is_the_first_eight_bytes() {
     let bytes = crate::state_machine::encode(&slot).expect("encode");
     assert_eq!(&bytes[..8], &0x0102_0304_0506_0708u64.to_le_bytes());
 }
+
+#[test]
+fn expire_session_only_while_its_holder_is_unchanged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_st, sm) = open(&dir);
+    let holder = |v: &str| Command::PutEntry {
+        space: Space::Holder,
+        tenant: "t1".into(),
+        name: "a".into(),
+        value: v.as_bytes().to_vec(),
+        create_only: false,
+    };
+    sm.apply(1, &[put("a"), holder("3"), publish(&["a"])], None)
+        .expect("setup");
+    // A node (2) claimed the session since the sweeper looked: it is kept.
+    let stale = Command::ExpireSession {
+        key: key("a"),
+        holder: Some(b"2".to_vec()),
+    };
+    assert_eq!(
+        sm.apply(2, &[stale], None).expect("stale"),
+        [Response::Kept]
+    );
+    assert!(sm.session(&key("a")).expect("read").is_some());
+    let absent = Command::ExpireSession {
+        key: key("a"),
+        holder: None,
+    };
+    assert_eq!(
+        sm.apply(3, &[absent], None).expect("absent"),
+        [Response::Kept]
+    );
+    // Still held by the dead node 3 as the sweeper saw: removed, with its queue and holder.
+    let due = Command::ExpireSession {
+        key: key("a"),
+        holder: Some(b"3".to_vec()),
+    };
+    assert_eq!(sm.apply(4, &[due], None).expect("due"), [Response::Ok]);
+    assert!(sm.session(&key("a")).expect("read").is_none());
+    assert!(sm.entry(Space::Holder, "t1", "a").expect("read").is_none());
+    assert_eq!(message_count(&sm), 0);
+    sm.verify_refcounts().expect("consistent");
+}

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use fleetmq_protocol::trie::TopicTrie;
-use fleetmq_storage::records::{Command, SessionKey, SubscriptionRecord, Target};
+use fleetmq_storage::records::{Command, SessionKey, SessionRecord, SubscriptionRecord, Target};
 
 /// Subscriptions and holders of persistent sessions.
 #[derive(Default)]
@@ -18,6 +18,24 @@ pub struct DurableIndex {
     /// Each session's filters (as stored), to remove them.
     filters: HashMap<SessionKey, Vec<String>>,
     holders: HashMap<SessionKey, u64>,
+    /// Every persistent session's expiry interval (seconds) and disconnection time (ms).
+    expiry: HashMap<SessionKey, (u32, Option<u64>)>,
+}
+
+/// Whether a session that no live node holds has expired at `now_ms`: `expiry_secs` after it
+/// disconnected, or, when it was still connected as its node went away, after the moment it
+/// was first seen orphaned (`orphan_since_ms`).
+pub fn expired(
+    now_ms: u64,
+    expiry_secs: u32,
+    disconnected_at_ms: Option<u64>,
+    orphan_since_ms: u64,
+) -> bool {
+    if expiry_secs == u32::MAX {
+        return false;
+    }
+    let from = disconnected_at_ms.unwrap_or(orphan_since_ms);
+    now_ms >= from.saturating_add(u64::from(expiry_secs) * 1_000)
 }
 
 impl DurableIndex {
@@ -58,11 +76,27 @@ impl DurableIndex {
     }
 
     /// Loads one session as recovered from durable state.
-    pub fn load(&mut self, key: &SessionKey, subs: &[SubscriptionRecord]) {
+    pub fn load(&mut self, key: &SessionKey, record: &SessionRecord) {
         self.drop_session(key);
-        for s in subs {
+        for s in &record.subscriptions {
             self.subscribe(key, s);
         }
+        self.expiry
+            .insert(key.clone(), (record.expiry_secs, record.disconnected_at_ms));
+    }
+
+    /// An `ExpireSession` was applied and removed the session.
+    pub fn expired_session(&mut self, key: &SessionKey) {
+        self.drop_session(key);
+        self.holders.remove(key);
+        self.expiry.remove(key);
+    }
+
+    /// Every persistent session as `(key, expiry secs, disconnected at ms, holder)`.
+    pub fn sessions(&self) -> impl Iterator<Item = (&SessionKey, u32, Option<u64>, Option<u64>)> {
+        self.expiry
+            .iter()
+            .map(|(k, (e, d))| (k, *e, *d, self.holders.get(k).copied()))
     }
 
     /// Mirrors one applied command (same rules as the state machine).
@@ -75,10 +109,18 @@ impl DurableIndex {
                 for s in &record.subscriptions {
                     self.subscribe(key, s);
                 }
+                self.expiry
+                    .insert(key.clone(), (record.expiry_secs, record.disconnected_at_ms));
             }
             Command::DeleteSession { key } => {
                 self.drop_session(key);
                 self.holders.remove(key);
+                self.expiry.remove(key);
+            }
+            Command::SetDisconnected { key, at_ms } => {
+                if let Some(e) = self.expiry.get_mut(key) {
+                    e.1 = *at_ms;
+                }
             }
             Command::Subscribe { key, sub } => self.subscribe(key, sub),
             Command::Unsubscribe { key, filter } => self.unsubscribe(key, filter),
@@ -153,7 +195,6 @@ impl DurableIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetmq_storage::records::SessionRecord;
 
     fn sub(filter: &str, qos: u8) -> SubscriptionRecord {
         SubscriptionRecord {
@@ -261,5 +302,44 @@ mod tests {
         ix.observe(&put(key("p"), vec![nl, sub("$share/g/x", 1)], true));
         let t = ix.orphan_targets("t", "x", 1, false, Some(&key("p")), |_, _| true);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn expiry_counts_from_disconnection_or_from_orphaning() {
+        // Disconnected at 10 s with 5 s expiry: due at 15 s, whenever it was orphaned.
+        assert!(!expired(14_999, 5, Some(10_000), 0));
+        assert!(expired(15_000, 5, Some(10_000), 99_000));
+        // Connected when its node went away (seen orphaned at 20 s): due at 25 s.
+        assert!(!expired(24_999, 5, None, 20_000));
+        assert!(expired(25_000, 5, None, 20_000));
+        assert!(!expired(u64::MAX, u32::MAX, Some(0), 0), "never expires");
+    }
+
+    #[test]
+    fn sessions_track_expiry_and_disconnection() {
+        let mut ix = DurableIndex::default();
+        let k = SessionKey::new("t", "c");
+        ix.observe(&Command::PutSession {
+            key: k.clone(),
+            record: SessionRecord {
+                expiry_secs: 60,
+                protocol: 5,
+                disconnected_at_ms: None,
+                subscriptions: vec![sub("a/#", 1)],
+            },
+            fresh: true,
+        });
+        ix.observe(&Command::SetDisconnected {
+            key: k.clone(),
+            at_ms: Some(7),
+        });
+        ix.set_holder(k.clone(), Some(3));
+        let all: Vec<_> = ix.sessions().collect();
+        assert_eq!(all, vec![(&k, 60, Some(7), Some(3))]);
+        ix.expired_session(&k);
+        assert_eq!(ix.sessions().count(), 0);
+        assert!(ix
+            .orphan_targets("t", "a/b", 1, false, None, |_, _| true)
+            .is_empty());
     }
 }

@@ -180,6 +180,71 @@ impl Cluster {
             .collect()
     }
 
+    /// Starts the task that, while this node leads the group, expires persistent sessions no
+    /// live node holds (their node died or left; a holder runs its own expiry timers): every
+    /// `every`, an expired orphan is removed with `ExpireSession`, conditional on its holder
+    /// entry, so a node claiming it at that moment keeps it.
+    pub fn spawn_orphan_expiry(self: &Arc<Self>, every: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut since: HashMap<SessionKey, u64> = HashMap::new();
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(c) = weak.upgrade() else { return };
+                if c.is_alone() || c.durable.leader() != Some(c.id) {
+                    since.clear();
+                    continue;
+                }
+                for cmd in c.expired_orphans(&mut since) {
+                    match c.durable.propose(cmd).await {
+                        Ok(fleetmq_storage::Response::Ok) => {
+                            metrics::counter!("fleetmq_cluster_orphans_expired_total").increment(1)
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "expiring an orphaned session failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// `ExpireSession` commands for the orphans that are due; `since` keeps when each was first
+    /// seen orphaned (those no longer orphaned leave it).
+    fn expired_orphans(&self, since: &mut HashMap<SessionKey, u64>) -> Vec<Command> {
+        let now = crate::message::now_ms();
+        let members: HashSet<u64> = self.durable.members().iter().map(|(id, _)| *id).collect();
+        let down = self.down.read().clone();
+        let in_memory = |k: &SessionKey| self.broker().is_some_and(|b| b.holds(k));
+        let index = self.index.read();
+        let mut orphans = HashSet::new();
+        let mut due = Vec::new();
+        for (key, expiry, disconnected, holder) in index.sessions() {
+            let gone = match holder {
+                None => true,
+                Some(h) if h == self.id => false,
+                Some(h) => !members.contains(&h) || down.contains(&h),
+            };
+            if !gone || in_memory(key) {
+                continue;
+            }
+            orphans.insert(key.clone());
+            let first = *since.entry(key.clone()).or_insert(now);
+            if durable_index::expired(now, expiry, disconnected, first) {
+                due.push(Command::ExpireSession {
+                    key: key.clone(),
+                    holder: holder.map(|h| h.to_string().into_bytes()),
+                });
+            }
+        }
+        since.retain(|k, _| orphans.contains(k));
+        due
+    }
+
     /// Starts the task that, while this node leads the group, puts live learners in the
     /// places of voters down for longer than `dead_after` and promotes learners to keep three
     /// voters (see `fleetmq_cluster::rebalance`). Zero disables it.
@@ -416,6 +481,11 @@ impl Cluster {
     /// Mirrors an applied session command into the index.
     pub fn observe_session(&self, cmd: &Command) {
         self.index.write().observe(cmd);
+    }
+
+    /// An `ExpireSession` removed a session.
+    pub fn observe_expired(&self, key: &SessionKey) {
+        self.index.write().expired_session(key);
     }
 
     /// Mirrors an applied holder entry (re-read, as the directory does).
@@ -956,7 +1026,7 @@ async fn run_forwarder(
 fn build_index(durable: &Durable) -> Result<DurableIndex, ClusterError> {
     let mut index = DurableIndex::default();
     for rs in durable.sessions()? {
-        index.load(&rs.key, &rs.record.subscriptions);
+        index.load(&rs.key, &rs.record);
     }
     for (_, tenant, client, v) in durable.entries(Space::Holder)? {
         if let Some(n) = parse_holder(&v) {

@@ -848,6 +848,7 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
     // Sessions taken while this node was alone have no holder on record: published once a
     // peer appears, so the newcomer does not take them for orphans.
     let mut holders_published = false;
+    let mut last_members: HashSet<u64> = HashSet::new();
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -886,9 +887,17 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
                 holders_published = true;
             }
         }
-        // Routes of nodes that left the membership go.
+        // Routes, registry records and liveness of nodes that left the membership go.
         {
-            let members: HashSet<u64> = peers.iter().map(|(id, _)| *id).collect();
+            let mut members: HashSet<u64> = peers.iter().map(|(id, _)| *id).collect();
+            members.insert(cluster.id);
+            if members != last_members {
+                // Only on a change: the registry holds a record per connected device.
+                cluster.registry.lock().retain_members(&members);
+                cluster.down.write().retain(|n| members.contains(n));
+                cluster.down_since.lock().retain(|n, _| members.contains(n));
+                last_members = members.clone();
+            }
             let mut remote = cluster.remote.write();
             for n in remote.nodes() {
                 if !members.contains(&n) {

@@ -106,6 +106,11 @@ impl Registry {
         self.holders.retain(|_, h| h.node != node);
     }
 
+    /// Forgets the devices held by nodes that are no longer members.
+    pub fn retain_members(&mut self, members: &std::collections::HashSet<u64>) {
+        self.holders.retain(|_, h| members.contains(&h.node));
+    }
+
     /// Devices on record.
     pub fn len(&self) -> usize {
         self.holders.len()

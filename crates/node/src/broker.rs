@@ -51,6 +51,9 @@ pub struct Prepared {
     /// Subscribers on other nodes take it too (forwarded, or queued through Raft): not "no
     /// matching subscribers" either.
     pub remote: bool,
+    /// Shared subscriptions another node was picked to serve: node to `<group>/<filter>`s
+    /// (forward the message there with them).
+    pub share_remote: std::collections::BTreeMap<u64, Vec<String>>,
 }
 
 impl Prepared {
@@ -488,8 +491,9 @@ impl Broker {
         // A downstream (device interface) filter matches only messages addressed to this
         // device (`send_downstream`), never the tenant's free-form publishes.
         if acl::classify_filter(&inner) != FilterClass::Downstream {
+            let route = route_filter(&key.share, &inner);
             if tenant.subs.write().insert(&inner, key, opts).is_none() {
-                self.cluster.route_added(&tenant.name, &inner);
+                self.cluster.route_added(&tenant.name, &route);
             }
             if !existed {
                 self.metrics.subscriptions.increment(1.0);
@@ -515,6 +519,7 @@ impl Broker {
         let mut trie = tenant.subs.write();
         for f in filters {
             let (share, inner) = split_share(f);
+            let route = route_filter(&share, &inner);
             if trie
                 .remove(
                     &inner,
@@ -525,7 +530,7 @@ impl Broker {
                 )
                 .is_some()
             {
-                self.cluster.route_removed(&tenant.name, &inner);
+                self.cluster.route_removed(&tenant.name, &route);
                 self.metrics.subscriptions.decrement(1.0);
                 tenant.usage.subscriptions.fetch_sub(1, Ordering::Relaxed);
             }
@@ -537,7 +542,21 @@ impl Broker {
     /// Finds the sessions a message goes to: one entry per session at the highest granted QoS
     /// with all matching subscription identifiers (MQTT-3.3.5-1), one member per share group.
     pub fn route(&self, tenant: &Tenant, msg: &Arc<Message>, publisher: Option<u64>) -> Prepared {
+        self.route_in(tenant, msg, publisher, None)
+    }
+
+    /// [`route`](Self::route), with the shared subscriptions decided cluster-wide: each
+    /// matching group is served by one node, picked in turn among the nodes with members of
+    /// it; `only_shares` (a forwarded message) names the groups this node was picked for.
+    pub fn route_in(
+        &self,
+        tenant: &Tenant,
+        msg: &Arc<Message>,
+        publisher: Option<u64>,
+        only_shares: Option<&[String]>,
+    ) -> Prepared {
         let mut out: Vec<Match> = Vec::new();
+        let mut share_remote: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
         if acl::classify_topic(&msg.topic) != TopicClass::Free {
             // Reserved topics never reach the tenant's trie (a `#` must not see another
             // device's SmartREST traffic); wills on them included.
@@ -546,6 +565,7 @@ impl Broker {
                 matches: out,
                 device_api: true,
                 remote: false,
+                share_remote,
             };
         }
         // (group, filter, members): one pick per group and filter.
@@ -591,11 +611,38 @@ impl Broker {
                     }
                 }
             });
-        for (_, _, members) in shared {
+        // Groups with members on other nodes: one node per group serves each message.
+        let mut remote_shares = match only_shares {
+            None if !shared.is_empty() || !self.cluster.is_alone() => {
+                self.cluster.remote_shares(&tenant.name, &msg.topic)
+            }
+            _ => HashMap::new(),
+        };
+        for (group, filter, members) in shared {
             if members.is_empty() {
                 continue;
             }
-            let start = tenant.next_share() % members.len();
+            let share_key = format!("{group}/{filter}");
+            // One turn per message and group picks the node and then the member there, so
+            // nodes and members alternate evenly.
+            let mut turn = tenant.next_share();
+            match only_shares {
+                Some(only) if !only.contains(&share_key) => continue,
+                Some(_) => {}
+                None => {
+                    if let Some(nodes) = remote_shares.remove(&share_key) {
+                        let mut candidates: Vec<u64> = nodes.into_iter().collect();
+                        candidates.push(self.cluster.id);
+                        let pick = candidates[turn % candidates.len()];
+                        if pick != self.cluster.id {
+                            share_remote.entry(pick).or_default().push(share_key);
+                            continue;
+                        }
+                        turn /= candidates.len();
+                    }
+                }
+            }
+            let start = turn % members.len();
             // Prefer a member that is connected, so a shared message does not sit in the queue
             // of an offline session while others could take it.
             let pick = (0..members.len())
@@ -628,11 +675,21 @@ impl Broker {
                 st.persistent && st.queue.len() < self.cfg.max_queued_messages
             };
         }
+        // Groups with no member here: one of the nodes that have some.
+        for (share_key, nodes) in remote_shares {
+            let nodes: Vec<u64> = nodes.into_iter().collect();
+            if nodes.is_empty() {
+                continue;
+            }
+            let pick = nodes[tenant.next_share() % nodes.len()];
+            share_remote.entry(pick).or_default().push(share_key);
+        }
         Prepared {
             msg: msg.clone(),
             matches: out,
             device_api: false,
             remote: false,
+            share_remote,
         }
     }
 
@@ -805,9 +862,15 @@ impl Broker {
             .then(|| self.retain(&tenant, &msg));
         let prepared = self.route(&tenant, &msg, None);
         if !prepared.device_api {
-            let remote = self.cluster.remote_nodes(&tenant.name, &msg.topic);
+            let mut remote = self.cluster.remote_nodes(&tenant.name, &msg.topic);
+            remote.extend(prepared.share_remote.keys());
             if !remote.is_empty() {
-                tokio::spawn(self.cluster.forward(&remote, &tenant.name, &msg));
+                tokio::spawn(self.cluster.forward(
+                    &remote,
+                    &prepared.share_remote,
+                    &tenant.name,
+                    &msg,
+                ));
             }
         }
         let cmd = self.publish_command(&prepared, None, None);
@@ -855,9 +918,10 @@ impl Broker {
         self: &Arc<Self>,
         tenant: &str,
         msg: Arc<Message>,
+        shares: Vec<String>,
     ) -> impl std::future::Future<Output = Result<(), ClusterError>> + Send + 'static {
         let t = self.tenant(tenant);
-        let mut prepared = self.route(&t, &msg, None);
+        let mut prepared = self.route_in(&t, &msg, None, Some(&shares));
         prepared.matches.retain(|m| {
             if m.qos == 0 {
                 return true;
@@ -1333,6 +1397,15 @@ impl std::hash::Hash for ByKey {
 pub type SessionMap = std::collections::HashSet<ByKey>;
 
 /// Splits `$share/<group>/<filter>` into its group and inner filter.
+/// The route other nodes learn for a subscription: a shared one keeps its group, so they can
+/// pick one node per group.
+fn route_filter(share: &Option<Arc<str>>, inner: &str) -> String {
+    match share {
+        Some(g) => format!("$share/{g}/{inner}"),
+        None => inner.to_string(),
+    }
+}
+
 pub fn split_share(filter: &str) -> (Option<Arc<str>>, String) {
     match parse_shared(filter) {
         Ok(Some((group, inner))) => (Some(Arc::from(group)), inner.to_string()),

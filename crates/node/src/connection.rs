@@ -1148,11 +1148,15 @@ where
         let mut forward = None;
         let mut orphan_cmd = None;
         if !prepared.device_api && !broker.cluster.is_alone() {
-            let remote = broker.cluster.remote_nodes(&a.who.tenant.name, &msg.topic);
+            let mut remote = broker.cluster.remote_nodes(&a.who.tenant.name, &msg.topic);
+            remote.extend(prepared.share_remote.keys());
             if !remote.is_empty() {
-                let f = broker
-                    .cluster
-                    .forward(&remote, &a.who.tenant.name, &prepared.msg);
+                let f = broker.cluster.forward(
+                    &remote,
+                    &prepared.share_remote,
+                    &a.who.tenant.name,
+                    &prepared.msg,
+                );
                 if p.qos == 0 {
                     tokio::spawn(f);
                 } else {

@@ -131,8 +131,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     cluster.start(&broker);
-    cluster.spawn_orphan_expiry(std::time::Duration::from_secs(2));
-    cluster.spawn_voter_rebalancer(std::time::Duration::from_secs(cfg.dead_node_after_secs));
+    let dead_after = std::time::Duration::from_secs(cfg.dead_node_after_secs);
+    cluster.spawn_orphan_expiry(std::time::Duration::from_secs(2), dead_after);
+    cluster.spawn_voter_rebalancer(dead_after);
     node_svc.bind(broker.clone());
     if !cluster.is_alone() {
         cluster.wait_for_routes(Duration::from_secs(3)).await;

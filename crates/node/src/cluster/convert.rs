@@ -30,6 +30,7 @@ pub fn message_to_pb(tenant: &str, m: &Message) -> pb::Message {
             })
             .collect(),
         publisher: None,
+        share_groups: Vec::new(),
     }
 }
 

@@ -20,7 +20,7 @@ pub mod registry;
 pub mod routes;
 pub mod service;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -184,7 +184,7 @@ impl Cluster {
     /// live node holds (their node died or left; a holder runs its own expiry timers): every
     /// `every`, an expired orphan is removed with `ExpireSession`, conditional on its holder
     /// entry, so a node claiming it at that moment keeps it.
-    pub fn spawn_orphan_expiry(self: &Arc<Self>, every: Duration) {
+    pub fn spawn_orphan_expiry(self: &Arc<Self>, every: Duration, dead_after: Duration) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut since: HashMap<SessionKey, u64> = HashMap::new();
@@ -197,7 +197,7 @@ impl Cluster {
                     since.clear();
                     continue;
                 }
-                for cmd in c.expired_orphans(&mut since) {
+                for cmd in c.expired_orphans(&mut since, dead_after) {
                     match c.durable.propose(cmd).await {
                         Ok(fleetmq_storage::Response::Ok) => {
                             metrics::counter!("fleetmq_cluster_orphans_expired_total").increment(1)
@@ -215,10 +215,16 @@ impl Cluster {
 
     /// `ExpireSession` commands for the orphans that are due; `since` keeps when each was first
     /// seen orphaned (those no longer orphaned leave it).
-    fn expired_orphans(&self, since: &mut HashMap<SessionKey, u64>) -> Vec<Command> {
+    fn expired_orphans(
+        &self,
+        since: &mut HashMap<SessionKey, u64>,
+        dead_after: Duration,
+    ) -> Vec<Command> {
         let now = crate::message::now_ms();
         let members: HashSet<u64> = self.durable.members().iter().map(|(id, _)| *id).collect();
-        let down = self.down.read().clone();
+        // Dead, not just missed a heartbeat: a node cut off for a moment keeps its sessions
+        // (and one cut off for longer lets go of any that expired when it hears of it).
+        let down = self.dead_nodes(dead_after);
         let in_memory = |k: &SessionKey| self.broker().is_some_and(|b| b.holds(k));
         let index = self.index.read();
         let mut orphans = HashSet::new();
@@ -406,6 +412,25 @@ impl Cluster {
         nodes
     }
 
+    /// The shared subscriptions other live nodes have members of that match `topic`:
+    /// `<group>/<filter>` to those nodes.
+    pub fn remote_shares(&self, tenant: &str, topic: &str) -> HashMap<String, BTreeSet<u64>> {
+        let remote = self.remote.read();
+        if remote.is_empty() {
+            return HashMap::new();
+        }
+        let mut shares = remote.shares_for(tenant, topic);
+        drop(remote);
+        let down = self.down.read();
+        if !down.is_empty() {
+            for nodes in shares.values_mut() {
+                nodes.retain(|n| !down.contains(n));
+            }
+            shares.retain(|_, n| !n.is_empty());
+        }
+        shares
+    }
+
     /// Waits (at most `timeout`) until every live peer has sent its routes: a node that just
     /// started knows no route, and a publish it accepted before would miss every subscriber
     /// elsewhere. Peers send them with their next heartbeat.
@@ -483,9 +508,21 @@ impl Cluster {
         self.index.write().observe(cmd);
     }
 
-    /// An `ExpireSession` removed a session.
+    /// An `ExpireSession` removed a session. Should this node still hold it (it was cut off
+    /// from the leader for longer than the session's expiry), it lets go of it too: the client
+    /// reconnects to a fresh session instead of one that no longer exists durably.
     pub fn observe_expired(&self, key: &SessionKey) {
         self.index.write().expired_session(key);
+        if let Some(b) = self.broker() {
+            if b.holds(key) {
+                tracing::warn!(client = %key.client_id, "a session held here expired in the cluster");
+                let key = key.clone();
+                // Not awaited here: the apply observer must not wait on a commit.
+                tokio::spawn(async move {
+                    b.evict(&key.tenant, &key.client_id, ANY_CONNECTION).await;
+                });
+            }
+        }
     }
 
     /// Mirrors an applied holder entry (re-read, as the directory does).
@@ -610,6 +647,7 @@ impl Cluster {
     pub fn forward(
         &self,
         nodes: &BTreeSet<u64>,
+        shares: &BTreeMap<u64, Vec<String>>,
         tenant: &str,
         msg: &Message,
     ) -> impl std::future::Future<Output = BTreeSet<u64>> + Send + 'static {
@@ -622,9 +660,13 @@ impl Cluster {
                 continue;
             };
             let (done, rx) = oneshot::channel();
+            let mut msg = m.clone();
+            if let Some(s) = shares.get(&node) {
+                msg.share_groups = s.clone();
+            }
             if tx
                 .send(Fwd {
-                    msg: m.clone(),
+                    msg,
                     done: Some(done),
                 })
                 .is_ok()

@@ -8,8 +8,13 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use fleetmq_protocol::trie::TopicTrie;
 
-/// One route: a tenant's filter (without any `$share/<group>/` prefix).
+/// One route: a tenant's filter; a shared subscription's is the whole `$share/<group>/<filter>`
+/// (the receiver files it under its group, see [`RemoteRoutes::shares_for`]).
 pub type Route = (String, String);
+
+/// A shared subscription's group and inner filter, as `<group>/<filter>` (the group has no
+/// `/`, so the first one splits them).
+pub type ShareKey = String;
 
 /// Filters this node has subscribers for, with their subscriber counts.
 #[derive(Default)]
@@ -64,6 +69,8 @@ impl LocalRoutes {
 #[derive(Default)]
 pub struct RemoteRoutes {
     tenants: HashMap<String, TopicTrie<u64, ()>>,
+    /// Shared subscriptions: per tenant, inner filter to `(node, group)`.
+    shares: HashMap<String, TopicTrie<(u64, String), ()>>,
     /// Each node's routes, to drop them all when it leaves or sends a full table.
     by_node: HashMap<u64, HashSet<Route>>,
     /// Last applied update sequence per sending node.
@@ -117,10 +124,20 @@ impl RemoteRoutes {
             return;
         }
         let (tenant, filter) = route;
-        self.tenants
-            .entry(tenant)
-            .or_default()
-            .insert(&filter, node, ());
+        match fleetmq_protocol::topic::parse_shared(&filter) {
+            Ok(Some((group, inner))) => {
+                self.shares
+                    .entry(tenant)
+                    .or_default()
+                    .insert(inner, (node, group.to_string()), ());
+            }
+            _ => {
+                self.tenants
+                    .entry(tenant)
+                    .or_default()
+                    .insert(&filter, node, ());
+            }
+        }
         self.size += 1;
     }
 
@@ -132,7 +149,14 @@ impl RemoteRoutes {
             return;
         }
         let (tenant, filter) = route;
-        if let Some(trie) = self.tenants.get_mut(tenant) {
+        if let Ok(Some((group, inner))) = fleetmq_protocol::topic::parse_shared(filter) {
+            if let Some(trie) = self.shares.get_mut(tenant) {
+                trie.remove(inner, &(node, group.to_string()));
+                if trie.is_empty() {
+                    self.shares.remove(tenant);
+                }
+            }
+        } else if let Some(trie) = self.tenants.get_mut(tenant) {
             trie.remove(filter, &node);
             if trie.is_empty() {
                 self.tenants.remove(tenant);
@@ -172,6 +196,20 @@ impl RemoteRoutes {
         if let Some(trie) = self.tenants.get(tenant) {
             trie.for_each_match(topic, |_, node, _| {
                 out.insert(*node);
+            });
+        }
+        out
+    }
+
+    /// The shared subscriptions of other nodes matching `topic`: `<group>/<filter>` to the
+    /// nodes with members, by id.
+    pub fn shares_for(&self, tenant: &str, topic: &str) -> HashMap<ShareKey, BTreeSet<u64>> {
+        let mut out: HashMap<ShareKey, BTreeSet<u64>> = HashMap::new();
+        if let Some(trie) = self.shares.get(tenant) {
+            trie.for_each_match(topic, |filter, (node, group), _| {
+                out.entry(format!("{group}/{filter}"))
+                    .or_default()
+                    .insert(*node);
             });
         }
         out
@@ -262,5 +300,36 @@ mod tests {
         rr.drop_node(2);
         assert_eq!(rr.nodes_for("t", "x"), BTreeSet::from([3]));
         assert_eq!(rr.len(), 1);
+    }
+
+    #[test]
+    fn shared_routes_are_filed_by_group_not_as_plain_routes() {
+        let mut rr = RemoteRoutes::default();
+        rr.apply(
+            2,
+            1,
+            false,
+            [
+                (r("t", "$share/g1/a/#"), true),
+                (r("t", "$share/g2/a/+"), true),
+                (r("t", "plain/#"), true),
+            ],
+        );
+        rr.apply(3, 1, false, [(r("t", "$share/g1/a/#"), true)]);
+        assert!(
+            rr.nodes_for("t", "a/b").is_empty(),
+            "shares are not plain routes"
+        );
+        let shares = rr.shares_for("t", "a/b");
+        assert_eq!(shares.get("g1/a/#"), Some(&BTreeSet::from([2, 3])));
+        assert_eq!(shares.get("g2/a/+"), Some(&BTreeSet::from([2])));
+        rr.apply(2, 2, false, [(r("t", "$share/g1/a/#"), false)]);
+        assert_eq!(
+            rr.shares_for("t", "a/b").get("g1/a/#"),
+            Some(&BTreeSet::from([3]))
+        );
+        rr.drop_node(3);
+        assert!(!rr.shares_for("t", "a/b").contains_key("g1/a/#"));
+        assert_eq!(rr.len(), 2);
     }
 }

@@ -190,10 +190,11 @@ impl NodeService for NodeSvc {
         let batch = request.into_inner();
         let mut accepted = 0u32;
         let mut commits = Vec::with_capacity(batch.messages.len());
-        for m in batch.messages {
+        for mut m in batch.messages {
+            let shares = std::mem::take(&mut m.share_groups);
             match super::convert::message_from_pb(m) {
                 Some((tenant, msg)) => {
-                    commits.push(broker.publish_forwarded(&tenant, msg));
+                    commits.push(broker.publish_forwarded(&tenant, msg, shares));
                     accepted += 1;
                 }
                 None => {

@@ -2081,3 +2081,79 @@ fn shared_subscription_delivers_once_across_nodes() {
         );
     }
 }
+
+// ----- 15. wills on a takeover across nodes ------------------------------------------------------------
+
+/// An MQTT 5 CONNECT with session expiry 60 s and a QoS 0 will delayed by 30 s (longer than
+/// the test looks, so only a session that ends publishes it).
+fn connect_with_delayed_will(id: &str, clean: bool, will_payload: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5];
+    body.push(if clean { 0x02 } else { 0x00 } | 0x04); // will flag, will QoS 0
+    body.extend_from_slice(&0u16.to_be_bytes());
+    body.extend_from_slice(&[5, 0x11]);
+    body.extend_from_slice(&60u32.to_be_bytes());
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    body.extend_from_slice(&[5, 0x18]);
+    body.extend_from_slice(&30u32.to_be_bytes());
+    let topic = format!("wl/{id}");
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&(will_payload.len() as u16).to_be_bytes());
+    body.extend_from_slice(will_payload.as_bytes());
+    frame(0x10, &body)
+}
+
+fn connect_will_client(node: &Node, id: &str, clean: bool, payload: &str) -> Raw {
+    let mut raw = Raw::connect(node.mqtt);
+    raw.send(&connect_with_delayed_will(id, clean, payload));
+    let ack = read_packet(&mut raw, Duration::from_secs(10)).expect("CONNACK");
+    assert_eq!(ack.kind(), CONNACK, "{id}: {ack:?}");
+    assert_eq!(ack.body[1], 0, "{id}: refused {ack:?}");
+    raw
+}
+
+/// A clean start on B takes over a session with a delayed will on A: the old session ends, so
+/// its will is published now, whether its connection was still open or already gone (the will
+/// waiting for its delay). A resuming connection instead cancels the will, as on one node.
+#[test]
+fn will_of_a_session_ended_by_a_takeover_on_another_node() {
+    let [a, b, c] = cluster3(&[]);
+    let mut watcher = Client::clean(c.mqtt, "wl-watch", V5);
+    watcher.sub_ok("wl/#", 0);
+
+    // Connected on A, taken over by a clean start on B.
+    let _w1 = connect_will_client(&a, "wl-1", false, "gone-1");
+    let _w1b = connect_will_client(&b, "wl-1", true, "unused");
+    // Disconnected on A (the will waits for its delay), then a clean start on B.
+    let w2 = connect_will_client(&a, "wl-2", false, "gone-2");
+    drop(w2);
+    sleep(Duration::from_millis(500));
+    let _w2b = connect_will_client(&b, "wl-2", true, "unused");
+    let got: Vec<String> = drain_msgs(&mut watcher, Duration::from_secs(3))
+        .iter()
+        .map(|m| m.text())
+        .collect();
+    assert!(
+        got.contains(&"gone-1".to_string()),
+        "no will of the connected session: {got:?}"
+    );
+    assert!(
+        got.contains(&"gone-2".to_string()),
+        "no will of the waiting session: {got:?}"
+    );
+
+    // Disconnected on A, resumed on B: the session continues and its will is cancelled.
+    let w3 = connect_will_client(&a, "wl-3", false, "gone-3");
+    drop(w3);
+    sleep(Duration::from_millis(500));
+    let _w3b = connect_will_client(&b, "wl-3", false, "unused");
+    let got: Vec<String> = drain_msgs(&mut watcher, Duration::from_secs(2))
+        .iter()
+        .map(|m| m.text())
+        .collect();
+    assert!(
+        got.is_empty(),
+        "a resumed session's will was published: {got:?}"
+    );
+}

@@ -225,7 +225,7 @@ impl Broker {
             {
                 drop(map);
                 // Superseded between the claim and here: what the claim loaded goes again.
-                self.evict(&key.tenant, &key.client_id, conn_id).await;
+                self.evict(&key.tenant, &key.client_id, conn_id, true).await;
                 return Err(superseded());
             }
             let existing = map.get(&key).map(|b| b.0.clone());
@@ -962,7 +962,7 @@ impl Broker {
         }
         let prev = self
             .cluster
-            .register(&key.tenant, &key.client_id, conn_id)
+            .register(&key.tenant, &key.client_id, conn_id, clean_start)
             .await;
         self.check_fence(key, conn_id)?;
         if self.sessions.lock().get(key).is_some() {
@@ -1112,9 +1112,15 @@ impl Broker {
     /// closed (DISCONNECT 0x8E), its subscriptions leave this node's routes, and it leaves
     /// memory but not durable state. Returns once everything this node proposed for it is
     /// committed. False when the session is not here.
-    pub async fn evict(self: &Arc<Self>, tenant: &str, device: &str, conn: u64) -> bool {
+    pub async fn evict(
+        self: &Arc<Self>,
+        tenant: &str,
+        device: &str,
+        conn: u64,
+        session_continues: bool,
+    ) -> bool {
         let key = SessionKey::new(tenant, device);
-        let (session, persistent, filters) = {
+        let (session, persistent, filters, will) = {
             let mut map = self.sessions.lock();
             let session = map.get(&key).map(|b| b.0.clone());
             let newest = session
@@ -1134,22 +1140,27 @@ impl Broker {
                 return false;
             };
             let mut st = session.state.lock();
+            // The session goes on on the new connection only if it was persistent and the new
+            // one resumes it; otherwise it ends here (and the connection's will is due).
+            let continues = session_continues && st.persistent && st.expiry_secs > 0;
             if let Some(k) = st.kick.take() {
                 let _ = k.send(Kick::TakenOver {
-                    session_continues: true,
+                    session_continues: continues,
                 });
             }
             st.conn = None;
             st.generation += 1;
             st.cancel_timers();
-            st.pending_will = None;
+            // A delayed will of a disconnected session: cancelled when the session goes on
+            // elsewhere, due now when it ends (a clean start took over).
+            let will = st.pending_will.take().filter(|_| !continues);
             let filters: Vec<String> = st.subscriptions.keys().cloned().collect();
             st.reset();
             st.ended = true;
             let persistent = st.persistent;
             drop(st);
             map.remove(&key);
-            (session, persistent, filters)
+            (session, persistent, filters, will)
         };
         self.metrics.sessions.decrement(1.0);
         let t = self.tenant(tenant);
@@ -1157,6 +1168,9 @@ impl Broker {
             track_persistent(&t, false);
         }
         self.remove_subscriptions(&t, &session, &filters);
+        if let Some(w) = will {
+            self.publish_detached(t.clone(), w);
+        }
         if persistent {
             // FIFO through the proposer: once this commits, so has everything before it.
             if let Err(e) = self

@@ -519,7 +519,8 @@ impl Cluster {
                 let key = key.clone();
                 // Not awaited here: the apply observer must not wait on a commit.
                 tokio::spawn(async move {
-                    b.evict(&key.tenant, &key.client_id, ANY_CONNECTION).await;
+                    b.evict(&key.tenant, &key.client_id, ANY_CONNECTION, false)
+                        .await;
                 });
             }
         }
@@ -707,11 +708,19 @@ impl Cluster {
     /// `conn`). Returns the node that held it before, which has let go of it, if another one.
     /// Tries the next node in the key's preference when the home is unreachable, and gives up
     /// (returning `None`) when none answers: a connection never waits on an unreachable node.
-    pub async fn register(&self, tenant: &str, device: &str, conn: u64) -> Option<u64> {
+    pub async fn register(
+        &self,
+        tenant: &str,
+        device: &str,
+        conn: u64,
+        clean_start: bool,
+    ) -> Option<u64> {
         let prefs = placement::preference(tenant, device, &self.live_members());
         for home in prefs.into_iter().take(3) {
             if home == self.id {
-                return self.registry_put(tenant, device, self.id, conn).await;
+                return self
+                    .registry_put(tenant, device, self.id, conn, clean_start)
+                    .await;
             }
             let Some(addr) = self.addr_of(home) else {
                 continue;
@@ -726,6 +735,7 @@ impl Cluster {
                 }),
                 node_id: self.id,
                 connection_id: conn,
+                clean_start,
             };
             match tokio::time::timeout(RPC_TIMEOUT, client.register(req)).await {
                 Ok(Ok(r)) => {
@@ -798,6 +808,7 @@ impl Cluster {
         device: &str,
         node: u64,
         conn: u64,
+        clean_start: bool,
     ) -> Option<u64> {
         let key = (tenant.to_string(), device.to_string());
         // A takeover of the device under way finishes first (bounded by its RPC timeout), so
@@ -827,17 +838,25 @@ impl Cluster {
             }
         }
         let _done = Done(&self.registry, &key);
-        self.takeover_on(prev.node, tenant, device, prev.conn).await;
+        self.takeover_on(prev.node, tenant, device, prev.conn, !clean_start)
+            .await;
         Some(prev.node)
     }
 
     /// Makes `node` close its connection `conn` for the device (or any, with
     /// [`ANY_CONNECTION`]) and drop the session from memory (after committing what it had
     /// proposed). An unreachable node is assumed dead.
-    pub async fn takeover_on(&self, node: u64, tenant: &str, device: &str, conn: u64) {
+    pub async fn takeover_on(
+        &self,
+        node: u64,
+        tenant: &str,
+        device: &str,
+        conn: u64,
+        session_continues: bool,
+    ) {
         if node == self.id {
             if let Some(b) = self.broker() {
-                b.evict(tenant, device, conn).await;
+                b.evict(tenant, device, conn, session_continues).await;
             }
             return;
         }
@@ -853,7 +872,7 @@ impl Cluster {
                 device_id: device.into(),
             }),
             connection_id: conn,
-            session_continues: true,
+            session_continues,
         };
         match tokio::time::timeout(RPC_TIMEOUT * 2, client.takeover(req)).await {
             Ok(Ok(_)) => self.mark(node, true),
@@ -877,7 +896,7 @@ impl Cluster {
             .collect();
         let calls = live
             .iter()
-            .map(|n| self.takeover_on(*n, tenant, device, ANY_CONNECTION));
+            .map(|n| self.takeover_on(*n, tenant, device, ANY_CONNECTION, true));
         futures_util::future::join_all(calls).await;
     }
 }

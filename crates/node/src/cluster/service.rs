@@ -140,7 +140,13 @@ impl NodeService for NodeSvc {
         let key = key_of(r.key)?;
         let prev = broker
             .cluster
-            .registry_put(&key.tenant, &key.device_id, r.node_id, r.connection_id)
+            .registry_put(
+                &key.tenant,
+                &key.device_id,
+                r.node_id,
+                r.connection_id,
+                r.clean_start,
+            )
             .await;
         Ok(Response::new(pb::RegisterReply {
             previous_node_id: prev.unwrap_or(0),
@@ -168,7 +174,12 @@ impl NodeService for NodeSvc {
         let r = request.into_inner();
         let key = key_of(r.key)?;
         let closed = broker
-            .evict(&key.tenant, &key.device_id, r.connection_id)
+            .evict(
+                &key.tenant,
+                &key.device_id,
+                r.connection_id,
+                r.session_continues,
+            )
             .await;
         Ok(Response::new(pb::TakeoverReply { closed }))
     }

@@ -2157,3 +2157,55 @@ fn will_of_a_session_ended_by_a_takeover_on_another_node() {
         "a resumed session's will was published: {got:?}"
     );
 }
+
+// ----- 16. the cluster secret ---------------------------------------------------------------------------
+
+/// A node with the wrong `--cluster-secret` cannot join: the member refuses its calls
+/// (`Unauthenticated`, counted), the intruder never becomes a member, and it says why.
+#[test]
+fn a_node_with_the_wrong_cluster_secret_cannot_join() {
+    let a = Node::start_cluster(1, free_port(), &[], &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("intruder.log");
+    let log = std::fs::File::create(&log_path).expect("log");
+    let mut intruder = std::process::Command::new(env!("CARGO_BIN_EXE_fleetmq"))
+        .args(["--node-id", "9", "--join", &a.grpc_addr().to_string()])
+        .args(["--cluster-secret", "not-the-secret"])
+        .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0"])
+        .args(["--tls-addr", "127.0.0.1:0", "--wss-addr", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("FLEETMQ_LOG", "info,openraft=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn intruder");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let refused = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("wrong or missing cluster secret") {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        sleep(Duration::from_millis(200));
+    };
+    let _ = intruder.kill();
+    let _ = intruder.wait();
+    assert!(
+        refused,
+        "the intruder's join was not refused for its secret:\n{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
+    assert_eq!(
+        gauge(&a, "fleetmq_cluster_members"),
+        1.0,
+        "the intruder became a member"
+    );
+    assert!(
+        gauge(&a, "fleetmq_cluster_unauthenticated_calls_total") >= 1.0,
+        "refused calls are not counted"
+    );
+}

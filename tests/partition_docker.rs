@@ -150,6 +150,8 @@ impl Lab {
             "/data",
             "--anonymous-tenant",
             ANON_TENANT,
+            "--cluster-secret",
+            CLUSTER_SECRET,
             "--log",
             "info,openraft=warn",
         ];

@@ -16,6 +16,8 @@ pub const ADMIN_PW: &str = "test-admin-pw";
 pub const BOOTSTRAP_PW: &str = "test-bootstrap-pw";
 /// The tenant `Node::start` admits clients without credentials into.
 pub const ANON_TENANT: &str = "public";
+/// The `--cluster-secret` of test clusters.
+pub const CLUSTER_SECRET: &str = "test-cluster-secret";
 
 /// A running node (or one that was stopped and can be restarted).
 pub struct Node {
@@ -96,6 +98,11 @@ impl Node {
             all.push(j.to_string());
         }
         all.extend(args.iter().map(|s| s.to_string()));
+        // Every test cluster authenticates its node-to-node calls, as a production one should.
+        if !args.contains(&"--cluster-secret") {
+            all.push("--cluster-secret".to_string());
+            all.push(CLUSTER_SECRET.to_string());
+        }
         let grpc: SocketAddr = ([127, 0, 0, 1], grpc_port).into();
         Node::launch(all, Some(grpc), Some(node_id), Duration::from_secs(60))
     }

@@ -55,6 +55,8 @@ pub struct DurableConfig {
     /// The node's Raft gRPC service, which must be serving before `open` is called when the
     /// node joins or belongs to a cluster; `None` for a node that stays alone (tests).
     pub server: Option<RaftServer>,
+    /// What outgoing node-to-node calls carry (the cluster secret; see `grpc::auth`).
+    pub secret: crate::grpc::AddSecret,
 }
 
 /// Handle to the node's durable state; cheap to clone.
@@ -113,7 +115,7 @@ impl Durable {
         let sm_adapter = SmAdapter::new(sm.clone(), storage.clone())
             .map_err(|e| ClusterError::Fatal(e.to_string()))?
             .with_observer(applied_tx);
-        let channels = Channels::default();
+        let channels = Channels::new(cfg.secret.clone());
         let network = GrpcNetwork::new(GROUP, channels.clone());
         let raft = Raft::new(cfg.node_id, Arc::new(config), network, log, sm_adapter).await?;
         if let Some(server) = &cfg.server {
@@ -598,6 +600,7 @@ mod tests {
             advertise_addr: "n7:7070".into(),
             join: Vec::new(),
             server: None,
+            secret: Default::default(),
         };
         let config = Config {
             max_in_snapshot_log_to_keep: 0,

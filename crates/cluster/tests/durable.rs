@@ -15,6 +15,7 @@ fn cfg(dir: &Path) -> DurableConfig {
         advertise_addr: "127.0.0.1:7070".into(),
         join: Vec::new(),
         server: None,
+        secret: Default::default(),
     }
 }
 

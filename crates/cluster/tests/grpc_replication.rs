@@ -39,7 +39,10 @@ async fn replica(id: u64, listener: tokio::net::TcpListener) -> Replica {
     }
     .validate()
     .unwrap();
-    let network = GrpcNetwork::new(GROUP, Channels::default());
+    // The replicas authenticate each other, as nodes started with --cluster-secret do.
+    let (add, check) =
+        fleetmq_cluster::grpc::auth::from_secret(Some("replication-test")).expect("secret");
+    let network = GrpcNetwork::new(GROUP, Channels::new(add));
     let raft = Raft::new(id, Arc::new(config), network, log, sm_adapter)
         .await
         .unwrap();
@@ -48,7 +51,7 @@ async fn replica(id: u64, listener: tokio::net::TcpListener) -> Replica {
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
-            .add_service(server.into_service())
+            .add_service(server.into_service(check))
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener),
                 async {

@@ -143,6 +143,10 @@ pub struct Cli {
     /// for scaling in, not for a restart.
     #[arg(long, env = "FLEETMQ_LEAVE_ON_SHUTDOWN")]
     pub leave_on_shutdown: bool,
+    /// Shared secret every node-to-node gRPC call carries; calls without it are refused. Set
+    /// the same value on every member (better through the environment than the command line).
+    #[arg(long, env = "FLEETMQ_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
     /// Seconds a voting member may be unreachable before the Raft leader puts a live learner
     /// in its place (0: never).
     #[arg(long = "dead-node-after", env = "FLEETMQ_DEAD_NODE_AFTER")]
@@ -201,6 +205,7 @@ pub struct FileConfig {
     pub print_addrs: Option<bool>,
     pub leave_on_shutdown: Option<bool>,
     pub dead_node_after_secs: Option<u64>,
+    pub cluster_secret: Option<String>,
     pub log: Option<String>,
 }
 
@@ -251,6 +256,7 @@ pub struct Config {
     pub print_addrs: bool,
     pub leave_on_shutdown: bool,
     pub dead_node_after_secs: u64,
+    pub cluster_secret: Option<String>,
     pub log: String,
 }
 
@@ -264,6 +270,10 @@ impl std::fmt::Debug for Config {
             .field("advertise_addr", &self.advertise_addr)
             .field("join", &self.join)
             .field("anonymous_tenant", &self.anonymous_tenant)
+            .field(
+                "cluster_secret",
+                &self.cluster_secret.as_ref().map(|_| "<redacted>"),
+            )
             .field(
                 "admin_password",
                 &self.admin_password.as_ref().map(|_| "<redacted>"),
@@ -321,6 +331,7 @@ impl Default for Config {
             print_addrs: false,
             leave_on_shutdown: false,
             dead_node_after_secs: 30,
+            cluster_secret: None,
             log: "info,openraft=warn".into(),
         }
     }
@@ -482,6 +493,7 @@ impl Config {
                 .dead_node_after_secs
                 .or(file.dead_node_after_secs)
                 .unwrap_or(d.dead_node_after_secs),
+            cluster_secret: cli.cluster_secret.or(file.cluster_secret),
             log: cli.log.or(file.log).unwrap_or(d.log),
         };
         if cfg.receive_maximum == 0 || cfg.max_inflight == 0 {

@@ -40,6 +40,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding gRPC {}", cfg.grpc_addr))?;
     let grpc_addr = grpc.local_addr()?;
     let advertise_addr = advertise(&cfg, grpc_addr);
+    let (add_secret, check_secret) =
+        fleetmq_cluster::grpc::auth::from_secret(cfg.cluster_secret.as_deref())
+            .context("--cluster-secret")?;
+    if cfg.cluster_secret.is_none() && !cfg.join.is_empty() {
+        tracing::warn!("no --cluster-secret: anyone who reaches the gRPC port can act as a member");
+    }
     let raft_server = fleetmq_cluster::grpc::RaftServer::new();
     let node_svc = cluster::service::NodeSvc::new();
     let mut grpc_shutdown = None::<tokio::sync::oneshot::Sender<()>>;
@@ -48,8 +54,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         grpc_shutdown.replace(tx);
         let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
         let router = tonic::transport::Server::builder()
-            .add_service(raft_server.clone().into_service())
-            .add_service(node_svc.clone().into_service());
+            .add_service(raft_server.clone().into_service(check_secret.clone()))
+            .add_service(node_svc.clone().into_service(check_secret));
         tokio::spawn(async move {
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, async {
@@ -69,6 +75,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         advertise_addr: advertise_addr.clone(),
         join: cfg.join.clone(),
         server: Some(raft_server),
+        secret: add_secret,
     })
     .await
     .context("opening durable state")?;

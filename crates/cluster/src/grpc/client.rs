@@ -18,33 +18,47 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use super::auth::AddSecret;
 use super::convert::{decode, encode};
 use crate::pb::raft_service_client::RaftServiceClient;
 use crate::pb::RaftRequest;
 use crate::type_config::TypeConfig;
+use tonic::service::interceptor::InterceptedService;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A channel to a peer whose calls carry the cluster secret.
+pub type PeerChannel = InterceptedService<Channel, AddSecret>;
 
 /// Lazily connected gRPC channels to peers, by advertised address.
 #[derive(Debug, Clone, Default)]
 pub struct Channels {
     /// A std mutex: the critical section is a map lookup, never held across an await.
     inner: Arc<std::sync::Mutex<HashMap<String, Channel>>>,
+    secret: AddSecret,
 }
 
 impl Channels {
+    /// Channels whose calls carry `secret` (see [`super::auth`]).
+    pub fn new(secret: AddSecret) -> Channels {
+        Channels {
+            inner: Default::default(),
+            secret,
+        }
+    }
+
     /// The channel to `addr` (`host:port`), created on first use.
-    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    pub fn get(&self, addr: &str) -> Result<PeerChannel, tonic::transport::Error> {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(addr) {
-            return Ok(c.clone());
+            return Ok(InterceptedService::new(c.clone(), self.secret.clone()));
         }
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .connect_lazy();
         map.insert(addr.to_string(), channel.clone());
-        Ok(channel)
+        Ok(InterceptedService::new(channel, self.secret.clone()))
     }
 }
 
@@ -68,7 +82,7 @@ pub struct GrpcClient {
     group: u64,
     target: u64,
     addr: String,
-    client: Option<RaftServiceClient<Channel>>,
+    client: Option<RaftServiceClient<PeerChannel>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {

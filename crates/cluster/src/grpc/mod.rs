@@ -2,11 +2,13 @@
 //! side (`server.rs`, one tonic service for every group of a node) and the encoding of
 //! openraft's messages inside the protobuf envelopes (`convert.rs`).
 
+pub mod auth;
 pub mod client;
 pub mod convert;
 pub mod server;
 
-pub use client::{Channels, GrpcNetwork};
+pub use auth::{AddSecret, CheckSecret};
+pub use client::{Channels, GrpcNetwork, PeerChannel};
 pub use server::RaftServer;
 
 /// Largest gRPC message accepted or sent between nodes. tonic's default (4 MiB) is far below

@@ -44,10 +44,17 @@ impl RaftServer {
     }
 
     /// The tonic service to add to a `Server`.
-    pub fn into_service(self) -> RaftServiceServer<RaftServer> {
-        RaftServiceServer::new(self)
+    pub fn into_service(
+        self,
+        check: super::CheckSecret,
+    ) -> tonic::service::interceptor::InterceptedService<
+        RaftServiceServer<RaftServer>,
+        super::CheckSecret,
+    > {
+        let server = RaftServiceServer::new(self)
             .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(super::MAX_MESSAGE_BYTES);
+        tonic::service::interceptor::InterceptedService::new(server, check)
     }
 
     fn group(&self, group: u64) -> Result<Raft, Status> {

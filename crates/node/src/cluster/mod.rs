@@ -139,7 +139,10 @@ impl Cluster {
     }
 
     /// A node-service client for `addr` over the shared channels (`None`: bad address).
-    pub fn client(&self, addr: &str) -> Option<NodeServiceClient<tonic::transport::Channel>> {
+    pub fn client(
+        &self,
+        addr: &str,
+    ) -> Option<NodeServiceClient<fleetmq_cluster::grpc::PeerChannel>> {
         match self.durable.channels().get(addr) {
             Ok(c) => Some(
                 NodeServiceClient::new(c)
@@ -1047,7 +1050,7 @@ async fn send_routes(
 async fn run_forwarder(
     from: u64,
     node: u64,
-    mut client: NodeServiceClient<tonic::transport::Channel>,
+    mut client: NodeServiceClient<fleetmq_cluster::grpc::PeerChannel>,
     mut rx: mpsc::UnboundedReceiver<Fwd>,
 ) {
     while let Some(first) = rx.recv().await {

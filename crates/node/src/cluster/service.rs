@@ -31,10 +31,17 @@ impl NodeSvc {
     }
 
     /// The tonic service to add to a `Server`.
-    pub fn into_service(self) -> NodeServiceServer<NodeSvc> {
-        NodeServiceServer::new(self)
+    pub fn into_service(
+        self,
+        check: fleetmq_cluster::grpc::CheckSecret,
+    ) -> tonic::service::interceptor::InterceptedService<
+        NodeServiceServer<NodeSvc>,
+        fleetmq_cluster::grpc::CheckSecret,
+    > {
+        let server = NodeServiceServer::new(self)
             .max_decoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(fleetmq_cluster::grpc::MAX_MESSAGE_BYTES);
+        tonic::service::interceptor::InterceptedService::new(server, check)
     }
 
     fn broker(&self) -> Result<&Arc<Broker>, Status> {
@@ -48,7 +55,7 @@ impl NodeSvc {
 fn leader_client(
     broker: &Broker,
     addr: &str,
-) -> Result<NodeServiceClient<tonic::transport::Channel>, Status> {
+) -> Result<NodeServiceClient<fleetmq_cluster::grpc::PeerChannel>, Status> {
     broker
         .cluster
         .client(addr)

@@ -42,6 +42,8 @@ now_ms() { date +%s%3N; }
 
 declare -A MQTT GRPC PID
 ARGS=(--anonymous-tenant bench --max-queued-messages 100000000 --max-inflight 65535)
+# As a production cluster runs: node-to-node calls carry the secret (and pay for its check).
+export FLEETMQ_CLUSTER_SECRET=${FLEETMQ_CLUSTER_SECRET:-bench-cluster-secret}
 
 # start NAME ID [JOIN]: starts a node and waits for its --print-addrs line
 start() {

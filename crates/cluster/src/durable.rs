@@ -288,17 +288,24 @@ impl Durable {
         self.inner.raft.metrics().borrow().current_leader
     }
 
-    /// Adds a node as a learner (returning once it has caught up), then as a voter while the
-    /// group has fewer than [`MAX_VOTERS`]. Only the leader can; others answer `NotLeader`.
-    pub async fn add_node(&self, id: u64, addr: String) -> Result<(), ClusterError> {
-        let raft = &self.inner.raft;
-        let m = raft.metrics().borrow().clone();
+    /// The Raft metrics, when this node leads the group; `NotLeader` (naming the leader)
+    /// otherwise: membership changes are the leader's.
+    fn leader_metrics(&self) -> Result<RaftMetrics<u64, BasicNode>, ClusterError> {
+        let m = self.inner.raft.metrics().borrow().clone();
         if m.current_leader != Some(self.inner.id) {
             return Err(ClusterError::NotLeader {
                 leader_id: m.current_leader,
                 leader_addr: leader_addr(&m),
             });
         }
+        Ok(m)
+    }
+
+    /// Adds a node as a learner (returning once it has caught up), then as a voter while the
+    /// group has fewer than [`MAX_VOTERS`]. Only the leader can; others answer `NotLeader`.
+    pub async fn add_node(&self, id: u64, addr: String) -> Result<(), ClusterError> {
+        let raft = &self.inner.raft;
+        let m = self.leader_metrics()?;
         let known = m
             .membership_config
             .nodes()
@@ -330,13 +337,7 @@ impl Durable {
     /// answer `NotLeader`. Removing a node that is not a member is a no-op.
     pub async fn remove_node(&self, id: u64) -> Result<(), ClusterError> {
         let raft = &self.inner.raft;
-        let m = raft.metrics().borrow().clone();
-        if m.current_leader != Some(self.inner.id) {
-            return Err(ClusterError::NotLeader {
-                leader_id: m.current_leader,
-                leader_addr: leader_addr(&m),
-            });
-        }
+        let m = self.leader_metrics()?;
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
         let all: Vec<u64> = membership.nodes().map(|(n, _)| *n).collect();

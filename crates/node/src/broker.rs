@@ -491,7 +491,9 @@ impl Broker {
         // A downstream (device interface) filter matches only messages addressed to this
         // device (`send_downstream`), never the tenant's free-form publishes.
         if acl::classify_filter(&inner) != FilterClass::Downstream {
-            let route = route_filter(&key.share, &inner);
+            // The route other nodes learn is the filter as subscribed: a shared one keeps its
+            // group, so they can pick one node per group.
+            let route = opts.filter.clone();
             if tenant.subs.write().insert(&inner, key, opts).is_none() {
                 self.cluster.route_added(&tenant.name, &route);
             }
@@ -519,7 +521,6 @@ impl Broker {
         let mut trie = tenant.subs.write();
         for f in filters {
             let (share, inner) = split_share(f);
-            let route = route_filter(&share, &inner);
             if trie
                 .remove(
                     &inner,
@@ -530,7 +531,7 @@ impl Broker {
                 )
                 .is_some()
             {
-                self.cluster.route_removed(&tenant.name, &route);
+                self.cluster.route_removed(&tenant.name, f);
                 self.metrics.subscriptions.decrement(1.0);
                 tenant.usage.subscriptions.fetch_sub(1, Ordering::Relaxed);
             }
@@ -613,23 +614,23 @@ impl Broker {
             });
         // Groups with members on other nodes: one node per group serves each message.
         let mut remote_shares = match only_shares {
-            None if !shared.is_empty() || !self.cluster.is_alone() => {
-                self.cluster.remote_shares(&tenant.name, &msg.topic)
-            }
-            _ => HashMap::new(),
+            None => self.cluster.remote_shares(&tenant.name, &msg.topic),
+            Some(_) => HashMap::new(),
         };
         for (group, filter, members) in shared {
             if members.is_empty() {
                 continue;
             }
-            let share_key = format!("{group}/{filter}");
             // One turn per message and group picks the node and then the member there, so
             // nodes and members alternate evenly.
             let mut turn = tenant.next_share();
-            match only_shares {
-                Some(only) if !only.contains(&share_key) => continue,
-                Some(_) => {}
-                None => {
+            // Named only in a cluster with other members of shared groups (an allocation).
+            let share_key = (only_shares.is_some() || !remote_shares.is_empty())
+                .then(|| format!("{group}/{filter}"));
+            match (only_shares, share_key) {
+                (Some(only), Some(k)) if !only.contains(&k) => continue,
+                (Some(_), _) | (None, None) => {}
+                (None, Some(share_key)) => {
                     if let Some(nodes) = remote_shares.remove(&share_key) {
                         let mut candidates: Vec<u64> = nodes.into_iter().collect();
                         candidates.push(self.cluster.id);
@@ -1012,11 +1013,11 @@ impl Broker {
     /// Refuses a connection that a takeover (for a newer connection elsewhere) superseded
     /// while it registered, before it loads anything.
     fn check_fence(&self, key: &SessionKey, conn_id: u64) -> Result<(), ClusterError> {
-        let fence = (key.tenant.clone(), key.client_id.clone());
-        let _map = self.sessions.lock();
         let mut fences = self.fences.lock();
-        // `may_attach` forgets an older fence; this is only a look, attach checks again.
-        if fences.is_empty() || fences.may_attach(&fence, conn_id) {
+        // Usually empty: no key to build. `attach` checks again under the sessions lock.
+        if fences.is_empty()
+            || fences.may_attach(&(key.tenant.clone(), key.client_id.clone()), conn_id)
+        {
             return Ok(());
         }
         Err(superseded())
@@ -1411,15 +1412,6 @@ impl std::hash::Hash for ByKey {
 pub type SessionMap = std::collections::HashSet<ByKey>;
 
 /// Splits `$share/<group>/<filter>` into its group and inner filter.
-/// The route other nodes learn for a subscription: a shared one keeps its group, so they can
-/// pick one node per group.
-fn route_filter(share: &Option<Arc<str>>, inner: &str) -> String {
-    match share {
-        Some(g) => format!("$share/{g}/{inner}"),
-        None => inner.to_string(),
-    }
-}
-
 pub fn split_share(filter: &str) -> (Option<Arc<str>>, String) {
     match parse_shared(filter) {
         Ok(Some((group, inner))) => (Some(Arc::from(group)), inner.to_string()),

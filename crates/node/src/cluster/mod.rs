@@ -63,6 +63,8 @@ pub struct Cluster {
     durable: Durable,
     local: Mutex<LocalRoutes>,
     remote: RwLock<RemoteRoutes>,
+    /// Whether `remote` holds any shared-subscription route (kept with every change to it).
+    remote_has_shares: std::sync::atomic::AtomicBool,
     route_tx: mpsc::UnboundedSender<RouteMsg>,
     /// Route changes announced, and those sent to every live peer: equal when nothing waits.
     announced: AtomicU64,
@@ -71,10 +73,8 @@ pub struct Cluster {
     forwarders: Mutex<HashMap<u64, mpsc::UnboundedSender<Fwd>>>,
     /// Home-node registry: which node holds the session of a device homed here.
     registry: Mutex<Registry>,
-    /// Peers that failed their last call.
-    down: RwLock<HashSet<u64>>,
-    /// Since when each peer in `down` has been down (for replacing dead voters).
-    down_since: Mutex<HashMap<u64, std::time::Instant>>,
+    /// Peers that failed their last call, and since when (for replacing dead voters).
+    down: RwLock<HashMap<u64, std::time::Instant>>,
     /// Persistent sessions of the cluster: subscriptions and holders (from the Raft log).
     index: RwLock<DurableIndex>,
     broker: OnceLock<Weak<Broker>>,
@@ -91,14 +91,14 @@ impl Cluster {
             durable,
             local: Mutex::new(LocalRoutes::default()),
             remote: RwLock::new(RemoteRoutes::default()),
+            remote_has_shares: std::sync::atomic::AtomicBool::new(false),
             route_tx,
             announced: AtomicU64::new(0),
             acked: Arc::new(AtomicU64::new(0)),
             route_rx: Mutex::new(Some(route_rx)),
             forwarders: Mutex::new(HashMap::new()),
             registry: Mutex::new(Registry::default()),
-            down: RwLock::new(HashSet::new()),
-            down_since: Mutex::new(HashMap::new()),
+            down: RwLock::new(HashMap::new()),
             index: RwLock::new(index),
             broker: OnceLock::new(),
         }))
@@ -157,26 +157,26 @@ impl Cluster {
     }
 
     fn mark(&self, node: u64, up: bool) {
-        let changed = if up {
-            self.down.write().remove(&node)
-        } else {
-            self.down.write().insert(node)
+        let changed = {
+            let mut down = self.down.write();
+            if up {
+                down.remove(&node).is_some()
+            } else {
+                // The first failure starts the clock; later ones keep it.
+                let fresh = !down.contains_key(&node);
+                down.entry(node).or_insert_with(std::time::Instant::now);
+                fresh
+            }
         };
         if changed {
             tracing::info!(node, up, "peer liveness changed");
-            let mut since = self.down_since.lock();
-            if up {
-                since.remove(&node);
-            } else {
-                since.insert(node, std::time::Instant::now());
-            }
         }
     }
 
     /// Peers down for longer than `after`, as this node sees them.
     pub fn dead_nodes(&self, after: Duration) -> BTreeSet<u64> {
-        self.down_since
-            .lock()
+        self.down
+            .read()
             .iter()
             .filter(|(_, t)| t.elapsed() >= after)
             .map(|(n, _)| *n)
@@ -228,7 +228,8 @@ impl Cluster {
         // Dead, not just missed a heartbeat: a node cut off for a moment keeps its sessions
         // (and one cut off for longer lets go of any that expired when it hears of it).
         let down = self.dead_nodes(dead_after);
-        let in_memory = |k: &SessionKey| self.broker().is_some_and(|b| b.holds(k));
+        let broker = self.broker();
+        let in_memory = |k: &SessionKey| broker.as_ref().is_some_and(|b| b.holds(k));
         let index = self.index.read();
         let mut orphans = HashSet::new();
         let mut due = Vec::new();
@@ -290,7 +291,7 @@ impl Cluster {
             .members()
             .into_iter()
             .map(|(id, _)| id)
-            .filter(|id| *id == self.id || !down.contains(id))
+            .filter(|id| *id == self.id || !down.contains_key(id))
             .collect()
     }
 
@@ -410,7 +411,7 @@ impl Cluster {
         drop(remote);
         let down = self.down.read();
         if !down.is_empty() {
-            nodes.retain(|n| !down.contains(n));
+            nodes.retain(|n| !down.contains_key(n));
         }
         nodes
     }
@@ -418,16 +419,17 @@ impl Cluster {
     /// The shared subscriptions other live nodes have members of that match `topic`:
     /// `<group>/<filter>` to those nodes.
     pub fn remote_shares(&self, tenant: &str, topic: &str) -> HashMap<String, BTreeSet<u64>> {
-        let remote = self.remote.read();
-        if remote.is_empty() {
+        // On every publish: no lock unless some peer announced a shared subscription.
+        if !self.remote_has_shares.load(Ordering::Acquire) {
             return HashMap::new();
         }
+        let remote = self.remote.read();
         let mut shares = remote.shares_for(tenant, topic);
         drop(remote);
         let down = self.down.read();
         if !down.is_empty() {
             for nodes in shares.values_mut() {
-                nodes.retain(|n| !down.contains(n));
+                nodes.retain(|n| !down.contains_key(n));
             }
             shares.retain(|_, n| !n.is_empty());
         }
@@ -446,7 +448,7 @@ impl Cluster {
                 self.peers()
                     .into_iter()
                     .map(|(id, _)| id)
-                    .filter(|id| !down.contains(id) && !remote.heard_from(*id))
+                    .filter(|id| !down.contains_key(id) && !remote.heard_from(*id))
                     .collect()
             };
             if missing.is_empty() {
@@ -634,11 +636,14 @@ impl Cluster {
             .changes
             .into_iter()
             .map(|c| ((c.tenant, c.filter), c.added));
-        let r = self
-            .remote
-            .write()
-            .apply(u.node_id, u.sequence, u.full, changes);
-        metrics::gauge!("fleetmq_cluster_routes").set(self.remote.read().len() as f64);
+        let (r, len) = {
+            let mut remote = self.remote.write();
+            let r = remote.apply(u.node_id, u.sequence, u.full, changes);
+            self.remote_has_shares
+                .store(remote.has_shares(), Ordering::Release);
+            (r, remote.len())
+        };
+        metrics::gauge!("fleetmq_cluster_routes").set(len as f64);
         match r {
             routes::Applied::Yes(s) | routes::Applied::Gap(s) => s,
         }
@@ -958,8 +963,7 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
             if members != last_members {
                 // Only on a change: the registry holds a record per connected device.
                 cluster.registry.lock().retain_members(&members);
-                cluster.down.write().retain(|n| members.contains(n));
-                cluster.down_since.lock().retain(|n, _| members.contains(n));
+                cluster.down.write().retain(|n, _| members.contains(n));
                 last_members = members.clone();
             }
             let mut remote = cluster.remote.write();
@@ -968,6 +972,9 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
                     remote.drop_node(n);
                 }
             }
+            cluster
+                .remote_has_shares
+                .store(remote.has_shares(), Ordering::Release);
         }
         let min_index = waiters.iter().map(|(_, i)| *i).max().unwrap_or(0);
         let sends = peers.into_iter().map(|(node, addr)| {

@@ -100,13 +100,8 @@ impl Registry {
         self.holders.get(key).copied()
     }
 
-    /// Forgets the devices a node held (it left the cluster): their next connection is a
-    /// first one as far as this home knows.
-    pub fn forget_node(&mut self, node: u64) {
-        self.holders.retain(|_, h| h.node != node);
-    }
-
-    /// Forgets the devices held by nodes that are no longer members.
+    /// Forgets the devices held by nodes that are no longer members (their next connection is
+    /// a first one as far as this home knows).
     pub fn retain_members(&mut self, members: &std::collections::HashSet<u64>) {
         self.holders.retain(|_, h| members.contains(&h.node));
     }
@@ -217,7 +212,7 @@ mod tests {
         assert!(r.remove(&key(1), Holder { node: 3, conn: 1 }));
         assert!(r.is_empty());
         r.put(key(1), Holder { node: 3, conn: 1 });
-        r.forget_node(3);
+        r.retain_members(&std::collections::HashSet::from([1, 2]));
         assert!(r.is_empty());
     }
 

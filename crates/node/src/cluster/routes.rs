@@ -215,6 +215,11 @@ impl RemoteRoutes {
         out
     }
 
+    /// True when some node announced a shared subscription.
+    pub fn has_shares(&self) -> bool {
+        !self.shares.is_empty()
+    }
+
     /// Routes held, over all nodes and tenants.
     pub fn len(&self) -> usize {
         self.size

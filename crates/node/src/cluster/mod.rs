@@ -917,6 +917,7 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
     // Sessions taken while this node was alone have no holder on record: published once a
     // peer appears, so the newcomer does not take them for orphans.
     let mut holders_published = false;
+    let probing: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let mut last_members: HashSet<u64> = HashSet::new();
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -977,6 +978,30 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
                 .store(remote.has_shares(), Ordering::Release);
         }
         let min_index = waiters.iter().map(|(_, i)| *i).max().unwrap_or(0);
+        // A peer already known down is probed in the background with the full table, never
+        // awaited here: a SUBACK on this side of a partition must not wait out its timeouts.
+        // Whatever it misses meanwhile reaches it in that full table (or, later, through the
+        // gap check), so skipping it loses no route.
+        let (peers, down): (Vec<_>, Vec<_>) = {
+            let known_down = cluster.down.read();
+            peers
+                .into_iter()
+                .partition(|(node, _)| !known_down.contains_key(node))
+        };
+        for (node, addr) in down {
+            if probing.lock().insert(node) {
+                let cluster = cluster.clone();
+                let probing = probing.clone();
+                tokio::spawn(async move {
+                    if let Some(mut client) = cluster.client(&addr) {
+                        if send_full(&cluster, &mut client, node, seq).await {
+                            cluster.mark(node, true);
+                        }
+                    }
+                    probing.lock().remove(&node);
+                });
+            }
+        }
         let sends = peers.into_iter().map(|(node, addr)| {
             let cluster = cluster.clone();
             let changes = changes.clone();
@@ -1026,6 +1051,20 @@ async fn send_routes(
         return;
     }
     // The peer restarted or missed an update: send everything, replacing what it has.
+    if !send_full(cluster, &mut client, node, seq).await {
+        tracing::debug!(node, "full route update failed");
+        cluster.mark(node, false);
+    }
+}
+
+/// Sends this node's whole route table to `node` as of sequence `seq` (or later: the table
+/// is read at sending time, and a later incremental change re-applies harmlessly).
+async fn send_full(
+    cluster: &Cluster,
+    client: &mut NodeServiceClient<fleetmq_cluster::grpc::PeerChannel>,
+    node: u64,
+    seq: u64,
+) -> bool {
     let all = cluster.local.lock().all();
     metrics::counter!("fleetmq_cluster_route_full_syncs_total").increment(1);
     let full = RouteUpdate {
@@ -1043,13 +1082,14 @@ async fn send_routes(
         full: true,
         applied_index: cluster.durable.applied_index(),
     };
-    if !matches!(
+    let ok = matches!(
         tokio::time::timeout(RPC_TIMEOUT, client.update_routes(full)).await,
         Ok(Ok(_))
-    ) {
+    );
+    if !ok {
         tracing::debug!(node, "full route update failed");
-        cluster.mark(node, false);
     }
+    ok
 }
 
 /// Sends queued messages to one peer in batches, one batch in flight at a time (so messages

@@ -229,6 +229,14 @@ impl Broker {
                 return Err(superseded());
             }
             let existing = map.get(&key).map(|b| b.0.clone());
+            // A newer connection of the device attached here while this one was registering:
+            // the client has moved on, and this one must not kick it out.
+            if existing
+                .as_ref()
+                .is_some_and(|old| old.state.lock().newest_conn > conn_id)
+            {
+                return Err(superseded());
+            }
             let mut resumed = None;
             let mut was_persistent = false;
             if let Some(old) = existing {

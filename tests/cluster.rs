@@ -597,6 +597,38 @@ fn takeover_across_nodes_leaves_exactly_one_connection() {
     );
 }
 
+/// A home node keeps its registry in memory only. After C is killed and restarted, A
+/// re-announces the connections it holds to their homes, so C knows again which of them it is
+/// home for; new connections of the same devices through B then take every one of them over
+/// (without the re-announcement, those homed at C would stay open on A: two live connections
+/// for one device).
+#[test]
+fn a_restarted_home_learns_the_connections_it_lost() {
+    let [a, b, mut c] = cluster3(&[]);
+    let ids: Vec<String> = (0..24).map(|i| format!("rh-{i}")).collect();
+    let mut on_a: Vec<Client> = ids.iter().map(|id| Client::clean(a.mqtt, id, V5)).collect();
+    let homed_at_c = c.metric("fleetmq_cluster_registry_entries");
+    assert!(
+        homed_at_c > 0.0,
+        "no test device is homed at C; pick other ids"
+    );
+
+    c.restart();
+    wait_until(20, "C's registry holds its devices again", || {
+        c.metric("fleetmq_cluster_registry_entries") == homed_at_c
+    });
+
+    let mut on_b: Vec<Client> = ids.iter().map(|id| Client::clean(b.mqtt, id, V5)).collect();
+    for (old, id) in on_a.iter_mut().zip(&ids) {
+        assert_taken_over(old, &format!("{id} on A after connecting on B"));
+    }
+    on_b[0].sub_ok("rh/0", 1);
+    let counts = || [&a, &b, &c].map(|n| n.metric("fleetmq_connections"));
+    wait_until(10, "every device connected once, through B", || {
+        counts() == [0.0, 24.0, 0.0]
+    });
+}
+
 // ----- 5. persistent session on another node -----------------------------------------------------
 
 /// 3.1.1 (clean_session=false) and 5 (expiry 3600) sessions subscribe at QoS 1 on A and go

@@ -18,7 +18,7 @@ use fleetmq_storage::records::{
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, watch};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Registered};
 use crate::config::Config;
 use crate::identity::acl::{self, FilterClass, TopicClass};
 use crate::identity::auth::Auth;
@@ -210,7 +210,8 @@ impl Broker {
         expiry_secs: u32,
         protocol: u8,
     ) -> Result<Attached, ClusterError> {
-        self.claim(&key, conn_id, clean_start).await?;
+        let view = self.cluster.view_epoch();
+        let home = self.claim(&key, conn_id, clean_start).await?;
         let tenant = self.tenant(&key.tenant);
         let persistent = expiry_secs > 0;
         let (kick_tx, kick_rx) = oneshot::channel();
@@ -257,6 +258,7 @@ impl Broker {
                 }
                 if resume {
                     st.conn = Some(conn_id);
+                    st.home = home;
                     st.newest_conn = st.newest_conn.max(conn_id);
                     st.kick = kick_tx.take();
                     st.expiry_secs = expiry_secs;
@@ -287,6 +289,7 @@ impl Broker {
                     {
                         let mut st = s.state.lock();
                         st.conn = Some(conn_id);
+                        st.home = home;
                         st.newest_conn = conn_id;
                         st.kick = kick_tx.take();
                         st.generation = 1;
@@ -328,6 +331,7 @@ impl Broker {
         } else if was_persistent {
             self.durable.propose(Command::DeleteSession { key }).await?;
         }
+        self.cluster.attached(view);
         Ok(Attached {
             session,
             tenant,
@@ -456,12 +460,17 @@ impl Broker {
             let will = st.pending_will.take();
             let persistent = st.persistent;
             let newest_conn = st.newest_conn;
+            let home = st.home;
             drop(st);
             if map.get(&session.key).map(|s| s.0.id) == Some(session.id) {
                 map.remove(&session.key);
                 self.metrics.sessions.decrement(1.0);
-                self.cluster
-                    .unregister(&session.key.tenant, &session.key.client_id, newest_conn);
+                self.cluster.unregister(
+                    &session.key.tenant,
+                    &session.key.client_id,
+                    newest_conn,
+                    home,
+                );
                 if persistent {
                     track_persistent(tenant, false);
                     self.durable.propose_nowait(Command::DeleteSession {
@@ -965,17 +974,17 @@ impl Broker {
         key: &SessionKey,
         conn_id: u64,
         clean_start: bool,
-    ) -> Result<(), ClusterError> {
+    ) -> Result<u64, ClusterError> {
         if self.cluster.is_alone() {
-            return Ok(());
+            return Ok(0);
         }
-        let prev = self
+        let Registered { prev, home } = self
             .cluster
             .register(&key.tenant, &key.client_id, conn_id, clean_start)
             .await;
         self.check_fence(key, conn_id)?;
         if self.sessions.lock().get(key).is_some() {
-            return Ok(()); // here already: a local takeover, `attach` does the rest
+            return Ok(home); // here already: a local takeover, `attach` does the rest
         }
         if prev.is_none() && !clean_start {
             // No node is on record (the home restarted, or a first connection since): make
@@ -997,7 +1006,7 @@ impl Broker {
         // ...and what was queued through Raft after this index is added when applied here.
         let from = self.durable.applied_index();
         let Some(rs) = self.durable.session(key)? else {
-            return Ok(());
+            return Ok(home);
         };
         if clean_start {
             self.durable
@@ -1010,7 +1019,7 @@ impl Broker {
             }
             metrics::counter_session_moved();
         }
-        Ok(())
+        Ok(home)
     }
 
     /// True when this node has the session in memory.
@@ -1097,6 +1106,38 @@ impl Broker {
                     dup: false,
                 },
             );
+        }
+    }
+
+    /// Every device connected here, with its newest connection: `(tenant, device, conn)`
+    /// (re-announced to the devices' homes when the cluster's view changes).
+    pub fn attached_connections(&self) -> Vec<(String, String, u64, u64)> {
+        self.sessions
+            .lock()
+            .iter()
+            .filter_map(|b| {
+                let st = b.0.state.lock();
+                st.conn.map(|c| {
+                    (
+                        b.0.key.tenant.to_string(),
+                        b.0.key.client_id.to_string(),
+                        c,
+                        st.home,
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Records `home` as the node holding the registry record of connection `conn`, if that
+    /// connection is still the one attached.
+    pub fn set_home(&self, tenant: &str, device: &str, conn: u64, home: u64) {
+        let key = SessionKey::new(tenant, device);
+        if let Some(s) = self.sessions.lock().get(&key) {
+            let mut st = s.0.state.lock();
+            if st.conn == Some(conn) {
+                st.home = home;
+            }
         }
     }
 

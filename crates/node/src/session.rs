@@ -109,6 +109,10 @@ pub struct SessionState {
     /// The newest connection ever attached here (0: none): a takeover aimed at an older one
     /// is stale (see `cluster::registry::Fences`).
     pub newest_conn: u64,
+    /// The node this node registered (or re-announced) the attached connection with as the
+    /// device's home (0: none, e.g. while alone): where to unregister it, and where to take
+    /// the record away from when the home moves.
+    pub home: u64,
     pub kick: Option<oneshot::Sender<Kick>>,
     /// Bumped on every connect; delayed wills and expiry timers check it to see if they are stale.
     pub generation: u64,
@@ -142,6 +146,7 @@ impl SessionState {
             inbound_qos2: SmallMap::default(),
             conn: None,
             newest_conn: 0,
+            home: 0,
             kick: None,
             generation: 0,
             pending_will: None,

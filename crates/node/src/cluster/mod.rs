@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::broker::Broker;
 use crate::message::Message;
 use durable_index::DurableIndex;
-use registry::{Holder, Put, Registry, ANY_CONNECTION};
+use registry::{Holder, Put, Registry, Restore, ANY_CONNECTION};
 use routes::{LocalRoutes, RemoteRoutes, Route};
 
 /// How long one node-to-node call may take before the peer counts as unreachable.
@@ -44,11 +44,22 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 const HEARTBEAT: Duration = Duration::from_millis(500);
 /// Messages per forwarded batch at most.
 const FORWARD_BATCH: usize = 512;
+/// Devices per `Restore` call at most.
+pub(crate) const RESTORE_BATCH: usize = 2048;
 
 enum RouteMsg {
     Change(Route, bool),
     /// Answer once every live peer has the changes so far and has applied this Raft index.
     Flush(oneshot::Sender<()>, u64),
+}
+
+/// What [`Cluster::register`] found out.
+#[derive(Debug, Clone, Copy)]
+pub struct Registered {
+    /// The node that held the device before and has let go of it, if another one.
+    pub prev: Option<u64>,
+    /// The home node that recorded the registration (0: none answered).
+    pub home: u64,
 }
 
 struct Fwd {
@@ -78,6 +89,11 @@ pub struct Cluster {
     /// Persistent sessions of the cluster: subscriptions and holders (from the Raft log).
     index: RwLock<DurableIndex>,
     broker: OnceLock<Weak<Broker>>,
+    /// Bumped whenever the homes of devices may have changed under this node's connections
+    /// (the live members changed, or a peer restarted with an empty registry); each bump
+    /// wakes the task that re-announces them (see [`Registry::restore`]).
+    view_epoch: AtomicU64,
+    restore_wake: tokio::sync::Notify,
 }
 
 impl Cluster {
@@ -101,6 +117,8 @@ impl Cluster {
             down: RwLock::new(HashMap::new()),
             index: RwLock::new(index),
             broker: OnceLock::new(),
+            view_epoch: AtomicU64::new(0),
+            restore_wake: tokio::sync::Notify::new(),
         }))
     }
 
@@ -109,6 +127,7 @@ impl Cluster {
         let _ = self.broker.set(Arc::downgrade(broker));
         if let Some(rx) = self.route_rx.lock().take() {
             tokio::spawn(run_routes(self.clone(), rx));
+            tokio::spawn(run_restores(self.clone()));
         }
     }
 
@@ -713,22 +732,24 @@ impl Cluster {
     // ----- session registry -----------------------------------------------------------------
 
     /// Tells the device's home node that this node now holds its session (connection
-    /// `conn`). Returns the node that held it before, which has let go of it, if another one.
-    /// Tries the next node in the key's preference when the home is unreachable, and gives up
-    /// (returning `None`) when none answers: a connection never waits on an unreachable node.
+    /// `conn`). Returns the node that held it before, which has let go of it, if another one,
+    /// and the home that answered. Tries the next node in the key's preference when the home
+    /// is unreachable, and gives up (`home` = 0) when none answers: a connection never waits
+    /// on an unreachable node.
     pub async fn register(
         &self,
         tenant: &str,
         device: &str,
         conn: u64,
         clean_start: bool,
-    ) -> Option<u64> {
+    ) -> Registered {
         let prefs = placement::preference(tenant, device, &self.live_members());
         for home in prefs.into_iter().take(3) {
             if home == self.id {
-                return self
+                let prev = self
                     .registry_put(tenant, device, self.id, conn, clean_start)
                     .await;
+                return Registered { prev, home };
             }
             let Some(addr) = self.addr_of(home) else {
                 continue;
@@ -749,7 +770,10 @@ impl Cluster {
                 Ok(Ok(r)) => {
                     self.mark(home, true);
                     let prev = r.into_inner().previous_node_id;
-                    return (prev != 0 && prev != self.id).then_some(prev);
+                    return Registered {
+                        prev: (prev != 0 && prev != self.id).then_some(prev),
+                        home,
+                    };
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(home, error = %e.message(), "register refused");
@@ -761,20 +785,28 @@ impl Cluster {
                 }
             }
         }
-        None
+        Registered {
+            prev: None,
+            home: 0,
+        }
     }
 
     /// The session of the device ended on this node (newest connection `conn`): tells its
     /// home, without waiting, so the registry does not keep every client id ever seen.
-    pub fn unregister(&self, tenant: &str, device: &str, conn: u64) {
+    pub fn unregister(&self, tenant: &str, device: &str, conn: u64, home: u64) {
         if self.is_alone() {
             return;
         }
-        let Some(home) = placement::preference(tenant, device, &self.live_members())
-            .into_iter()
-            .next()
-        else {
-            return;
+        // The home it registered with; else the one it would register with now.
+        let home = match home {
+            0 => match placement::preference(tenant, device, &self.live_members())
+                .into_iter()
+                .next()
+            {
+                Some(h) => h,
+                None => return,
+            },
+            h => h,
         };
         if home == self.id {
             self.registry_remove(tenant, device, self.id, conn);
@@ -800,6 +832,191 @@ impl Cluster {
                 tracing::debug!(home, error = %e.message(), "unregister failed");
             }
         });
+    }
+
+    /// The current view epoch: taken before a connection registers, and handed back to
+    /// [`attached`](Self::attached) once it has attached.
+    pub fn view_epoch(&self) -> u64 {
+        self.view_epoch.load(Ordering::Acquire)
+    }
+
+    /// A connection attached after registering with the home it saw at view epoch `seen`.
+    /// Should the view have changed since, the home it registered with may have lost (or
+    /// never been) its record, and the other connections were re-announced without it: it is
+    /// re-announced now.
+    pub fn attached(&self, seen: u64) {
+        if seen != self.view_epoch() {
+            self.restore_wake.notify_one();
+        }
+    }
+
+    /// Devices may have new homes, or a home lost its records: re-announce every connection.
+    fn view_changed(&self, why: &str) {
+        self.view_epoch.fetch_add(1, Ordering::AcqRel);
+        tracing::debug!(
+            why,
+            "cluster view changed; re-announcing connections to their homes"
+        );
+        self.restore_wake.notify_one();
+    }
+
+    /// Home-node side of a re-announced connection (see [`Registry::restore`]). True when a
+    /// newer connection on another node supersedes it (its node closes it); a newer one takes
+    /// over an older one on record, as a registration does.
+    pub fn registry_restore(
+        self: &Arc<Self>,
+        tenant: &str,
+        device: &str,
+        node: u64,
+        conn: u64,
+    ) -> bool {
+        let key = (tenant.to_string(), device.to_string());
+        let outcome = self
+            .registry
+            .lock()
+            .restore(key.clone(), Holder { node, conn });
+        match outcome {
+            Restore::Kept => false,
+            Restore::Superseded => {
+                metrics::counter!("fleetmq_cluster_restores_superseded_total").increment(1);
+                true
+            }
+            Restore::Takeover(prev) => {
+                metrics::counter!("fleetmq_cluster_restores_superseded_total").increment(1);
+                let cluster = self.clone();
+                let (tenant, device) = key.clone();
+                tokio::spawn(async move {
+                    cluster
+                        .takeover_on(prev.node, &tenant, &device, prev.conn, true)
+                        .await;
+                    cluster.registry.lock().takeover_done(&key);
+                });
+                false
+            }
+        }
+    }
+
+    /// Re-announces every connection attached here to its home (one call per home and
+    /// [`RESTORE_BATCH`] devices), takes the records away from homes that are no longer the
+    /// devices' homes, and closes the connections a newer one elsewhere supersedes.
+    async fn restore_all(self: &Arc<Self>) {
+        let Some(broker) = self.broker() else {
+            return;
+        };
+        let live = self.live_members();
+        type Conn = (String, String, u64);
+        let mut by_home: HashMap<u64, Vec<Conn>> = HashMap::new();
+        let mut moved: HashMap<u64, Vec<Conn>> = HashMap::new();
+        for (tenant, device, conn, old_home) in broker.attached_connections() {
+            let Some(home) = placement::preference(&tenant, &device, &live)
+                .into_iter()
+                .next()
+            else {
+                continue;
+            };
+            if old_home != 0 && old_home != home {
+                moved
+                    .entry(old_home)
+                    .or_default()
+                    .push((tenant.clone(), device.clone(), conn));
+            }
+            by_home
+                .entry(home)
+                .or_default()
+                .push((tenant, device, conn));
+        }
+        let mut superseded = Vec::new();
+        let mut restored = Vec::new();
+        for (home, devices) in by_home {
+            for chunk in devices.chunks(RESTORE_BATCH) {
+                if home == self.id {
+                    for (t, d, c) in chunk {
+                        if self.registry_restore(t, d, self.id, *c) {
+                            superseded.push((t.clone(), d.clone(), *c));
+                        } else {
+                            restored.push((t.clone(), d.clone(), *c, home));
+                        }
+                    }
+                    continue;
+                }
+                match self.restore_call(home, chunk, &[]).await {
+                    Some(sup) => {
+                        for (i, (t, d, c)) in chunk.iter().enumerate() {
+                            if sup.contains(&(i as u32)) {
+                                superseded.push((t.clone(), d.clone(), *c));
+                            } else {
+                                restored.push((t.clone(), d.clone(), *c, home));
+                            }
+                        }
+                    }
+                    None => {
+                        // Marked down: the change of view brings another pass.
+                        self.mark(home, false);
+                        break;
+                    }
+                }
+            }
+        }
+        metrics::counter!("fleetmq_cluster_restored_connections_total")
+            .increment(restored.len() as u64);
+        for (t, d, c, home) in restored {
+            broker.set_home(&t, &d, c, home);
+        }
+        // Records at the old homes go (each only if it still names this node's connection),
+        // so a home does not keep every device that ever moved away from it.
+        for (old, devices) in moved {
+            for chunk in devices.chunks(RESTORE_BATCH) {
+                if old == self.id {
+                    for (t, d, c) in chunk {
+                        self.registry_remove(t, d, self.id, *c);
+                    }
+                } else if self.restore_call(old, &[], chunk).await.is_none() {
+                    break;
+                }
+            }
+        }
+        for (t, d, c) in superseded {
+            tracing::info!(tenant = %t, device = %d, "a newer connection elsewhere supersedes this one");
+            broker.evict(&t, &d, c, true).await;
+        }
+    }
+
+    /// One `Restore` call: `entries` re-announced to `home`, `forget` taken away from it.
+    /// The positions of superseded entries, or `None` when the call failed.
+    async fn restore_call(
+        &self,
+        home: u64,
+        entries: &[(String, String, u64)],
+        forget: &[(String, String, u64)],
+    ) -> Option<Vec<u32>> {
+        let mut client = self.addr_of(home).and_then(|a| self.client(&a))?;
+        let to_pb = |list: &[(String, String, u64)]| {
+            list.iter()
+                .map(|(t, d, c)| pb::RestoreEntry {
+                    key: Some(pb::SessionKey {
+                        tenant: t.clone(),
+                        device_id: d.clone(),
+                    }),
+                    connection_id: *c,
+                })
+                .collect()
+        };
+        let req = pb::RestoreRequest {
+            node_id: self.id,
+            entries: to_pb(entries),
+            forget: to_pb(forget),
+        };
+        match tokio::time::timeout(RPC_TIMEOUT, client.restore(req)).await {
+            Ok(Ok(r)) => Some(r.into_inner().superseded),
+            Ok(Err(e)) => {
+                tracing::debug!(home, error = %e.message(), "restore failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(home, "restore timed out");
+                None
+            }
+        }
     }
 
     /// Home-node side of an unregistration (see [`Registry::remove`]).
@@ -909,6 +1126,17 @@ impl Cluster {
     }
 }
 
+/// Re-announces this node's connections whenever the view changes (debounced: a burst of
+/// changes, as when a node restarts, makes one pass).
+async fn run_restores(cluster: Arc<Cluster>) {
+    loop {
+        // A wake-up while a pass runs is kept as a permit: the next pass follows.
+        cluster.restore_wake.notified().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cluster.restore_all().await;
+    }
+}
+
 /// Sends route changes to every peer, in order, and heartbeats; answers flush waiters once
 /// the changes before them have been acknowledged (or the peer failed).
 async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<RouteMsg>) {
@@ -918,6 +1146,7 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
     // peer appears, so the newcomer does not take them for orphans.
     let mut holders_published = false;
     let probing: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let mut last_live: Vec<u64> = Vec::new();
     let mut last_members: HashSet<u64> = HashSet::new();
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1009,6 +1238,11 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
         });
         futures_util::future::join_all(sends).await;
         cluster.acked.store(processed, Ordering::Release);
+        let live = cluster.live_members();
+        if live != last_live {
+            cluster.view_changed("live members changed");
+            last_live = live;
+        }
         for (w, _) in waiters {
             let _ = w.send(());
         }
@@ -1050,7 +1284,9 @@ async fn send_routes(
     if ack.sequence == seq {
         return;
     }
-    // The peer restarted or missed an update: send everything, replacing what it has.
+    // The peer restarted or missed an update: send everything, replacing what it has. A
+    // restarted peer lost its registry too.
+    cluster.view_changed("a peer restarted or missed route updates");
     if !send_full(cluster, &mut client, node, seq).await {
         tracing::debug!(node, "full route update failed");
         cluster.mark(node, false);

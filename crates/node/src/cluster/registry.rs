@@ -124,14 +124,6 @@ impl Registry {
         }
     }
 
-    /// Forgets the devices `keep` says are no longer homed here (after a membership or
-    /// liveness change moved them: their holders restore them at their new home), except
-    /// those with a takeover under way.
-    pub fn retain_homed(&mut self, mut keep: impl FnMut(&DeviceKey) -> bool) {
-        let busy = &self.busy;
-        self.holders.retain(|k, _| busy.contains(k) || keep(k));
-    }
-
     /// The takeover [`put`](Self::put) asked for has finished (or failed: the old holder is
     /// then assumed gone).
     pub fn takeover_done(&mut self, key: &DeviceKey) {
@@ -311,11 +303,6 @@ mod tests {
             Restore::Kept
         );
         assert_eq!(r.get(&key(1)), Some(Holder { node: 1, conn: 5 }));
-        // Devices no longer homed here are dropped, unless a takeover is under way.
-        r.put(key(2), Holder { node: 1, conn: 20 });
-        r.retain_homed(|k| *k != key(1) && *k != key(2));
-        assert_eq!(r.get(&key(1)), None);
-        assert_eq!(r.get(&key(2)), Some(Holder { node: 1, conn: 20 }));
     }
 
     #[test]

@@ -173,6 +173,39 @@ impl NodeService for NodeSvc {
         Ok(Response::new(pb::UnregisterReply {}))
     }
 
+    async fn restore(
+        &self,
+        request: Request<pb::RestoreRequest>,
+    ) -> Result<Response<pb::RestoreReply>, Status> {
+        let broker = self.broker()?;
+        let r = request.into_inner();
+        if r.entries.len() > super::RESTORE_BATCH || r.forget.len() > super::RESTORE_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {} entries per restore",
+                super::RESTORE_BATCH
+            )));
+        }
+        for e in r.forget {
+            let key = key_of(e.key)?;
+            broker
+                .cluster
+                .registry_remove(&key.tenant, &key.device_id, r.node_id, e.connection_id);
+        }
+        let mut superseded = Vec::new();
+        for (i, e) in r.entries.into_iter().enumerate() {
+            let key = key_of(e.key)?;
+            if broker.cluster.registry_restore(
+                &key.tenant,
+                &key.device_id,
+                r.node_id,
+                e.connection_id,
+            ) {
+                superseded.push(i as u32);
+            }
+        }
+        Ok(Response::new(pb::RestoreReply { superseded }))
+    }
+
     async fn takeover(
         &self,
         request: Request<pb::TakeoverRequest>,

@@ -629,6 +629,83 @@ fn a_restarted_home_learns_the_connections_it_lost() {
     });
 }
 
+/// An operator drains C through A's REST API: C's client is told to use another server
+/// (DISCONNECT 0x9C), C stops being ready, refuses new clients with 0x9C and leaves the
+/// membership; the client's persistent session continues on B with every message published
+/// before, during and after the drain.
+#[test]
+fn a_drained_node_hands_its_clients_to_the_others() {
+    const MGMT: &str = "management/admin";
+    let [a, b, c] = cluster3(&[]);
+    let (mut sub, _) = Client::persistent(c.mqtt, "dr-sub", V5);
+    sub.sub_ok("dr/#", 1);
+    let mut publ = Client::clean(a.mqtt, "dr-pub", V3);
+    let before = payloads("dr-before", 10);
+    publ.publish_many("dr/x", &before, 1);
+    assert_receives_all(&mut sub, &before, 10, "dr-sub on C before the drain");
+
+    // Only management administrators may drain.
+    let (status, _) = rest(
+        &a,
+        "POST",
+        "/fleetmq/cluster/nodes/3/drain",
+        MGMT,
+        "wrong-password",
+        None,
+    );
+    assert_eq!(status, 401, "a drain with a wrong password");
+    let (status, v) = rest(
+        &a,
+        "POST",
+        "/fleetmq/cluster/nodes/9/drain",
+        MGMT,
+        ADMIN_PW,
+        None,
+    );
+    assert_eq!(status, 404, "drain of a node that is not a member: {v}");
+
+    let (status, v) = rest(
+        &a,
+        "POST",
+        "/fleetmq/cluster/nodes/3/drain",
+        MGMT,
+        ADMIN_PW,
+        None,
+    );
+    assert_eq!(status, 200, "drain of C: {v}");
+    assert_eq!(v["connectionsClosed"], 1, "{v}");
+    let p = sub
+        .recv(Duration::from_secs(10))
+        .expect("dr-sub got no DISCONNECT from the drained node");
+    assert_eq!(disconnect_reason(&p), Some(0x9C), "{p:?}");
+
+    assert_eq!(
+        c.http_get("/health/ready").0,
+        503,
+        "a drained node is not ready"
+    );
+    match try_login(c.mqtt, "dr-late", V5, true, None, None, None) {
+        Err(code) => assert_eq!(code, 0x9C, "CONNECT to a drained node"),
+        Ok(_) => panic!("a drained node accepted a new client"),
+    }
+    let (status, v) = rest(&a, "GET", "/fleetmq/cluster/nodes", MGMT, ADMIN_PW, None);
+    assert_eq!(status, 200, "{v}");
+    let ids: Vec<u64> = v["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["id"].as_u64())
+        .collect();
+    assert_eq!(ids, vec![1, 2], "members after the drain: {v}");
+
+    // Published while the client is away, then it comes back through B.
+    let after = payloads("dr-after", 10);
+    publ.publish_many("dr/x", &after, 1);
+    let (mut sub, present) = Client::persistent(b.mqtt, "dr-sub", V5);
+    assert!(present, "dr-sub's session continues on B");
+    assert_receives_all(&mut sub, &after, 20, "dr-sub on B after the drain");
+}
+
 // ----- 5. persistent session on another node -----------------------------------------------------
 
 /// 3.1.1 (clean_session=false) and 5 (expiry 3600) sessions subscribe at QoS 1 on A and go

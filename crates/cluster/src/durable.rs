@@ -283,6 +283,18 @@ impl Durable {
             .count()
     }
 
+    /// The voters of the group as this node last heard.
+    pub fn voters(&self) -> std::collections::BTreeSet<u64> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
     /// The leader of the group as this node last heard.
     pub fn leader(&self) -> Option<u64> {
         self.inner.raft.metrics().borrow().current_leader

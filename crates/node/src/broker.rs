@@ -91,6 +91,10 @@ pub struct Broker {
     pub connections: AtomicUsize,
     /// Set to true on SIGTERM/SIGINT; connection tasks watch it.
     pub shutdown: watch::Sender<bool>,
+    /// Readiness as `/health/ready` reports it: false while starting, draining or stopping.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by a drain: new CONNECTs are refused with 0x9C "use another server".
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Broker {
@@ -122,6 +126,8 @@ impl Broker {
             next_id: AtomicU64::new(now_us().max(1)),
             connections: AtomicUsize::new(0),
             shutdown,
+            ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -183,13 +189,37 @@ impl Broker {
     /// Tells every connected client's task to close with DISCONNECT 0x8B.
     pub fn disconnect_all(&self) {
         let _ = self.shutdown.send(true);
+        self.kick_all(Kick::Shutdown);
+    }
+
+    /// Drains the node: readiness goes false, new CONNECTs are refused with 0x9C, and every
+    /// connected client is told (DISCONNECT 0x9C, MQTT 5) to use another server; sessions
+    /// continue wherever the clients reconnect. Returns how many connections were told.
+    pub fn drain_connections(&self) -> usize {
+        self.ready.store(false, Ordering::Release);
+        self.draining.store(true, Ordering::Release);
+        self.kick_all(Kick::Drain)
+    }
+
+    fn kick_all(&self, why: Kick) -> usize {
         let sessions: Vec<Arc<Session>> =
             self.sessions.lock().iter().map(|b| b.0.clone()).collect();
+        let mut told = 0;
         for s in sessions {
             if let Some(k) = s.state.lock().kick.take() {
-                let _ = k.send(Kick::Shutdown);
+                told += usize::from(k.send(why).is_ok());
             }
         }
+        told
+    }
+
+    /// The sessions held in memory.
+    pub fn session_keys(&self) -> Vec<SessionKey> {
+        self.sessions
+            .lock()
+            .iter()
+            .map(|b| b.0.key.clone())
+            .collect()
     }
 
     /// Number of sessions held (for tests and health).

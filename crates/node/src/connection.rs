@@ -61,13 +61,13 @@ enum Close {
     KeepAlive,
     /// Another connection took the session.
     Kicked(Kick),
-    /// The node is shutting down.
-    Shutdown,
+    /// The node is shutting down (0x8B) or drained (0x9C): DISCONNECT with this reason.
+    Shutdown(u8),
 }
 
 impl Close {
     fn will_fires(self) -> bool {
-        !matches!(self, Close::Normal | Close::Shutdown)
+        !matches!(self, Close::Normal | Close::Shutdown(_))
     }
     fn label(self) -> &'static str {
         match self {
@@ -77,7 +77,8 @@ impl Close {
             Close::Violation(..) => "violation",
             Close::KeepAlive => "keep_alive_timeout",
             Close::Kicked(_) => "taken_over",
-            Close::Shutdown => "shutdown",
+            Close::Shutdown(rc::USE_ANOTHER_SERVER) => "drained",
+            Close::Shutdown(_) => "shutdown",
         }
     }
 }
@@ -473,6 +474,11 @@ where
         let cfg = &broker.cfg;
         self.version = c.version;
         metrics::packet_in("connect");
+        if broker.draining.load(std::sync::atomic::Ordering::Acquire) {
+            // Before authentication: a drained node does no work for new clients.
+            self.connack_error(rc::USE_ANOTHER_SERVER, "draining");
+            return None;
+        }
         if c.authentication_method.is_some() {
             self.connack_error(rc::BAD_AUTHENTICATION_METHOD, "bad_auth_method");
             return None;
@@ -788,7 +794,8 @@ where
                 // futures in every idle connection).
                 kick = &mut a.kick => {
                     return match kick {
-                        Ok(Kick::Shutdown) => Close::Shutdown,
+                        Ok(Kick::Shutdown) => Close::Shutdown(rc::SERVER_SHUTTING_DOWN),
+                        Ok(Kick::Drain) => Close::Shutdown(rc::USE_ANOTHER_SERVER),
                         Ok(k) => Close::Kicked(k),
                         Err(_) => Close::Kicked(Kick::TakenOver { session_continues: true }),
                     };
@@ -1900,12 +1907,9 @@ where
                 None,
                 &mut self.wbuf,
             ),
-            Close::Shutdown => encode::encode_disconnect(
-                self.version,
-                rc::SERVER_SHUTTING_DOWN,
-                None,
-                &mut self.wbuf,
-            ),
+            Close::Shutdown(code) => {
+                encode::encode_disconnect(self.version, code, None, &mut self.wbuf)
+            }
             _ => {}
         }
         match close {
@@ -1964,7 +1968,7 @@ where
             None
         };
         match close {
-            Close::Kicked(Kick::Shutdown) => {}
+            Close::Kicked(Kick::Shutdown | Kick::Drain) => {}
             Close::Kicked(Kick::TakenOver { session_continues }) => {
                 if let Some(w) = will {
                     // A resumed session cancels a delayed will; an immediate one still fires.

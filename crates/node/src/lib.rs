@@ -16,7 +16,7 @@ pub mod session;
 pub mod tenant;
 pub mod transport;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -174,7 +174,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         println!("{line}");
     }
 
-    let ready = Arc::new(AtomicBool::new(true));
+    let ready = broker.ready.clone();
     let sampled = broker.clone();
     let http_state = http::HttpState {
         prometheus,
@@ -185,7 +185,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         })),
     };
     let mut shutdown_rx = broker.shutdown.subscribe();
-    let rest_state = Arc::new(rest::RestState { auth: auth.clone() });
+    let rest_state = Arc::new(rest::RestState {
+        auth: auth.clone(),
+        cluster: cluster.clone(),
+    });
     let http_task = tokio::spawn(async move {
         // One fallback for the merged router (only one router may have one): unknown paths
         // and methods get the API's JSON error instead of an empty 404.

@@ -18,6 +18,9 @@ pub enum Kick {
     TakenOver { session_continues: bool },
     /// The node is shutting down: DISCONNECT 0x8B, no will, the session continues.
     Shutdown,
+    /// The node is drained (it hands its clients to the other nodes): DISCONNECT 0x9C "use
+    /// another server", no will, the session continues wherever the client reconnects.
+    Drain,
 }
 
 /// One message on its way to this session's client.

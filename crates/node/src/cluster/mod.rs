@@ -53,6 +53,23 @@ enum RouteMsg {
     Flush(oneshot::Sender<()>, u64),
 }
 
+/// One member as [`Cluster::nodes_view`] shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeView {
+    pub id: u64,
+    /// Its gRPC address.
+    pub address: String,
+    /// A voter of the Raft group (else a learner).
+    pub voter: bool,
+    /// Answering this node's calls.
+    pub live: bool,
+    /// The Raft leader, as this node last heard.
+    pub leader: bool,
+    /// The node that answered.
+    pub this_node: bool,
+}
+
 /// What [`Cluster::register`] found out.
 #[derive(Debug, Clone, Copy)]
 pub struct Registered {
@@ -479,6 +496,87 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Every member as this node sees it (for operators).
+    pub fn nodes_view(&self) -> Vec<NodeView> {
+        let voters = self.durable.voters();
+        let leader = self.durable.leader();
+        let down = self.down.read();
+        self.durable
+            .members()
+            .into_iter()
+            .map(|(id, address)| NodeView {
+                id,
+                address,
+                voter: voters.contains(&id),
+                live: id == self.id || !down.contains_key(&id),
+                leader: leader == Some(id),
+                this_node: id == self.id,
+            })
+            .collect()
+    }
+
+    /// Drains member `node` (this one, or another through `NodeService.Drain`). `None`: no
+    /// such member.
+    pub async fn drain_node(&self, node: u64) -> Option<Result<u32, ClusterError>> {
+        if node == self.id {
+            return Some(self.drain().await);
+        }
+        let addr = self.addr_of(node)?;
+        let Some(mut client) = self.client(&addr) else {
+            return Some(Err(ClusterError::Unavailable(format!(
+                "bad address {addr}"
+            ))));
+        };
+        let req = pb::DrainRequest {
+            reason_code: u32::from(fleetmq_protocol::reason::v5::USE_ANOTHER_SERVER),
+        };
+        // Waiting for the clients to go and for the membership change takes seconds.
+        Some(
+            match tokio::time::timeout(RPC_TIMEOUT * 15, client.drain(req)).await {
+                Ok(Ok(r)) => Ok(r.into_inner().connections_closed),
+                Ok(Err(e)) => Err(ClusterError::Unavailable(e.message().to_string())),
+                Err(_) => Err(ClusterError::Timeout("drain".into())),
+            },
+        )
+    }
+
+    /// Drains this node: readiness goes false, new CONNECTs get 0x9C "use another server",
+    /// connected clients get DISCONNECT 0x9C (MQTT 5) and reconnect through the load balancer
+    /// to other nodes, where their sessions continue; then the sessions leave this node's
+    /// memory (what they proposed committed first) and the node leaves the membership, so a
+    /// learner takes its place as a voter. The process keeps running until it is stopped.
+    /// Returns how many connections were told to go.
+    pub async fn drain(&self) -> Result<u32, ClusterError> {
+        let Some(broker) = self.broker() else {
+            return Err(ClusterError::Unavailable(
+                "the node is still starting".into(),
+            ));
+        };
+        let told = broker.drain_connections();
+        tracing::warn!(
+            connections = told,
+            "draining: clients told to use another server"
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while broker.connections.load(Ordering::Relaxed) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Sessions without a connection (persistent ones) go too: no expiry timer of theirs
+        // may fire here once they continue elsewhere.
+        for key in broker.session_keys() {
+            broker
+                .evict(&key.tenant, &key.client_id, ANY_CONNECTION, true)
+                .await;
+        }
+        if !self.is_alone() {
+            self.leave().await?;
+        }
+        metrics::counter!("fleetmq_cluster_drains_total").increment(1);
+        Ok(u32::try_from(told).unwrap_or(u32::MAX))
     }
 
     /// Leaves the cluster: asks the leader (possibly this node) to remove this node from the

@@ -289,6 +289,12 @@ impl NodeService for NodeSvc {
         &self,
         _request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainReply>, Status> {
-        Err(Status::unimplemented("drain is not implemented yet"))
+        let broker = self.broker()?;
+        match broker.cluster.drain().await {
+            Ok(n) => Ok(Response::new(pb::DrainReply {
+                connections_closed: n,
+            })),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
     }
 }

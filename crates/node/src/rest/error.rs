@@ -24,6 +24,7 @@ pub enum Api {
     DeviceControl,
     General,
     Security,
+    Cluster,
 }
 
 impl Api {
@@ -34,6 +35,7 @@ impl Api {
             Api::DeviceControl => "devicecontrol",
             Api::General => "general",
             Api::Security => "security",
+            Api::Cluster => "cluster",
         }
     }
 }

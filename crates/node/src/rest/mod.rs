@@ -11,9 +11,13 @@
 //!   ever contain their own tenant's items);
 //! - users and devices: `GET /tenant/currentTenant` and `GET /user/currentUser`;
 //! - the bootstrap user: `POST /devicecontrol/deviceCredentials` only.
+//!
+//! fleetmq's own operator endpoints (`/fleetmq/cluster/...`: the members, draining a node) are
+//! for management administrators only.
 
 pub mod basic;
 pub mod certs;
+pub mod cluster;
 pub mod devices;
 pub mod error;
 pub mod model;
@@ -44,6 +48,8 @@ pub const REQUESTS_METRIC: &str = "fleetmq_rest_requests_total";
 /// What the REST handlers need.
 pub struct RestState {
     pub auth: Arc<Auth>,
+    /// The cluster services, for the operators' endpoints.
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 /// The REST routes, state applied.
@@ -104,8 +110,15 @@ pub fn routes(state: Arc<RestState>) -> Router {
         .route_layer(middleware::from_fn(|req: Request, next: Next| {
             counted("device_credentials", req, next)
         }));
+    let cluster = Router::new()
+        .route("/fleetmq/cluster/nodes", get(cluster::nodes))
+        .route("/fleetmq/cluster/nodes/{id}/drain", post(cluster::drain))
+        .route_layer(middleware::from_fn(|req: Request, next: Next| {
+            counted("cluster", req, next)
+        }));
     Router::new()
         .merge(tenant)
+        .merge(cluster)
         .merge(certs)
         .merge(user)
         .merge(requests)

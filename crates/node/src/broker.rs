@@ -54,6 +54,10 @@ pub struct Prepared {
     /// Shared subscriptions another node was picked to serve: node to `<group>/<filter>`s
     /// (forward the message there with them).
     pub share_remote: std::collections::BTreeMap<u64, Vec<String>>,
+    /// The shared-subscription groups (`<group>/<filter>`) this node or a picked node serves,
+    /// listed only when the tenant has persistent members of shared groups (the others get
+    /// the message through Raft: see `Broker::share_orphan_command`).
+    pub shares_served: Vec<String>,
 }
 
 impl Prepared {
@@ -614,6 +618,7 @@ impl Broker {
                 device_api: true,
                 remote: false,
                 share_remote,
+                shares_served: Vec::new(),
             };
         }
         // (group, filter, members): one pick per group and filter.
@@ -664,9 +669,15 @@ impl Broker {
             None => self.cluster.remote_shares(&tenant.name, &msg.topic),
             Some(_) => HashMap::new(),
         };
+        let track_served =
+            only_shares.is_none() && self.cluster.has_persistent_shares(&tenant.name);
+        let mut shares_served = Vec::new();
         for (group, filter, members) in shared {
             if members.is_empty() {
                 continue;
+            }
+            if track_served {
+                shares_served.push(format!("{group}/{filter}"));
             }
             // One turn per message and group picks the node and then the member there, so
             // nodes and members alternate evenly.
@@ -729,6 +740,9 @@ impl Broker {
             if nodes.is_empty() {
                 continue;
             }
+            if track_served {
+                shares_served.push(share_key.clone());
+            }
             let pick = nodes[tenant.next_share() % nodes.len()];
             share_remote.entry(pick).or_default().push(share_key);
         }
@@ -738,6 +752,7 @@ impl Broker {
             device_api: false,
             remote: false,
             share_remote,
+            shares_served,
         }
     }
 
@@ -922,12 +937,16 @@ impl Broker {
             }
         }
         let cmd = self.publish_command(&prepared, None, None);
-        let enqueue = if prepared.device_api || self.cluster.is_alone() {
-            None
+        let (enqueue, share_enqueue) = if prepared.device_api || self.cluster.is_alone() {
+            (None, None)
         } else {
-            self.orphan_command(&tenant, &msg, None)
+            let served = &prepared.shares_served;
+            (
+                self.orphan_command(&tenant, &msg, None),
+                self.share_orphan_command(&tenant, &msg, None, |k| served.iter().any(|s| s == k)),
+            )
         };
-        if retain_cmd.is_none() && cmd.is_none() && enqueue.is_none() {
+        if retain_cmd.is_none() && cmd.is_none() && enqueue.is_none() && share_enqueue.is_none() {
             self.deliver(prepared, &[]);
             return;
         }
@@ -936,7 +955,7 @@ impl Broker {
             if let Some(rc) = retain_cmd {
                 broker.durable.propose_nowait(rc);
             }
-            if let Some(e) = enqueue {
+            for e in [enqueue, share_enqueue].into_iter().flatten() {
                 broker.durable.propose_nowait(e);
             }
             let seqs = match cmd {
@@ -1085,6 +1104,38 @@ impl Broker {
             msg.retain,
             publisher,
             |k| self.sessions.lock().get(k).is_some(),
+        );
+        if targets.is_empty() {
+            return None;
+        }
+        metrics::orphan_deliveries(targets.len());
+        Some(Command::Enqueue {
+            message: msg.to_stored(publisher.cloned()),
+            targets,
+        })
+    }
+
+    /// The durable command queueing a QoS 1/2 message for one persistent member of each
+    /// shared-subscription group that `skip` does not name (the groups a live node serves), if
+    /// there are any: a group whose members' node died, or whose members no node holds, gets
+    /// the message in one member's session instead of losing it.
+    pub fn share_orphan_command(
+        &self,
+        tenant: &Tenant,
+        msg: &Message,
+        publisher: Option<&SessionKey>,
+        skip: impl Fn(&str) -> bool,
+    ) -> Option<Command> {
+        if !self.cluster.has_persistent_shares(&tenant.name) {
+            return None;
+        }
+        let targets = self.cluster.share_targets(
+            &tenant.name,
+            &msg.topic,
+            msg.qos,
+            msg.retain,
+            tenant.next_share(),
+            skip,
         );
         if targets.is_empty() {
             return None;

@@ -1154,6 +1154,7 @@ where
         // took it); persistent sessions elsewhere get it through Raft (`orphan_cmd`).
         let mut forward = None;
         let mut orphan_cmd = None;
+        let mut share_cmd = None;
         if !prepared.device_api && !broker.cluster.is_alone() {
             let mut remote = broker.cluster.remote_nodes(&a.who.tenant.name, &msg.topic);
             remote.extend(prepared.share_remote.keys());
@@ -1172,7 +1173,15 @@ where
             }
             // Persistent sessions this node does not hold get it through Raft.
             orphan_cmd = broker.orphan_command(&a.who.tenant, &prepared.msg, Some(&a.session.key));
-            prepared.remote = !remote.is_empty() || orphan_cmd.is_some();
+            // Shared groups no live node serves: one persistent member, through Raft.
+            let served = &prepared.shares_served;
+            share_cmd = broker.share_orphan_command(
+                &a.who.tenant,
+                &prepared.msg,
+                Some(&a.session.key),
+                |k| served.iter().any(|s| s == k),
+            );
+            prepared.remote = !remote.is_empty() || orphan_cmd.is_some() || share_cmd.is_some();
         }
         let inbound = (p.qos == 2 && a.persistent).then(|| (a.session.key.clone(), p.pkid));
         let cmd = broker.publish_command(&prepared, Some(&a.session.key), inbound);
@@ -1188,12 +1197,19 @@ where
             && retain_cmd.is_none()
             && forward.is_none()
             && orphan_cmd.is_none()
+            && share_cmd.is_none()
             && a.pending.is_empty()
         {
             self.complete_publish(a, prepared, ack, Ok(Response::Ok))
         } else {
             let durable = broker.durable.clone();
             let fallback = broker.clone();
+            // For a failed forward: which shared groups the failed nodes were to serve.
+            let share_remote = (p.qos > 0 && !prepared.share_remote.is_empty())
+                .then(|| prepared.share_remote.clone());
+            let fallback_msg = prepared.msg.clone();
+            let tenant = a.who.tenant.clone();
+            let publisher = a.session.key.clone();
             a.pending.push_back(Box::pin(async move {
                 // Both proposals are made at the first poll, in this order, so a later publish
                 // of the same client can never get an earlier queue position.
@@ -1209,23 +1225,53 @@ where
                         None => Ok(Response::Ok),
                     }
                 };
+                let queue = |cmd: Option<Command>| {
+                    let durable = durable.clone();
+                    async move {
+                        match cmd {
+                            Some(c) => durable.propose(c).await.map(|_| ()),
+                            None => Ok(()),
+                        }
+                    }
+                };
                 let queued = async {
-                    match orphan_cmd {
+                    let (o, s) =
+                        futures_util::future::join(queue(orphan_cmd), queue(share_cmd)).await;
+                    o.and(s)
+                };
+                let forwarded = async {
+                    let Some(f) = forward else {
+                        return Ok(());
+                    };
+                    let failed = f.await;
+                    if failed.is_empty() {
+                        return Ok(());
+                    }
+                    fallback.forward_failed(&failed);
+                    // The shared groups those nodes were picked for go to one persistent
+                    // member each, through Raft, before the publisher is acknowledged.
+                    let lost: Vec<&String> = share_remote
+                        .iter()
+                        .flat_map(|m| m.iter())
+                        .filter(|(n, _)| failed.contains(n))
+                        .flat_map(|(_, keys)| keys)
+                        .collect();
+                    if lost.is_empty() {
+                        return Ok(());
+                    }
+                    match fallback.share_orphan_command(
+                        &tenant,
+                        &fallback_msg,
+                        Some(&publisher),
+                        |k| !lost.iter().any(|l| *l == k),
+                    ) {
                         Some(c) => durable.propose(c).await.map(|_| ()),
                         None => Ok(()),
                     }
                 };
-                let forwarded = async {
-                    if let Some(f) = forward {
-                        let failed = f.await;
-                        if !failed.is_empty() {
-                            fallback.forward_failed(&failed);
-                        }
-                    }
-                };
-                let (r, p, q, ()) =
+                let (r, p, q, f) =
                     futures_util::future::join4(retained, published, queued, forwarded).await;
-                let result = r.and(q).and(p);
+                let result = r.and(q).and(f).and(p);
                 Done::Publish {
                     prepared,
                     ack,

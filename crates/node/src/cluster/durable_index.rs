@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use fleetmq_protocol::topic::parse_shared;
 use fleetmq_protocol::trie::TopicTrie;
 use fleetmq_storage::records::{Command, SessionKey, SessionRecord, SubscriptionRecord, Target};
 
@@ -15,6 +16,8 @@ use fleetmq_storage::records::{Command, SessionKey, SessionRecord, SubscriptionR
 #[derive(Default)]
 pub struct DurableIndex {
     tenants: HashMap<String, TopicTrie<String, SubscriptionRecord>>,
+    /// Shared subscriptions per tenant, by inner filter, keyed by `(group, client id)`.
+    shares: HashMap<String, TopicTrie<(String, String), SubscriptionRecord>>,
     /// Each session's filters (as stored), to remove them.
     filters: HashMap<SessionKey, Vec<String>>,
     holders: HashMap<SessionKey, u64>,
@@ -41,14 +44,19 @@ pub fn expired(
 impl DurableIndex {
     /// Adds (or replaces) a subscription of a session.
     fn subscribe(&mut self, key: &SessionKey, sub: &SubscriptionRecord) {
-        // Shared subscriptions pick one member among the connected ones; they are not
-        // queued for orphans (a group's other members take the messages).
-        if sub.filter.starts_with("$share/") {
-            return;
-        }
         let filters = self.filters.entry(key.clone()).or_default();
         if !filters.contains(&sub.filter) {
             filters.push(sub.filter.clone());
+        }
+        // A shared subscription is filed apart: a message goes to one member of its group,
+        // and only when no live node serves the group (see `share_targets`).
+        if let Ok(Some((group, inner))) = parse_shared(&sub.filter) {
+            self.shares.entry(key.tenant.clone()).or_default().insert(
+                inner,
+                (group.to_string(), key.client_id.to_string()),
+                sub.clone(),
+            );
+            return;
         }
         self.tenants.entry(key.tenant.clone()).or_default().insert(
             &sub.filter,
@@ -60,6 +68,15 @@ impl DurableIndex {
     fn unsubscribe(&mut self, key: &SessionKey, filter: &str) {
         if let Some(fs) = self.filters.get_mut(key) {
             fs.retain(|f| f != filter);
+        }
+        if let Ok(Some((group, inner))) = parse_shared(filter) {
+            if let Some(trie) = self.shares.get_mut(&key.tenant) {
+                trie.remove(inner, &(group.to_string(), key.client_id.to_string()));
+                if trie.is_empty() {
+                    self.shares.remove(&key.tenant);
+                }
+            }
+            return;
         }
         if let Some(trie) = self.tenants.get_mut(&key.tenant) {
             trie.remove(filter, &key.client_id);
@@ -178,6 +195,53 @@ impl DurableIndex {
         by_client
             .into_values()
             .filter(|t| orphaned(&t.key, self.holder(&t.key)))
+            .collect()
+    }
+
+    /// True when some persistent session of `tenant` has a shared subscription.
+    pub fn has_shares(&self, tenant: &str) -> bool {
+        self.shares.contains_key(tenant)
+    }
+
+    /// For each shared-subscription group (`"<group>/<filter>"`) with persistent members
+    /// matching `topic` that `skip` does not name: one member, picked by `turn` among them in
+    /// a stable order, as a durable target. QoS 0 is not queued.
+    pub fn share_targets(
+        &self,
+        tenant: &str,
+        topic: &str,
+        qos: u8,
+        retain: bool,
+        turn: usize,
+        skip: impl Fn(&str) -> bool,
+    ) -> Vec<Target> {
+        let Some(trie) = self.shares.get(tenant) else {
+            return Vec::new();
+        };
+        let mut groups: std::collections::BTreeMap<String, Vec<(String, SubscriptionRecord)>> =
+            Default::default();
+        trie.for_each_match(topic, |filter, (group, client), sub| {
+            let share_key = format!("{group}/{filter}");
+            if !skip(&share_key) {
+                groups
+                    .entry(share_key)
+                    .or_default()
+                    .push((client.clone(), sub.clone()));
+            }
+        });
+        groups
+            .into_values()
+            .filter_map(|mut members| {
+                members.sort_by(|a, b| a.0.cmp(&b.0));
+                let (client, sub) = members.get(turn % members.len().max(1))?;
+                let q = qos.min(sub.qos);
+                (q > 0).then(|| Target {
+                    key: SessionKey::new(tenant, client.as_str()),
+                    qos: q,
+                    retain: sub.retain_as_published && retain,
+                    subscription_ids: sub.subscription_id.into_iter().collect(),
+                })
+            })
             .collect()
     }
 
@@ -302,6 +366,41 @@ mod tests {
         ix.observe(&put(key("p"), vec![nl, sub("$share/g/x", 1)], true));
         let t = ix.orphan_targets("t", "x", 1, false, Some(&key("p")), |_, _| true);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn shared_subscriptions_give_one_member_per_group() {
+        let mut ix = DurableIndex::default();
+        ix.observe(&put(key("m1"), vec![sub("$share/g/x/#", 1)], true));
+        ix.observe(&put(key("m2"), vec![sub("$share/g/x/#", 2)], true));
+        ix.observe(&put(key("m3"), vec![sub("$share/h/x/+", 1)], true));
+        assert!(ix.has_shares("t") && !ix.has_shares("other"));
+        let pick = |ix: &DurableIndex, turn, skip: &[&str]| {
+            let mut v: Vec<(String, u8)> = ix
+                .share_targets("t", "x/y", 2, false, turn, |k| skip.contains(&k))
+                .into_iter()
+                .map(|t| (t.key.client_id.to_string(), t.qos))
+                .collect();
+            v.sort();
+            v
+        };
+        // One member of each group; the turn walks the members of a group in a stable order.
+        assert_eq!(pick(&ix, 0, &[]), vec![("m1".into(), 1), ("m3".into(), 1)]);
+        assert_eq!(pick(&ix, 1, &[]), vec![("m2".into(), 2), ("m3".into(), 1)]);
+        // A group some live node serves is skipped.
+        assert_eq!(pick(&ix, 0, &["g/x/#"]), vec![("m3".into(), 1)]);
+        // Not a plain subscriber, and gone with an unsubscribe or the session.
+        assert!(ix
+            .orphan_targets("t", "x/y", 1, false, None, |_, _| true)
+            .is_empty());
+        ix.observe(&Command::Unsubscribe {
+            key: key("m3"),
+            filter: "$share/h/x/+".into(),
+        });
+        ix.observe(&Command::DeleteSession { key: key("m1") });
+        assert_eq!(pick(&ix, 0, &[]), vec![("m2".into(), 2)]);
+        ix.observe(&Command::DeleteSession { key: key("m2") });
+        assert!(!ix.has_shares("t"));
     }
 
     #[test]

@@ -730,6 +730,34 @@ impl Cluster {
         })
     }
 
+    /// True when some persistent session of `tenant` has a shared subscription (so a
+    /// publish must say which groups it served: see [`share_targets`](Self::share_targets)).
+    pub fn has_persistent_shares(&self, tenant: &str) -> bool {
+        !self.is_alone() && self.index.read().has_shares(tenant)
+    }
+
+    /// Durable targets for the shared-subscription groups with persistent members that no
+    /// live node served (`served` names those it did, as `"<group>/<filter>"`): one member
+    /// per group, so that a message for a group whose members' node died, or whose members
+    /// are all offline with no node holding them, waits in one member's session instead of
+    /// being lost.
+    pub fn share_targets(
+        &self,
+        tenant: &str,
+        topic: &str,
+        qos: u8,
+        retain: bool,
+        turn: usize,
+        served: impl Fn(&str) -> bool,
+    ) -> Vec<Target> {
+        if qos == 0 || self.is_alone() {
+            return Vec::new();
+        }
+        self.index
+            .read()
+            .share_targets(tenant, topic, qos, retain, turn, served)
+    }
+
     /// Marks peers down after a failed forward (the next heartbeat marks them up again).
     pub fn mark_down(&self, nodes: &BTreeSet<u64>) {
         for n in nodes {

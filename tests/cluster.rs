@@ -2301,27 +2301,154 @@ fn will_of_a_session_ended_by_a_takeover_on_another_node() {
 
 // ----- 16. the cluster secret ---------------------------------------------------------------------------
 
+/// A `fleetmq` process (node id 9) that tries to join `a` with `args`, logging to a file in
+/// `dir`; the caller kills it.
+fn spawn_intruder(
+    a: &Node,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> (std::process::Child, std::path::PathBuf) {
+    let log_path = dir.join("intruder.log");
+    let log = std::fs::File::create(&log_path).expect("log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetmq"))
+        .args(["--node-id", "9", "--join", &a.grpc_addr().to_string()])
+        .args(args)
+        .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0"])
+        .args(["--tls-addr", "127.0.0.1:0", "--wss-addr", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env("FLEETMQ_LOG", "info,openraft=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn intruder");
+    (child, log_path)
+}
+
+/// A cluster CA and certificates it signs for 127.0.0.1 (server and client use), as PEM files
+/// in `dir`: `(ca, [(cert, key)])`.
+fn cluster_pki(dir: &std::path::Path, name: &str, nodes: usize) -> (String, Vec<(String, String)>) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(vec![]).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} cluster CA"));
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let write = |file: String, text: String| {
+        let path = dir.join(file);
+        std::fs::write(&path, text).expect("write PEM");
+        path.to_string_lossy().into_owned()
+    };
+    let ca_path = write(format!("{name}-ca.pem"), ca.pem());
+    let certs = (0..nodes)
+        .map(|i| {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let mut p =
+                rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+            p.subject_alt_names
+                .push(rcgen::SanType::IpAddress(std::net::IpAddr::from([
+                    127, 0, 0, 1,
+                ])));
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, format!("{name} node {i}"));
+            p.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = p.signed_by(&key, &ca, &ca_key).expect("sign");
+            (
+                write(format!("{name}-{i}.pem"), cert.pem()),
+                write(format!("{name}-{i}.key"), key.serialize_pem()),
+            )
+        })
+        .collect();
+    (ca_path, certs)
+}
+
+/// With `--cluster-tls-*` the members talk mutual TLS: two nodes form a cluster and a message
+/// crosses it; a node whose certificate another CA signed, and a node without TLS, cannot
+/// join.
+#[test]
+fn members_talk_mutual_tls_and_refuse_other_certificates() {
+    let pki = tempfile::tempdir().expect("tempdir");
+    let (ca, certs) = cluster_pki(pki.path(), "ours", 2);
+    let (other_ca, other) = cluster_pki(pki.path(), "theirs", 1);
+    let tls = |cert: &(String, String), ca: &str| -> Vec<String> {
+        vec![
+            "--cluster-tls-cert".into(),
+            cert.0.clone(),
+            "--cluster-tls-key".into(),
+            cert.1.clone(),
+            "--cluster-tls-ca".into(),
+            ca.to_string(),
+        ]
+    };
+    let args_a = tls(&certs[0], &ca);
+    let args_b = tls(&certs[1], &ca);
+    let a = Node::start_cluster(
+        1,
+        free_port(),
+        &[],
+        &args_a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let b = Node::start_cluster(
+        2,
+        free_port(),
+        &[a.grpc_addr()],
+        &args_b.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    for (n, who) in [(&a, "A"), (&b, "B")] {
+        assert_eq!(
+            gauge(n, "fleetmq_cluster_members"),
+            2.0,
+            "members seen by {who}"
+        );
+    }
+    let mut sub = Client::clean(a.mqtt, "tls-sub", V5);
+    sub.sub_ok("tls/#", 1);
+    let mut p = Client::clean(b.mqtt, "tls-pub", V3);
+    p.publish("tls/x", b"over tls", 1);
+    assert_eq!(
+        receive_sorted(&mut sub, 1, 10),
+        vec![("tls/x".to_string(), "over tls".to_string(), 1)]
+    );
+
+    let foreign = tls(&other[0], &other_ca);
+    let foreign: Vec<&str> = foreign.iter().map(String::as_str).collect();
+    for (args, what) in [
+        (&foreign[..], "a certificate of another CA"),
+        (&[][..], "no TLS"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut with_secret = vec!["--cluster-secret", CLUSTER_SECRET];
+        with_secret.extend_from_slice(args);
+        let (mut intruder, log_path) = spawn_intruder(&a, dir.path(), &with_secret);
+        sleep(Duration::from_secs(4));
+        let _ = intruder.kill();
+        let _ = intruder.wait();
+        assert_eq!(
+            gauge(&a, "fleetmq_cluster_members"),
+            2.0,
+            "a node with {what} became a member:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+}
+
 /// A node with the wrong `--cluster-secret` cannot join: the member refuses its calls
 /// (`Unauthenticated`, counted), the intruder never becomes a member, and it says why.
 #[test]
 fn a_node_with_the_wrong_cluster_secret_cannot_join() {
     let a = Node::start_cluster(1, free_port(), &[], &[]);
     let dir = tempfile::tempdir().expect("tempdir");
-    let log_path = dir.path().join("intruder.log");
-    let log = std::fs::File::create(&log_path).expect("log");
-    let mut intruder = std::process::Command::new(env!("CARGO_BIN_EXE_fleetmq"))
-        .args(["--node-id", "9", "--join", &a.grpc_addr().to_string()])
-        .args(["--cluster-secret", "not-the-secret"])
-        .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .args(["--grpc-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0"])
-        .args(["--tls-addr", "127.0.0.1:0", "--wss-addr", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("FLEETMQ_LOG", "info,openraft=warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn intruder");
+    let (mut intruder, log_path) =
+        spawn_intruder(&a, dir.path(), &["--cluster-secret", "not-the-secret"]);
     let deadline = Instant::now() + Duration::from_secs(15);
     let refused = loop {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();

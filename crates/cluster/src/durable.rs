@@ -57,6 +57,8 @@ pub struct DurableConfig {
     pub server: Option<RaftServer>,
     /// What outgoing node-to-node calls carry (the cluster secret; see `grpc::auth`).
     pub secret: crate::grpc::AddSecret,
+    /// Mutual TLS for calls to peers (`None`: plaintext).
+    pub tls: Option<crate::grpc::ClusterTls>,
 }
 
 /// Handle to the node's durable state; cheap to clone.
@@ -115,7 +117,7 @@ impl Durable {
         let sm_adapter = SmAdapter::new(sm.clone(), storage.clone())
             .map_err(|e| ClusterError::Fatal(e.to_string()))?
             .with_observer(applied_tx);
-        let channels = Channels::new(cfg.secret.clone());
+        let channels = Channels::new(cfg.secret.clone(), cfg.tls.clone());
         let network = GrpcNetwork::new(GROUP, channels.clone());
         let raft = Raft::new(cfg.node_id, Arc::new(config), network, log, sm_adapter).await?;
         if let Some(server) = &cfg.server {
@@ -614,6 +616,7 @@ mod tests {
             join: Vec::new(),
             server: None,
             secret: Default::default(),
+            tls: None,
         };
         let config = Config {
             max_in_snapshot_log_to_keep: 0,

@@ -16,6 +16,7 @@ fn cfg(dir: &Path) -> DurableConfig {
         join: Vec::new(),
         server: None,
         secret: Default::default(),
+        tls: None,
     }
 }
 

@@ -42,7 +42,7 @@ async fn replica(id: u64, listener: tokio::net::TcpListener) -> Replica {
     // The replicas authenticate each other, as nodes started with --cluster-secret do.
     let (add, check) =
         fleetmq_cluster::grpc::auth::from_secret(Some("replication-test")).expect("secret");
-    let network = GrpcNetwork::new(GROUP, Channels::new(add));
+    let network = GrpcNetwork::new(GROUP, Channels::new(add, None));
     let raft = Raft::new(id, Arc::new(config), network, log, sm_adapter)
         .await
         .unwrap();

@@ -147,6 +147,16 @@ pub struct Cli {
     /// the same value on every member (better through the environment than the command line).
     #[arg(long, env = "FLEETMQ_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
+    /// PEM certificate chain this node presents on the gRPC port and to the peers it calls
+    /// (mutual TLS between members; give all three `--cluster-tls-*` or none).
+    #[arg(long, env = "FLEETMQ_CLUSTER_TLS_CERT")]
+    pub cluster_tls_cert: Option<PathBuf>,
+    /// PEM private key of `--cluster-tls-cert`.
+    #[arg(long, env = "FLEETMQ_CLUSTER_TLS_KEY")]
+    pub cluster_tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) a peer's certificate must chain to, both ways.
+    #[arg(long, env = "FLEETMQ_CLUSTER_TLS_CA")]
+    pub cluster_tls_ca: Option<PathBuf>,
     /// Seconds a voting member may be unreachable before the Raft leader puts a live learner
     /// in its place (0: never).
     #[arg(long = "dead-node-after", env = "FLEETMQ_DEAD_NODE_AFTER")]
@@ -206,6 +216,9 @@ pub struct FileConfig {
     pub leave_on_shutdown: Option<bool>,
     pub dead_node_after_secs: Option<u64>,
     pub cluster_secret: Option<String>,
+    pub cluster_tls_cert: Option<PathBuf>,
+    pub cluster_tls_key: Option<PathBuf>,
+    pub cluster_tls_ca: Option<PathBuf>,
     pub log: Option<String>,
 }
 
@@ -257,6 +270,8 @@ pub struct Config {
     pub leave_on_shutdown: bool,
     pub dead_node_after_secs: u64,
     pub cluster_secret: Option<String>,
+    /// Mutual TLS on the gRPC port: `(cert, key, ca)` PEM files.
+    pub cluster_tls: Option<(PathBuf, PathBuf, PathBuf)>,
     pub log: String,
 }
 
@@ -274,6 +289,7 @@ impl std::fmt::Debug for Config {
                 "cluster_secret",
                 &self.cluster_secret.as_ref().map(|_| "<redacted>"),
             )
+            .field("cluster_tls", &self.cluster_tls)
             .field(
                 "admin_password",
                 &self.admin_password.as_ref().map(|_| "<redacted>"),
@@ -332,6 +348,7 @@ impl Default for Config {
             leave_on_shutdown: false,
             dead_node_after_secs: 30,
             cluster_secret: None,
+            cluster_tls: None,
             log: "info,openraft=warn".into(),
         }
     }
@@ -371,131 +388,143 @@ impl Config {
             None => FileConfig::default(),
         };
         let d = Config::default();
-        let cfg = Config {
-            mqtt_addr: cli.mqtt_addr.or(file.mqtt_addr).unwrap_or(d.mqtt_addr),
-            http_addr: cli.http_addr.or(file.http_addr).unwrap_or(d.http_addr),
-            grpc_addr: cli.grpc_addr.or(file.grpc_addr).unwrap_or(d.grpc_addr),
-            data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
-            node_id: cli.node_id.or(file.node_id),
-            advertise_addr: cli.advertise_addr.or(file.advertise_addr),
-            join: if cli.join.is_empty() {
-                file.join.unwrap_or_default()
-            } else {
-                cli.join
-            },
-            max_packet_size: cli
-                .max_packet_size
-                .or(file.max_packet_size)
-                .unwrap_or(d.max_packet_size),
-            max_topic_length: cli
-                .max_topic_length
-                .or(file.max_topic_length)
-                .unwrap_or(d.max_topic_length),
-            max_topic_levels: cli
-                .max_topic_levels
-                .or(file.max_topic_levels)
-                .unwrap_or(d.max_topic_levels),
-            receive_maximum: cli
-                .receive_maximum
-                .or(file.receive_maximum)
-                .unwrap_or(d.receive_maximum),
-            max_inflight: cli
-                .max_inflight
-                .or(file.max_inflight)
-                .unwrap_or(d.max_inflight),
-            max_queued_messages: cli
-                .max_queued_messages
-                .or(file.max_queued_messages)
-                .unwrap_or(d.max_queued_messages),
-            max_connections: cli
-                .max_connections
-                .or(file.max_connections)
-                .unwrap_or(d.max_connections),
-            max_subscriptions: cli
-                .max_subscriptions
-                .or(file.max_subscriptions)
-                .unwrap_or(d.max_subscriptions),
-            max_keep_alive: cli
-                .max_keep_alive
-                .or(file.max_keep_alive)
-                .unwrap_or(d.max_keep_alive),
-            max_session_expiry: cli
-                .max_session_expiry
-                .or(file.max_session_expiry)
-                .unwrap_or(d.max_session_expiry),
-            topic_alias_maximum: cli
-                .topic_alias_maximum
-                .or(file.topic_alias_maximum)
-                .unwrap_or(d.topic_alias_maximum),
-            connect_timeout_secs: cli
-                .connect_timeout_secs
-                .or(file.connect_timeout_secs)
-                .unwrap_or(d.connect_timeout_secs),
-            raft_max_batch: cli
-                .raft_max_batch
-                .or(file.raft_max_batch)
-                .unwrap_or(d.raft_max_batch),
-            anonymous_tenant: cli.anonymous_tenant.or(file.anonymous_tenant),
-            admin_password: cli.admin_password.or(file.admin_password),
-            bootstrap_password: cli.bootstrap_password.or(file.bootstrap_password),
-            tls_addr: cli.tls_addr.or(file.tls_addr).unwrap_or(d.tls_addr),
-            ws_addr: cli.ws_addr.or(file.ws_addr).unwrap_or(d.ws_addr),
-            wss_addr: cli.wss_addr.or(file.wss_addr).unwrap_or(d.wss_addr),
-            tls_cert: cli.tls_cert.or(file.tls_cert),
-            tls_key: cli.tls_key.or(file.tls_key),
-            reserved_packet_size: cli
-                .reserved_packet_size
-                .or(file.reserved_packet_size)
-                .unwrap_or(d.reserved_packet_size),
-            tenant_max_connections: cli
-                .tenant_max_connections
-                .or(file.tenant_max_connections)
-                .unwrap_or(d.tenant_max_connections),
-            tenant_max_sessions: cli
-                .tenant_max_sessions
-                .or(file.tenant_max_sessions)
-                .unwrap_or(d.tenant_max_sessions),
-            tenant_messages_per_second: cli
-                .tenant_messages_per_second
-                .or(file.tenant_messages_per_second)
-                .unwrap_or(d.tenant_messages_per_second),
-            tenant_bytes_per_second: cli
-                .tenant_bytes_per_second
-                .or(file.tenant_bytes_per_second)
-                .unwrap_or(d.tenant_bytes_per_second),
-            tenant_max_subscriptions: cli
-                .tenant_max_subscriptions
-                .or(file.tenant_max_subscriptions)
-                .unwrap_or(d.tenant_max_subscriptions),
-            login_ip_burst: cli
-                .login_ip_burst
-                .or(file.login_ip_burst)
-                .unwrap_or(d.login_ip_burst),
-            login_ip_per_minute: cli
-                .login_ip_per_minute
-                .or(file.login_ip_per_minute)
-                .unwrap_or(d.login_ip_per_minute),
-            login_tenant_burst: cli
-                .login_tenant_burst
-                .or(file.login_tenant_burst)
-                .unwrap_or(d.login_tenant_burst),
-            login_tenant_per_minute: cli
-                .login_tenant_per_minute
-                .or(file.login_tenant_per_minute)
-                .unwrap_or(d.login_tenant_per_minute),
-            device_token_lifetime_secs: cli
-                .device_token_lifetime_secs
-                .or(file.device_token_lifetime_secs)
-                .unwrap_or(d.device_token_lifetime_secs),
-            print_addrs: cli.print_addrs || file.print_addrs.unwrap_or(false),
-            leave_on_shutdown: cli.leave_on_shutdown || file.leave_on_shutdown.unwrap_or(false),
-            dead_node_after_secs: cli
-                .dead_node_after_secs
-                .or(file.dead_node_after_secs)
-                .unwrap_or(d.dead_node_after_secs),
-            cluster_secret: cli.cluster_secret.or(file.cluster_secret),
-            log: cli.log.or(file.log).unwrap_or(d.log),
-        };
+        let cfg =
+            Config {
+                mqtt_addr: cli.mqtt_addr.or(file.mqtt_addr).unwrap_or(d.mqtt_addr),
+                http_addr: cli.http_addr.or(file.http_addr).unwrap_or(d.http_addr),
+                grpc_addr: cli.grpc_addr.or(file.grpc_addr).unwrap_or(d.grpc_addr),
+                data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+                node_id: cli.node_id.or(file.node_id),
+                advertise_addr: cli.advertise_addr.or(file.advertise_addr),
+                join: if cli.join.is_empty() {
+                    file.join.unwrap_or_default()
+                } else {
+                    cli.join
+                },
+                max_packet_size: cli
+                    .max_packet_size
+                    .or(file.max_packet_size)
+                    .unwrap_or(d.max_packet_size),
+                max_topic_length: cli
+                    .max_topic_length
+                    .or(file.max_topic_length)
+                    .unwrap_or(d.max_topic_length),
+                max_topic_levels: cli
+                    .max_topic_levels
+                    .or(file.max_topic_levels)
+                    .unwrap_or(d.max_topic_levels),
+                receive_maximum: cli
+                    .receive_maximum
+                    .or(file.receive_maximum)
+                    .unwrap_or(d.receive_maximum),
+                max_inflight: cli
+                    .max_inflight
+                    .or(file.max_inflight)
+                    .unwrap_or(d.max_inflight),
+                max_queued_messages: cli
+                    .max_queued_messages
+                    .or(file.max_queued_messages)
+                    .unwrap_or(d.max_queued_messages),
+                max_connections: cli
+                    .max_connections
+                    .or(file.max_connections)
+                    .unwrap_or(d.max_connections),
+                max_subscriptions: cli
+                    .max_subscriptions
+                    .or(file.max_subscriptions)
+                    .unwrap_or(d.max_subscriptions),
+                max_keep_alive: cli
+                    .max_keep_alive
+                    .or(file.max_keep_alive)
+                    .unwrap_or(d.max_keep_alive),
+                max_session_expiry: cli
+                    .max_session_expiry
+                    .or(file.max_session_expiry)
+                    .unwrap_or(d.max_session_expiry),
+                topic_alias_maximum: cli
+                    .topic_alias_maximum
+                    .or(file.topic_alias_maximum)
+                    .unwrap_or(d.topic_alias_maximum),
+                connect_timeout_secs: cli
+                    .connect_timeout_secs
+                    .or(file.connect_timeout_secs)
+                    .unwrap_or(d.connect_timeout_secs),
+                raft_max_batch: cli
+                    .raft_max_batch
+                    .or(file.raft_max_batch)
+                    .unwrap_or(d.raft_max_batch),
+                anonymous_tenant: cli.anonymous_tenant.or(file.anonymous_tenant),
+                admin_password: cli.admin_password.or(file.admin_password),
+                bootstrap_password: cli.bootstrap_password.or(file.bootstrap_password),
+                tls_addr: cli.tls_addr.or(file.tls_addr).unwrap_or(d.tls_addr),
+                ws_addr: cli.ws_addr.or(file.ws_addr).unwrap_or(d.ws_addr),
+                wss_addr: cli.wss_addr.or(file.wss_addr).unwrap_or(d.wss_addr),
+                tls_cert: cli.tls_cert.or(file.tls_cert),
+                tls_key: cli.tls_key.or(file.tls_key),
+                reserved_packet_size: cli
+                    .reserved_packet_size
+                    .or(file.reserved_packet_size)
+                    .unwrap_or(d.reserved_packet_size),
+                tenant_max_connections: cli
+                    .tenant_max_connections
+                    .or(file.tenant_max_connections)
+                    .unwrap_or(d.tenant_max_connections),
+                tenant_max_sessions: cli
+                    .tenant_max_sessions
+                    .or(file.tenant_max_sessions)
+                    .unwrap_or(d.tenant_max_sessions),
+                tenant_messages_per_second: cli
+                    .tenant_messages_per_second
+                    .or(file.tenant_messages_per_second)
+                    .unwrap_or(d.tenant_messages_per_second),
+                tenant_bytes_per_second: cli
+                    .tenant_bytes_per_second
+                    .or(file.tenant_bytes_per_second)
+                    .unwrap_or(d.tenant_bytes_per_second),
+                tenant_max_subscriptions: cli
+                    .tenant_max_subscriptions
+                    .or(file.tenant_max_subscriptions)
+                    .unwrap_or(d.tenant_max_subscriptions),
+                login_ip_burst: cli
+                    .login_ip_burst
+                    .or(file.login_ip_burst)
+                    .unwrap_or(d.login_ip_burst),
+                login_ip_per_minute: cli
+                    .login_ip_per_minute
+                    .or(file.login_ip_per_minute)
+                    .unwrap_or(d.login_ip_per_minute),
+                login_tenant_burst: cli
+                    .login_tenant_burst
+                    .or(file.login_tenant_burst)
+                    .unwrap_or(d.login_tenant_burst),
+                login_tenant_per_minute: cli
+                    .login_tenant_per_minute
+                    .or(file.login_tenant_per_minute)
+                    .unwrap_or(d.login_tenant_per_minute),
+                device_token_lifetime_secs: cli
+                    .device_token_lifetime_secs
+                    .or(file.device_token_lifetime_secs)
+                    .unwrap_or(d.device_token_lifetime_secs),
+                print_addrs: cli.print_addrs || file.print_addrs.unwrap_or(false),
+                leave_on_shutdown: cli.leave_on_shutdown || file.leave_on_shutdown.unwrap_or(false),
+                dead_node_after_secs: cli
+                    .dead_node_after_secs
+                    .or(file.dead_node_after_secs)
+                    .unwrap_or(d.dead_node_after_secs),
+                cluster_secret: cli.cluster_secret.or(file.cluster_secret),
+                cluster_tls: match (
+                    cli.cluster_tls_cert.or(file.cluster_tls_cert),
+                    cli.cluster_tls_key.or(file.cluster_tls_key),
+                    cli.cluster_tls_ca.or(file.cluster_tls_ca),
+                ) {
+                    (None, None, None) => None,
+                    (Some(c), Some(k), Some(a)) => Some((c, k, a)),
+                    _ => return Err(ConfigError::Invalid(
+                        "--cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca go together",
+                    )),
+                },
+                log: cli.log.or(file.log).unwrap_or(d.log),
+            };
         if cfg.receive_maximum == 0 || cfg.max_inflight == 0 {
             return Err(ConfigError::Invalid(
                 "receive_maximum and max_inflight must be at least 1",
@@ -566,5 +595,30 @@ mod tests {
             Config::resolve(cli),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn cluster_tls_files_go_together() {
+        let some = |p: &str| Some(PathBuf::from(p));
+        let partial = Cli {
+            cluster_tls_cert: some("c.pem"),
+            cluster_tls_key: some("k.pem"),
+            ..Cli::default()
+        };
+        assert!(matches!(
+            Config::resolve(partial),
+            Err(ConfigError::Invalid(_))
+        ));
+        let all = Cli {
+            cluster_tls_cert: some("c.pem"),
+            cluster_tls_key: some("k.pem"),
+            cluster_tls_ca: some("ca.pem"),
+            ..Cli::default()
+        };
+        let cfg = Config::resolve(all).expect("all three");
+        assert_eq!(
+            cfg.cluster_tls,
+            Some(("c.pem".into(), "k.pem".into(), "ca.pem".into()))
+        );
     }
 }

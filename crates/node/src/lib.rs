@@ -28,6 +28,9 @@ pub use config::{Cli, Config};
 
 /// Starts a node and runs it until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    // tonic's TLS (the cluster port) builds its rustls configs with the process default
+    // provider; ring is the one the rest of fleetmq uses. Already installed: fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let prometheus = metrics::install();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
@@ -46,6 +49,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if cfg.cluster_secret.is_none() && !cfg.join.is_empty() {
         tracing::warn!("no --cluster-secret: anyone who reaches the gRPC port can act as a member");
     }
+    let cluster_tls = match &cfg.cluster_tls {
+        None => None,
+        Some((cert, key, ca)) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+            };
+            Some(
+                fleetmq_cluster::grpc::ClusterTls::from_pem(&read(cert)?, &read(key)?, &read(ca)?)
+                    .map_err(anyhow::Error::msg)
+                    .context("--cluster-tls-*")?,
+            )
+        }
+    };
+    if cluster_tls.is_none() && !cfg.join.is_empty() {
+        tracing::warn!("no --cluster-tls-*: node-to-node traffic is not encrypted");
+    }
     let raft_server = fleetmq_cluster::grpc::RaftServer::new();
     let node_svc = cluster::service::NodeSvc::new();
     let mut grpc_shutdown = None::<tokio::sync::oneshot::Sender<()>>;
@@ -53,7 +72,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         grpc_shutdown.replace(tx);
         let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &cluster_tls {
+            builder = builder
+                .tls_config(tls.server())
+                .context("cluster TLS for the gRPC server")?;
+        }
+        let router = builder
             .add_service(raft_server.clone().into_service(check_secret.clone()))
             .add_service(node_svc.clone().into_service(check_secret));
         tokio::spawn(async move {
@@ -76,6 +101,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         join: cfg.join.clone(),
         server: Some(raft_server),
         secret: add_secret,
+        tls: cluster_tls,
     })
     .await
     .context("opening durable state")?;

@@ -36,14 +36,17 @@ pub struct Channels {
     /// A std mutex: the critical section is a map lookup, never held across an await.
     inner: Arc<std::sync::Mutex<HashMap<String, Channel>>>,
     secret: AddSecret,
+    /// Mutual TLS to peers (`None`: plaintext HTTP/2).
+    tls: Option<super::ClusterTls>,
 }
 
 impl Channels {
-    /// Channels whose calls carry `secret` (see [`super::auth`]).
-    pub fn new(secret: AddSecret) -> Channels {
+    /// Channels whose calls carry `secret` (see [`super::auth`]), over TLS when `tls` is set.
+    pub fn new(secret: AddSecret, tls: Option<super::ClusterTls>) -> Channels {
         Channels {
             inner: Default::default(),
             secret,
+            tls,
         }
     }
 
@@ -53,10 +56,14 @@ impl Channels {
         if let Some(c) = map.get(addr) {
             return Ok(InterceptedService::new(c.clone(), self.secret.clone()));
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.client())?;
+        }
+        let channel = endpoint.connect_lazy();
         map.insert(addr.to_string(), channel.clone());
         Ok(InterceptedService::new(channel, self.secret.clone()))
     }

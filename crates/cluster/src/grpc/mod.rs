@@ -6,10 +6,12 @@ pub mod auth;
 pub mod client;
 pub mod convert;
 pub mod server;
+pub mod tls;
 
 pub use auth::{AddSecret, CheckSecret};
 pub use client::{Channels, GrpcNetwork, PeerChannel};
 pub use server::RaftServer;
+pub use tls::ClusterTls;
 
 /// Largest gRPC message accepted or sent between nodes. tonic's default (4 MiB) is far below
 /// what a Raft append of big group-committed entries, a snapshot chunk or a forwarded batch

@@ -111,6 +111,9 @@ pub struct Cluster {
     /// wakes the task that re-announces them (see [`Registry::restore`]).
     view_epoch: AtomicU64,
     restore_wake: tokio::sync::Notify,
+    /// Ended sessions to take off their homes' records, by home (sent in batches).
+    unregisters: Mutex<HashMap<u64, Vec<(String, String, u64)>>>,
+    unregister_wake: tokio::sync::Notify,
 }
 
 impl Cluster {
@@ -136,6 +139,8 @@ impl Cluster {
             broker: OnceLock::new(),
             view_epoch: AtomicU64::new(0),
             restore_wake: tokio::sync::Notify::new(),
+            unregisters: Mutex::new(HashMap::new()),
+            unregister_wake: tokio::sync::Notify::new(),
         }))
     }
 
@@ -145,6 +150,7 @@ impl Cluster {
         if let Some(rx) = self.route_rx.lock().take() {
             tokio::spawn(run_routes(self.clone(), rx));
             tokio::spawn(run_restores(self.clone()));
+            tokio::spawn(run_unregisters(self.clone()));
         }
     }
 
@@ -938,26 +944,14 @@ impl Cluster {
             self.registry_remove(tenant, device, self.id, conn);
             return;
         }
-        let (Some(addr), Ok(rt)) = (self.addr_of(home), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        let Some(mut client) = self.client(&addr) else {
-            return;
-        };
-        let req = pb::UnregisterRequest {
-            key: Some(pb::SessionKey {
-                tenant: tenant.into(),
-                device_id: device.into(),
-            }),
-            node_id: self.id,
-            connection_id: conn,
-        };
-        rt.spawn(async move {
-            if let Ok(Err(e)) = tokio::time::timeout(RPC_TIMEOUT, client.unregister(req)).await {
-                tracing::debug!(home, error = %e.message(), "unregister failed");
-            }
-        });
+        // Batched per home (`Restore.forget`): a storm of disconnections makes a few calls,
+        // not one task and one call per session.
+        self.unregisters.lock().entry(home).or_default().push((
+            tenant.to_string(),
+            device.to_string(),
+            conn,
+        ));
+        self.unregister_wake.notify_one();
     }
 
     /// The current view epoch: taken before a connection registers, and handed back to
@@ -1260,6 +1254,28 @@ async fn run_restores(cluster: Arc<Cluster>) {
         cluster.restore_wake.notified().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         cluster.restore_all().await;
+    }
+}
+
+/// Sends the queued unregistrations, one call per home and [`RESTORE_BATCH`] devices; what
+/// piles up during a call goes in the next one. A failed call is not retried: the records it
+/// meant to remove name connections that are gone, which a later registration of the device
+/// replaces (the takeover it causes finds nothing).
+async fn run_unregisters(cluster: Arc<Cluster>) {
+    loop {
+        cluster.unregister_wake.notified().await;
+        let batches = std::mem::take(&mut *cluster.unregisters.lock());
+        let calls = batches.into_iter().map(|(home, devices)| {
+            let cluster = cluster.clone();
+            async move {
+                for chunk in devices.chunks(RESTORE_BATCH) {
+                    if cluster.restore_call(home, &[], chunk).await.is_none() {
+                        break;
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(calls).await;
     }
 }
 

@@ -597,6 +597,45 @@ fn takeover_across_nodes_leaves_exactly_one_connection() {
     );
 }
 
+/// One client id connects through A, B and C at the same moment, ten times over: the home
+/// runs one takeover at a time (the others wait for it), and when the dust settles exactly one
+/// connection of the device is open in the cluster.
+#[test]
+fn simultaneous_connects_on_three_nodes_leave_one_connection() {
+    let [a, b, c] = cluster3(&[]);
+    let nodes = [a.mqtt, b.mqtt, c.mqtt];
+    let mut kept = Vec::new();
+    for round in 0..10 {
+        let id = format!("race-{round}");
+        let racers: Vec<_> = nodes
+            .iter()
+            .map(|addr| {
+                let (addr, id) = (*addr, id.clone());
+                std::thread::spawn(move || try_login(addr, &id, V5, true, None, None, None))
+            })
+            .collect();
+        for r in racers {
+            // A connection superseded while it registered is refused (0x88); the others are
+            // accepted and then taken over, all but one.
+            if let Ok((client, _)) = r.join().expect("racer") {
+                kept.push(client);
+            }
+        }
+    }
+    let counts = || [&a, &b, &c].map(|n| n.metric("fleetmq_connections"));
+    wait_until(15, "one connection per client id", || {
+        counts().iter().sum::<f64>() == 10.0
+    });
+    sleep(Duration::from_millis(500));
+    assert_eq!(
+        counts().iter().sum::<f64>(),
+        10.0,
+        "open connections on A, B, C: {:?}",
+        counts()
+    );
+    drop(kept);
+}
+
 /// A home node keeps its registry in memory only. After C is killed and restarted, A
 /// re-announces the connections it holds to their homes, so C knows again which of them it is
 /// home for; new connections of the same devices through B then take every one of them over

@@ -114,6 +114,8 @@ pub struct Cluster {
     /// Ended sessions to take off their homes' records, by home (sent in batches).
     unregisters: Mutex<HashMap<u64, Vec<(String, String, u64)>>>,
     unregister_wake: tokio::sync::Notify,
+    /// Woken whenever a takeover the registry asked for is over (see `registry_put`).
+    takeovers_finished: tokio::sync::Notify,
 }
 
 impl Cluster {
@@ -141,6 +143,7 @@ impl Cluster {
             restore_wake: tokio::sync::Notify::new(),
             unregisters: Mutex::new(HashMap::new()),
             unregister_wake: tokio::sync::Notify::new(),
+            takeovers_finished: tokio::sync::Notify::new(),
         }))
     }
 
@@ -1009,7 +1012,7 @@ impl Cluster {
                     cluster
                         .takeover_on(prev.node, &tenant, &device, prev.conn, true)
                         .await;
-                    cluster.registry.lock().takeover_done(&key);
+                    cluster.takeover_finished(&key);
                 });
                 false
             }
@@ -1018,11 +1021,13 @@ impl Cluster {
 
     /// Re-announces every connection attached here to its home (one call per home and
     /// [`RESTORE_BATCH`] devices), takes the records away from homes that are no longer the
-    /// devices' homes, and closes the connections a newer one elsewhere supersedes.
-    async fn restore_all(self: &Arc<Self>) {
+    /// devices' homes, and closes the connections a newer one elsewhere supersedes. False when
+    /// a home did not answer (the pass is tried again).
+    async fn restore_all(self: &Arc<Self>) -> bool {
         let Some(broker) = self.broker() else {
-            return;
+            return true;
         };
+        let mut all_answered = true;
         let live = self.live_members();
         type Conn = (String, String, u64);
         let mut by_home: HashMap<u64, Vec<Conn>> = HashMap::new();
@@ -1070,8 +1075,8 @@ impl Cluster {
                         }
                     }
                     None => {
-                        // Marked down: the change of view brings another pass.
                         self.mark(home, false);
+                        all_answered = false;
                         break;
                     }
                 }
@@ -1099,6 +1104,7 @@ impl Cluster {
             tracing::info!(tenant = %t, device = %d, "a newer connection elsewhere supersedes this one");
             broker.evict(&t, &d, c, true).await;
         }
+        all_answered
     }
 
     /// One `Restore` call: `entries` re-announced to `home`, `forget` taken away from it.
@@ -1139,6 +1145,13 @@ impl Cluster {
         }
     }
 
+    /// A takeover the registry asked for is over: the device is free for the next one, and
+    /// registrations waiting on it try again.
+    fn takeover_finished(&self, key: &(String, String)) {
+        self.registry.lock().takeover_done(key);
+        self.takeovers_finished.notify_waiters();
+    }
+
     /// Home-node side of an unregistration (see [`Registry::remove`]).
     pub fn registry_remove(&self, tenant: &str, device: &str, node: u64, conn: u64) {
         let key = (tenant.to_string(), device.to_string());
@@ -1160,6 +1173,10 @@ impl Cluster {
         // that a third connection never attaches while the first is still live.
         let deadline = tokio::time::Instant::now() + RPC_TIMEOUT * 3;
         let prev = loop {
+            // Armed before the check, so a takeover finishing in between still wakes it.
+            let finished = self.takeovers_finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
             match self.registry.lock().put(key.clone(), Holder { node, conn }) {
                 Put::Done => return None,
                 Put::Takeover(prev) => break prev,
@@ -1173,16 +1190,16 @@ impl Cluster {
                     return None;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            let _ = tokio::time::timeout_at(deadline, finished).await;
         };
         // Clears the busy mark even when this call is dropped (its caller timed out).
-        struct Done<'a>(&'a Mutex<Registry>, &'a (String, String));
+        struct Done<'a>(&'a Cluster, &'a (String, String));
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                self.0.lock().takeover_done(self.1);
+                self.0.takeover_finished(self.1);
             }
         }
-        let _done = Done(&self.registry, &key);
+        let _done = Done(self, &key);
         self.takeover_on(prev.node, tenant, device, prev.conn, !clean_start)
             .await;
         Some(prev.node)
@@ -1249,11 +1266,29 @@ impl Cluster {
 /// Re-announces this node's connections whenever the view changes (debounced: a burst of
 /// changes, as when a node restarts, makes one pass).
 async fn run_restores(cluster: Arc<Cluster>) {
+    // After a pass with a failed call (say, the home was still starting), another pass
+    // follows without waiting for a change of view: the peer may be marked down and up again
+    // within one heartbeat round, which no view change shows. Backs off to 30 s.
+    let mut retry: Option<Duration> = None;
     loop {
         // A wake-up while a pass runs is kept as a permit: the next pass follows.
-        cluster.restore_wake.notified().await;
+        match retry {
+            None => cluster.restore_wake.notified().await,
+            Some(after) => {
+                tokio::select! {
+                    _ = cluster.restore_wake.notified() => {}
+                    _ = tokio::time::sleep(after) => {}
+                }
+            }
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        cluster.restore_all().await;
+        retry = if cluster.restore_all().await {
+            None
+        } else {
+            Some(retry.map_or(Duration::from_millis(500), |d| {
+                (d * 2).min(Duration::from_secs(30))
+            }))
+        };
     }
 }
 

@@ -124,10 +124,10 @@ impl Broker {
             tenants: RwLock::new(HashMap::new()),
             sessions: Mutex::new(SessionMap::default()),
             fences: Mutex::new(Default::default()),
-            // From the clock, so that connection ids of this node keep growing across
-            // restarts: a late takeover aimed at a connection of the previous run must not
-            // look newer than today's (see `cluster::registry`).
-            next_id: AtomicU64::new(now_us().max(1)),
+            // Ids follow the clock (see `next_id`), so that connection ids of this node keep
+            // growing across restarts: a late takeover aimed at a connection of the previous
+            // run must not look newer than today's (see `cluster::registry`).
+            next_id: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             shutdown,
             ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
@@ -135,9 +135,19 @@ impl Broker {
         })
     }
 
-    /// A process-unique id for sessions and connections.
+    /// A process-unique id for sessions and connections: the clock in µs, or one more than
+    /// the last id when the clock has not moved on. So ids grow on this node, across restarts
+    /// too, and ids of two nodes compare as the times they were taken, as far as the clocks
+    /// agree (a re-announced connection against a registered one: `cluster::registry`).
     pub fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
+        let now = now_us().max(1);
+        let prev = self
+            .next_id
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                Some(now.max(last.saturating_add(1)))
+            })
+            .unwrap_or_else(|last| last);
+        now.max(prev.saturating_add(1))
     }
 
     /// The routing namespace of a tenant, created on first use.
@@ -262,6 +272,12 @@ impl Broker {
                 // Superseded between the claim and here: what the claim loaded goes again.
                 self.evict(&key.tenant, &key.client_id, conn_id, true).await;
                 return Err(superseded());
+            }
+            if self.draining.load(Ordering::Acquire) {
+                // The drain started while this CONNECT registered: it must not attach after
+                // the drain let go of the sessions.
+                drop(map);
+                return Err(ClusterError::Unavailable(DRAINING.into()));
             }
             let existing = map.get(&key).map(|b| b.0.clone());
             // A newer connection of the device attached here while this one was registering:
@@ -1558,6 +1574,9 @@ fn now_us() -> u64 {
 }
 
 /// The error of a connection that another, newer one superseded before it attached.
+/// The error `attach` answers while the node is drained (CONNACK 0x9C).
+pub const DRAINING: &str = "the node is drained";
+
 fn superseded() -> ClusterError {
     ClusterError::Unavailable("the session was taken over by a newer connection".into())
 }

@@ -603,6 +603,11 @@ where
             .await
         {
             Ok(a) => a,
+            Err(_) if broker.draining.load(std::sync::atomic::Ordering::Acquire) => {
+                broker.abandon(&key, self.conn_id);
+                self.connack_error(rc::USE_ANOTHER_SERVER, "draining");
+                return None;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "durable session write failed");
                 // The session was attached in memory before the commit failed: let go of it,

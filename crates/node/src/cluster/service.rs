@@ -185,21 +185,25 @@ impl NodeService for NodeSvc {
                 super::RESTORE_BATCH
             )));
         }
-        for e in r.forget {
-            let key = key_of(e.key)?;
+        // Every key is checked before any is applied: a bad one refuses the whole call.
+        let keys = |list: Vec<pb::RestoreEntry>| {
+            list.into_iter()
+                .map(|e| key_of(e.key).map(|k| (k, e.connection_id)))
+                .collect::<Result<Vec<_>, Status>>()
+        };
+        let forget = keys(r.forget)?;
+        let entries = keys(r.entries)?;
+        for (key, conn) in forget {
             broker
                 .cluster
-                .registry_remove(&key.tenant, &key.device_id, r.node_id, e.connection_id);
+                .registry_remove(&key.tenant, &key.device_id, r.node_id, conn);
         }
         let mut superseded = Vec::new();
-        for (i, e) in r.entries.into_iter().enumerate() {
-            let key = key_of(e.key)?;
-            if broker.cluster.registry_restore(
-                &key.tenant,
-                &key.device_id,
-                r.node_id,
-                e.connection_id,
-            ) {
+        for (i, (key, conn)) in entries.into_iter().enumerate() {
+            if broker
+                .cluster
+                .registry_restore(&key.tenant, &key.device_id, r.node_id, conn)
+            {
                 superseded.push(i as u32);
             }
         }

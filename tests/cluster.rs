@@ -636,6 +636,68 @@ fn simultaneous_connects_on_three_nodes_leave_one_connection() {
     drop(kept);
 }
 
+/// A service pushes messages to single devices through C's REST API. A clean session
+/// connected on A gets its message through its home and A; a persistent session that is
+/// offline gets a QoS 1 message when it reconnects, on B; a device not subscribed to the topic,
+/// or not connected, gets nothing and the answer says so.
+#[test]
+fn a_service_pushes_messages_to_single_devices_on_other_nodes() {
+    const MGMT: &str = "management/admin";
+    let [a, b, c] = cluster3(&[]);
+    let push = |device: &str, topic: &str, payload: &str, qos: u8| {
+        let (status, v) = rest(
+            &c,
+            "POST",
+            &format!("/fleetmq/devices/{device}/messages?tenant={ANON_TENANT}"),
+            MGMT,
+            ADMIN_PW,
+            Some(json!({ "topic": topic, "payload": payload, "qos": qos })),
+        );
+        assert_eq!(status, 200, "push to {device}: {v}");
+        v["result"].as_str().unwrap_or_default().to_string()
+    };
+
+    // Several clean devices on A (their homes spread over the three nodes), and one that is
+    // subscribed to something else.
+    let mut clean: Vec<Client> = (0..6)
+        .map(|i| {
+            let mut cl = Client::clean(a.mqtt, &format!("push-{i}"), V5);
+            cl.sub_ok(&format!("cmd/push-{i}"), 1);
+            cl
+        })
+        .collect();
+    let mut other = Client::clean(a.mqtt, "push-other", V3);
+    other.sub_ok("elsewhere/#", 1);
+    for (i, cl) in clean.iter_mut().enumerate() {
+        let id = format!("push-{i}");
+        assert_eq!(
+            push(&id, &format!("cmd/{id}"), &format!("hello {i}"), 1),
+            "delivered"
+        );
+        assert_eq!(
+            receive_sorted(cl, 1, 10),
+            vec![(format!("cmd/{id}"), format!("hello {i}"), 1)],
+            "{id} on A"
+        );
+    }
+    assert_eq!(push("push-other", "cmd/push-other", "x", 1), "notDelivered");
+    assert_silent(&mut other, Duration::from_millis(500), "push-other");
+    assert_eq!(push("nobody", "cmd/nobody", "x", 0), "notDelivered");
+
+    // A persistent session subscribed on B, offline: the message waits for it.
+    let (mut p, _) = Client::persistent(b.mqtt, "push-p", V5);
+    p.sub_ok("cmd/push-p", 1);
+    p.disconnect();
+    assert_eq!(push("push-p", "cmd/push-p", "while away", 1), "queued");
+    let (mut p, present) = Client::persistent(a.mqtt, "push-p", V5);
+    assert!(present, "push-p's session");
+    assert_eq!(
+        receive_sorted(&mut p, 1, 10),
+        vec![("cmd/push-p".to_string(), "while away".to_string(), 1)],
+        "push-p after reconnecting on A"
+    );
+}
+
 /// A home node keeps its registry in memory only. After C is killed and restarted, A
 /// re-announces the connections it holds to their homes, so C knows again which of them it is
 /// home for; new connections of the same devices through B then take every one of them over

@@ -1206,6 +1206,49 @@ impl Broker {
         }
     }
 
+    /// Delivers `msg` to the session of one device held here, if it is connected and has a
+    /// plain subscription matching the topic: at the highest QoS granted, with every matching
+    /// subscription id. In memory only (a persistent session gets its QoS 1/2 copy through
+    /// Raft instead: `Cluster::push_to_device`). True when queued for the client.
+    pub fn deliver_to_session(&self, key: &SessionKey, msg: &Arc<Message>) -> bool {
+        let Some(session) = self.sessions.lock().get(key).map(|b| b.0.clone()) else {
+            return false;
+        };
+        let (qos, retain, sub_ids) = {
+            let st = session.state.lock();
+            if st.conn.is_none() {
+                return false;
+            }
+            let mut best: Option<(u8, bool, Vec<u32>)> = None;
+            for sub in st.subscriptions.values() {
+                if sub.filter.starts_with("$share/")
+                    || !fleetmq_protocol::topic::matches(&sub.filter, &msg.topic)
+                {
+                    continue;
+                }
+                let b = best.get_or_insert((0, false, Vec::new()));
+                b.0 = b.0.max(msg.qos.min(sub.qos));
+                b.1 |= sub.retain_as_published && msg.retain;
+                b.2.extend(sub.subscription_id);
+            }
+            match best {
+                Some(b) => b,
+                None => return false,
+            }
+        };
+        self.enqueue(
+            &session,
+            Delivery {
+                msg: msg.clone(),
+                qos,
+                retain,
+                sub_ids,
+                seq: None,
+                dup: false,
+            },
+        )
+    }
+
     /// Every device connected here, with its newest connection: `(tenant, device, conn)`
     /// (re-announced to the devices' homes when the cluster's view changes).
     pub fn attached_connections(&self) -> Vec<(String, String, u64, u64)> {

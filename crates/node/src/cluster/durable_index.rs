@@ -198,6 +198,11 @@ impl DurableIndex {
             .collect()
     }
 
+    /// True when `key` is a persistent session of the cluster.
+    pub fn is_persistent(&self, key: &SessionKey) -> bool {
+        self.expiry.contains_key(key)
+    }
+
     /// True when some persistent session of `tenant` has a shared subscription.
     pub fn has_shares(&self, tenant: &str) -> bool {
         self.shares.contains_key(tenant)

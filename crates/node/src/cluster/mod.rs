@@ -53,6 +53,20 @@ enum RouteMsg {
     Flush(oneshot::Sender<()>, u64),
 }
 
+/// What became of a message pushed to one device ([`Cluster::push_to_device`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Pushed {
+    /// Handed to the device's connection (QoS 0, or a clean session).
+    Delivered,
+    /// Committed to the device's persistent session: it reaches the device now if it is
+    /// connected, or when it reconnects, on whichever node.
+    Queued,
+    /// The device has no session that takes it (not connected, or not subscribed to a
+    /// filter matching the topic); nothing was kept.
+    NotDelivered,
+}
+
 /// One member as [`Cluster::nodes_view`] shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -504,6 +518,136 @@ impl Cluster {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends a message to one device, as a service pushing it would. A persistent session
+    /// subscribed to the topic gets a QoS 1/2 message through Raft (`Enqueue` for it alone),
+    /// wherever it is and whether or not it is connected. Otherwise the message goes to the
+    /// device's home, which passes it to the node holding the connection
+    /// (`NodeService.Deliver`), and the session takes it if it is subscribed.
+    pub async fn push_to_device(
+        self: &Arc<Self>,
+        tenant: &str,
+        device: &str,
+        msg: Arc<Message>,
+    ) -> Result<Pushed, ClusterError> {
+        let key = SessionKey::new(tenant, device);
+        if msg.qos > 0 {
+            let targets = {
+                let index = self.index.read();
+                if index.is_persistent(&key) {
+                    Some(index.orphan_targets(
+                        tenant,
+                        &msg.topic,
+                        msg.qos,
+                        msg.retain,
+                        None,
+                        |k, _| *k == key,
+                    ))
+                } else {
+                    None
+                }
+            };
+            match targets {
+                Some(t) if t.is_empty() => return Ok(Pushed::NotDelivered),
+                Some(targets) => {
+                    self.durable
+                        .propose(Command::Enqueue {
+                            message: msg.to_stored(None),
+                            targets,
+                        })
+                        .await?;
+                    return Ok(Pushed::Queued);
+                }
+                None => {}
+            }
+        }
+        let m = convert::message_to_pb(tenant, &msg);
+        let home = if self.is_alone() {
+            self.id
+        } else {
+            match placement::preference(tenant, device, &self.live_members())
+                .into_iter()
+                .next()
+            {
+                Some(h) => h,
+                None => self.id,
+            }
+        };
+        let delivered = if home == self.id {
+            self.deliver_at_home(&key, m).await
+        } else {
+            self.deliver_call(home, &key, m, false).await
+        };
+        Ok(if delivered {
+            Pushed::Delivered
+        } else {
+            Pushed::NotDelivered
+        })
+    }
+
+    /// At the device's home: delivers here, or passes the message to the node on record.
+    pub async fn deliver_at_home(&self, key: &SessionKey, m: pb::Message) -> bool {
+        let holder = if self.is_alone() {
+            Some(self.id)
+        } else {
+            self.registry
+                .lock()
+                .get(&(key.tenant.to_string(), key.client_id.to_string()))
+                .map(|h| h.node)
+        };
+        match holder {
+            Some(node) if node == self.id => self.deliver_here(key, m),
+            Some(node) => self.deliver_call(node, key, m, true).await,
+            None => false,
+        }
+    }
+
+    /// Delivers to the session held here, if it takes the message.
+    pub fn deliver_here(&self, key: &SessionKey, m: pb::Message) -> bool {
+        let (Some(broker), Some((_, msg))) = (self.broker(), convert::message_from_pb(m)) else {
+            return false;
+        };
+        broker.deliver_to_session(key, &msg)
+    }
+
+    async fn deliver_call(
+        &self,
+        node: u64,
+        key: &SessionKey,
+        m: pb::Message,
+        at_holder: bool,
+    ) -> bool {
+        let Some(mut client) = self.addr_of(node).and_then(|a| self.client(&a)) else {
+            return false;
+        };
+        let req = pb::DeliverRequest {
+            key: Some(pb::SessionKey {
+                tenant: key.tenant.to_string(),
+                device_id: key.client_id.to_string(),
+            }),
+            message: Some(m),
+            at_holder,
+        };
+        match tokio::time::timeout(RPC_TIMEOUT * 2, client.deliver(req)).await {
+            Ok(Ok(r)) => r.into_inner().delivered,
+            Ok(Err(e)) => {
+                tracing::debug!(node, error = %e.message(), "deliver failed");
+                false
+            }
+            Err(_) => {
+                self.mark(node, false);
+                false
+            }
+        }
+    }
+
+    /// The topic rules of this node (for topics that arrive other than by MQTT).
+    pub fn topic_limits(&self) -> fleetmq_protocol::topic::TopicLimits {
+        match self.broker() {
+            Some(b) => b.limits.clone(),
+            None => Default::default(),
         }
     }
 

@@ -273,11 +273,21 @@ impl NodeService for NodeSvc {
 
     async fn deliver(
         &self,
-        _request: Request<pb::DeliverRequest>,
+        request: Request<pb::DeliverRequest>,
     ) -> Result<Response<pb::DeliverReply>, Status> {
-        Err(Status::unimplemented(
-            "device deliveries come with the device API",
-        ))
+        let broker = self.broker()?;
+        let r = request.into_inner();
+        let key = key_of(r.key)?;
+        let message = r
+            .message
+            .ok_or_else(|| Status::invalid_argument("missing message"))?;
+        let key = fleetmq_storage::records::SessionKey::new(key.tenant, key.device_id);
+        let delivered = if r.at_holder {
+            broker.cluster.deliver_here(&key, message)
+        } else {
+            broker.cluster.deliver_at_home(&key, message).await
+        };
+        Ok(Response::new(pb::DeliverReply { delivered }))
     }
 
     async fn transfer_leader(

@@ -12,8 +12,9 @@
 //! - users and devices: `GET /tenant/currentTenant` and `GET /user/currentUser`;
 //! - the bootstrap user: `POST /devicecontrol/deviceCredentials` only.
 //!
-//! fleetmq's own operator endpoints (`/fleetmq/cluster/...`: the members, draining a node) are
-//! for management administrators only.
+//! fleetmq's own endpoints: `/fleetmq/cluster/...` (the members, draining a node) for
+//! management administrators only; `POST /fleetmq/devices/{device}/messages` (a service pushes a
+//! message to one device) for administrators of the device's tenant.
 
 pub mod basic;
 pub mod certs;
@@ -21,6 +22,7 @@ pub mod cluster;
 pub mod devices;
 pub mod error;
 pub mod model;
+pub mod push;
 pub mod tenants;
 pub mod users;
 
@@ -113,6 +115,7 @@ pub fn routes(state: Arc<RestState>) -> Router {
     let cluster = Router::new()
         .route("/fleetmq/cluster/nodes", get(cluster::nodes))
         .route("/fleetmq/cluster/nodes/{id}/drain", post(cluster::drain))
+        .route("/fleetmq/devices/{device}/messages", post(push::push))
         .route_layer(middleware::from_fn(|req: Request, next: Next| {
             counted("cluster", req, next)
         }));

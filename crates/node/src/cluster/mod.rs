@@ -130,6 +130,11 @@ pub struct Cluster {
     unregister_wake: tokio::sync::Notify,
     /// Woken whenever a takeover the registry asked for is over (see `registry_put`).
     takeovers_finished: tokio::sync::Notify,
+    /// The drain of this node, once started: its outcome when done.
+    drained: Mutex<Option<tokio::sync::watch::Receiver<Option<Result<u32, String>>>>>,
+    /// This process's start (wall clock, µs), sent with route updates so peers can tell a
+    /// restart.
+    incarnation: u64,
 }
 
 impl Cluster {
@@ -158,6 +163,12 @@ impl Cluster {
             unregisters: Mutex::new(HashMap::new()),
             unregister_wake: tokio::sync::Notify::new(),
             takeovers_finished: tokio::sync::Notify::new(),
+            drained: Mutex::new(None),
+            incarnation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+                .unwrap_or(1)
+                .max(1),
         }))
     }
 
@@ -229,6 +240,9 @@ impl Cluster {
         };
         if changed {
             tracing::info!(node, up, "peer liveness changed");
+            // Down then up within one heartbeat round shows no change of the live set at the
+            // round's end; every transition counts (a restarted home lost its registry).
+            self.view_changed(if up { "a peer is up" } else { "a peer is down" });
         }
     }
 
@@ -672,7 +686,7 @@ impl Cluster {
 
     /// Drains member `node` (this one, or another through `NodeService.Drain`). `None`: no
     /// such member.
-    pub async fn drain_node(&self, node: u64) -> Option<Result<u32, ClusterError>> {
+    pub async fn drain_node(self: &Arc<Self>, node: u64) -> Option<Result<u32, ClusterError>> {
         if node == self.id {
             return Some(self.drain().await);
         }
@@ -701,7 +715,39 @@ impl Cluster {
     /// memory (what they proposed committed first) and the node leaves the membership, so a
     /// learner takes its place as a voter. The process keeps running until it is stopped.
     /// Returns how many connections were told to go.
-    pub async fn drain(&self) -> Result<u32, ClusterError> {
+    pub async fn drain(self: &Arc<Self>) -> Result<u32, ClusterError> {
+        // One drain per node, in its own task: a caller that gives up (its request timed out)
+        // must not leave the node half drained, and a second call waits for the same result.
+        let mut rx = {
+            let mut slot = self.drained.lock();
+            match &*slot {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    let cluster = self.clone();
+                    tokio::spawn(async move {
+                        let r = cluster.drain_now().await.map_err(|e| e.to_string());
+                        let _ = tx.send(Some(r));
+                    });
+                    *slot = Some(rx.clone());
+                    rx
+                }
+            }
+        };
+        let outcome = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| ClusterError::Unavailable("the drain stopped".into()))?
+            .clone();
+        match outcome {
+            Some(Ok(n)) => Ok(n),
+            Some(Err(e)) => Err(ClusterError::Unavailable(e)),
+            None => Err(ClusterError::Unavailable("the drain stopped".into())),
+        }
+    }
+
+    async fn drain_now(&self) -> Result<u32, ClusterError> {
+        use futures_util::StreamExt;
         let Some(broker) = self.broker() else {
             return Err(ClusterError::Unavailable(
                 "the node is still starting".into(),
@@ -719,10 +765,22 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Sessions without a connection (persistent ones) go too: no expiry timer of theirs
-        // may fire here once they continue elsewhere.
-        for key in broker.session_keys() {
-            broker
-                .evict(&key.tenant, &key.client_id, ANY_CONNECTION, true)
+        // may fire here once they continue elsewhere. A CONNECT that was registering when the
+        // drain began is refused when it tries to attach, so this ends.
+        for _ in 0..10 {
+            let keys = broker.session_keys();
+            if keys.is_empty() {
+                break;
+            }
+            futures_util::stream::iter(keys)
+                .for_each_concurrent(64, |key| {
+                    let broker = broker.clone();
+                    async move {
+                        broker
+                            .evict(&key.tenant, &key.client_id, ANY_CONNECTION, true)
+                            .await;
+                    }
+                })
                 .await;
         }
         if !self.is_alone() {
@@ -934,13 +992,21 @@ impl Cluster {
             .changes
             .into_iter()
             .map(|c| ((c.tenant, c.filter), c.added));
-        let (r, len) = {
+        let (r, len, restarted) = {
             let mut remote = self.remote.write();
-            let r = remote.apply(u.node_id, u.sequence, u.full, changes);
+            let restarted = remote.restarted(u.node_id, u.incarnation);
+            let r = remote.apply_from(u.node_id, u.incarnation, u.sequence, u.full, changes);
             self.remote_has_shares
                 .store(remote.has_shares(), Ordering::Release);
-            (r, remote.len())
+            (r, remote.len(), restarted)
         };
+        if restarted {
+            // Its connections from before the restart are gone, and so is its registry: the
+            // records here naming them go, and this node's connections homed there are
+            // announced to it again.
+            self.registry.lock().forget_before(u.node_id, u.incarnation);
+            self.view_changed("a peer restarted");
+        }
         metrics::gauge!("fleetmq_cluster_routes").set(len as f64);
         match r {
             routes::Applied::Yes(s) | routes::Applied::Gap(s) => s,
@@ -1175,7 +1241,7 @@ impl Cluster {
         let live = self.live_members();
         type Conn = (String, String, u64);
         let mut by_home: HashMap<u64, Vec<Conn>> = HashMap::new();
-        let mut moved: HashMap<u64, Vec<Conn>> = HashMap::new();
+        let mut old_homes: HashMap<Conn, u64> = HashMap::new();
         for (tenant, device, conn, old_home) in broker.attached_connections() {
             let Some(home) = placement::preference(&tenant, &device, &live)
                 .into_iter()
@@ -1184,10 +1250,7 @@ impl Cluster {
                 continue;
             };
             if old_home != 0 && old_home != home {
-                moved
-                    .entry(old_home)
-                    .or_default()
-                    .push((tenant.clone(), device.clone(), conn));
+                old_homes.insert((tenant.clone(), device.clone(), conn), old_home);
             }
             by_home
                 .entry(home)
@@ -1210,6 +1273,7 @@ impl Cluster {
                 }
                 match self.restore_call(home, chunk, &[]).await {
                     Some(sup) => {
+                        let sup: HashSet<u32> = sup.into_iter().collect();
                         for (i, (t, d, c)) in chunk.iter().enumerate() {
                             if sup.contains(&(i as u32)) {
                                 superseded.push((t.clone(), d.clone(), *c));
@@ -1228,11 +1292,17 @@ impl Cluster {
         }
         metrics::counter!("fleetmq_cluster_restored_connections_total")
             .increment(restored.len() as u64);
+        // Records at the old homes go (each only if it still names this node's connection),
+        // so a home does not keep every device that ever moved away from it; only once the
+        // new home has the record, so the device is never on record nowhere.
+        let mut moved: HashMap<u64, Vec<Conn>> = HashMap::new();
         for (t, d, c, home) in restored {
             broker.set_home(&t, &d, c, home);
+            let conn = (t, d, c);
+            if let Some(old) = old_homes.remove(&conn) {
+                moved.entry(old).or_default().push(conn);
+            }
         }
-        // Records at the old homes go (each only if it still names this node's connection),
-        // so a home does not keep every device that ever moved away from it.
         for (old, devices) in moved {
             for chunk in devices.chunks(RESTORE_BATCH) {
                 if old == self.id {
@@ -1588,6 +1658,7 @@ async fn send_routes(
         changes,
         full: false,
         applied_index: cluster.durable.applied_index().max(min_index),
+        incarnation: cluster.incarnation,
     };
     let ack = match tokio::time::timeout(RPC_TIMEOUT, client.update_routes(update)).await {
         Ok(Ok(a)) => a.into_inner(),
@@ -1638,6 +1709,7 @@ async fn send_full(
             .collect(),
         full: true,
         applied_index: cluster.durable.applied_index(),
+        incarnation: cluster.incarnation,
     };
     let ok = matches!(
         tokio::time::timeout(RPC_TIMEOUT, client.update_routes(full)).await,

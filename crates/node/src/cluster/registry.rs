@@ -156,6 +156,15 @@ impl Registry {
         self.holders.retain(|_, h| members.contains(&h.node));
     }
 
+    /// `node` restarted at `since` (µs; connection ids are taken from the clock): its
+    /// connections from before are gone, so their records go, unless a takeover of the
+    /// device is under way.
+    pub fn forget_before(&mut self, node: u64, since: u64) {
+        let busy = &self.busy;
+        self.holders
+            .retain(|k, h| busy.contains(k) || h.node != node || h.conn >= since);
+    }
+
     /// Devices on record.
     pub fn len(&self) -> usize {
         self.holders.len()
@@ -264,6 +273,18 @@ mod tests {
         r.put(key(1), Holder { node: 3, conn: 1 });
         r.retain_members(&std::collections::HashSet::from([1, 2]));
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_restarted_node_s_old_connections_are_forgotten() {
+        let mut r = Registry::default();
+        r.put(key(1), Holder { node: 2, conn: 50 });
+        r.put(key(2), Holder { node: 2, conn: 150 });
+        r.put(key(3), Holder { node: 3, conn: 10 });
+        r.forget_before(2, 100);
+        assert_eq!(r.get(&key(1)), None, "from before the restart");
+        assert_eq!(r.get(&key(2)), Some(Holder { node: 2, conn: 150 }));
+        assert_eq!(r.get(&key(3)), Some(Holder { node: 3, conn: 10 }));
     }
 
     #[test]

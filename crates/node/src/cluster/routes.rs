@@ -75,6 +75,8 @@ pub struct RemoteRoutes {
     by_node: HashMap<u64, HashSet<Route>>,
     /// Last applied update sequence per sending node.
     sequences: HashMap<u64, u64>,
+    /// Each sending node's process incarnation, as last heard (see `apply_from`).
+    incarnations: HashMap<u64, u64>,
     size: usize,
 }
 
@@ -88,6 +90,48 @@ pub enum Applied {
 }
 
 impl RemoteRoutes {
+    /// True when an update from `incarnation` of `node` says the node restarted since it was
+    /// last heard (0: an older node that does not say).
+    pub fn restarted(&self, node: u64, incarnation: u64) -> bool {
+        incarnation != 0
+            && self
+                .incarnations
+                .get(&node)
+                .is_some_and(|known| *known != incarnation)
+    }
+
+    /// [`apply`](Self::apply) for an update sent by process `incarnation` of `node` (its
+    /// start time; 0 from an older node: unknown). A full table of the same incarnation older
+    /// than what was applied since (a probe that arrived after newer changes) is ignored; an
+    /// update from a new incarnation (the node restarted) voids the node's old routes, and an
+    /// incremental one then asks for the full table.
+    pub fn apply_from(
+        &mut self,
+        node: u64,
+        incarnation: u64,
+        sequence: u64,
+        full: bool,
+        changes: impl IntoIterator<Item = (Route, bool)>,
+    ) -> Applied {
+        if self.restarted(node, incarnation) {
+            self.drop_node(node);
+            if !full {
+                self.incarnations.insert(node, incarnation);
+                return Applied::Gap(0);
+            }
+        } else if full && incarnation != 0 && self.incarnations.get(&node) == Some(&incarnation) {
+            let last = self.sequences.get(&node).copied().unwrap_or(0);
+            if sequence < last {
+                return Applied::Yes(last);
+            }
+        }
+        let r = self.apply(node, sequence, full, changes);
+        if incarnation != 0 {
+            self.incarnations.insert(node, incarnation);
+        }
+        r
+    }
+
     /// Applies an update from `node`: incremental changes only in sequence, a full table at
     /// any time (replacing that node's routes).
     pub fn apply(
@@ -177,6 +221,7 @@ impl RemoteRoutes {
         }
         self.by_node.remove(&node);
         self.sequences.remove(&node);
+        self.incarnations.remove(&node);
     }
 
     /// True when an update from `node` has been applied since this node started (so its
@@ -271,6 +316,34 @@ mod tests {
         );
         assert_eq!(rr.nodes_for("t", "a/x"), BTreeSet::from([3]));
         assert_eq!(rr.len(), 2);
+    }
+
+    #[test]
+    fn a_late_full_table_is_ignored_and_a_restart_voids_the_routes() {
+        let mut rr = RemoteRoutes::default();
+        assert_eq!(
+            rr.apply_from(2, 100, 1, true, [(r("t", "a"), true)]),
+            Applied::Yes(1)
+        );
+        assert_eq!(
+            rr.apply_from(2, 100, 2, false, [(r("t", "b"), true)]),
+            Applied::Yes(2)
+        );
+        // A full table of sequence 1 arriving now (a slow probe) would drop "b": ignored.
+        assert_eq!(
+            rr.apply_from(2, 100, 1, true, [(r("t", "a"), true)]),
+            Applied::Yes(2)
+        );
+        assert_eq!(rr.nodes_for("t", "b"), BTreeSet::from([2]));
+        // Node 2 restarted (new incarnation): its routes go, and it is asked for its table.
+        assert!(rr.restarted(2, 200) && !rr.restarted(2, 100) && !rr.restarted(3, 5));
+        assert_eq!(rr.apply_from(2, 200, 1, false, []), Applied::Gap(0));
+        assert!(rr.nodes_for("t", "a").is_empty() && rr.nodes_for("t", "b").is_empty());
+        assert_eq!(
+            rr.apply_from(2, 200, 1, true, [(r("t", "c"), true)]),
+            Applied::Yes(1)
+        );
+        assert_eq!(rr.nodes_for("t", "c"), BTreeSet::from([2]));
     }
 
     #[test]

@@ -1121,14 +1121,7 @@ impl Broker {
             publisher,
             |k| self.sessions.lock().get(k).is_some(),
         );
-        if targets.is_empty() {
-            return None;
-        }
-        metrics::orphan_deliveries(targets.len());
-        Some(Command::Enqueue {
-            message: msg.to_stored(publisher.cloned()),
-            targets,
-        })
+        enqueue_command(msg, publisher, targets)
     }
 
     /// The durable command queueing a QoS 1/2 message for one persistent member of each
@@ -1153,14 +1146,7 @@ impl Broker {
             tenant.next_share(),
             skip,
         );
-        if targets.is_empty() {
-            return None;
-        }
-        metrics::orphan_deliveries(targets.len());
-        Some(Command::Enqueue {
-            message: msg.to_stored(publisher.cloned()),
-            targets,
-        })
+        enqueue_command(msg, publisher, targets)
     }
 
     /// After forwarding to `failed` nodes failed: they count as down until they answer again.
@@ -1617,6 +1603,22 @@ fn now_us() -> u64 {
 }
 
 /// The error of a connection that another, newer one superseded before it attached.
+/// `Enqueue` of `msg` for durable `targets` on other nodes (none: no command).
+fn enqueue_command(
+    msg: &Message,
+    publisher: Option<&SessionKey>,
+    targets: Vec<fleetmq_storage::records::Target>,
+) -> Option<Command> {
+    if targets.is_empty() {
+        return None;
+    }
+    metrics::orphan_deliveries(targets.len());
+    Some(Command::Enqueue {
+        message: msg.to_stored(publisher.cloned()),
+        targets,
+    })
+}
+
 /// The error `attach` answers while the node is drained (CONNACK 0x9C).
 pub const DRAINING: &str = "the node is drained";
 

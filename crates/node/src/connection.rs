@@ -1209,12 +1209,18 @@ where
         } else {
             let durable = broker.durable.clone();
             let fallback = broker.clone();
-            // For a failed forward: which shared groups the failed nodes were to serve.
-            let share_remote = (p.qos > 0 && !prepared.share_remote.is_empty())
-                .then(|| prepared.share_remote.clone());
-            let fallback_msg = prepared.msg.clone();
-            let tenant = a.who.tenant.clone();
-            let publisher = a.session.key.clone();
+            // For a failed forward: which shared groups the failed nodes were to serve, and
+            // what re-queueing them takes. Only built when a group went to another node (no
+            // allocation on the usual path).
+            let share_fallback =
+                (forward.is_some() && !prepared.share_remote.is_empty()).then(|| {
+                    (
+                        prepared.share_remote.clone(),
+                        prepared.msg.clone(),
+                        a.who.tenant.clone(),
+                        a.session.key.clone(),
+                    )
+                });
             a.pending.push_back(Box::pin(async move {
                 // Both proposals are made at the first poll, in this order, so a later publish
                 // of the same client can never get an earlier queue position.
@@ -1253,23 +1259,22 @@ where
                         return Ok(());
                     }
                     fallback.forward_failed(&failed);
+                    let Some((share_remote, msg, tenant, publisher)) = share_fallback else {
+                        return Ok(());
+                    };
                     // The shared groups those nodes were picked for go to one persistent
                     // member each, through Raft, before the publisher is acknowledged.
                     let lost: Vec<&String> = share_remote
                         .iter()
-                        .flat_map(|m| m.iter())
                         .filter(|(n, _)| failed.contains(n))
                         .flat_map(|(_, keys)| keys)
                         .collect();
                     if lost.is_empty() {
                         return Ok(());
                     }
-                    match fallback.share_orphan_command(
-                        &tenant,
-                        &fallback_msg,
-                        Some(&publisher),
-                        |k| !lost.iter().any(|l| *l == k),
-                    ) {
+                    match fallback.share_orphan_command(&tenant, &msg, Some(&publisher), |k| {
+                        !lost.iter().any(|l| *l == k)
+                    }) {
                         Some(c) => durable.propose(c).await.map(|_| ()),
                         None => Ok(()),
                     }

@@ -208,6 +208,11 @@ impl DurableIndex {
         self.shares.contains_key(tenant)
     }
 
+    /// True when some persistent session of any tenant has a shared subscription.
+    pub fn has_any_shares(&self) -> bool {
+        !self.shares.is_empty()
+    }
+
     /// For each shared-subscription group (`"<group>/<filter>"`) with persistent members
     /// matching `topic` that `skip` does not name: one member, picked by `turn` among them in
     /// a stable order, as a durable target. QoS 0 is not queued.

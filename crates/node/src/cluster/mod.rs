@@ -107,6 +107,9 @@ pub struct Cluster {
     remote: RwLock<RemoteRoutes>,
     /// Whether `remote` holds any shared-subscription route (kept with every change to it).
     remote_has_shares: std::sync::atomic::AtomicBool,
+    /// Whether the index holds any persistent session's shared subscription (kept with every
+    /// change to it), so a publish takes no index lock for shared groups otherwise.
+    any_persistent_shares: std::sync::atomic::AtomicBool,
     route_tx: mpsc::UnboundedSender<RouteMsg>,
     /// Route changes announced, and those sent to every live peer: equal when nothing waits.
     announced: AtomicU64,
@@ -149,6 +152,7 @@ impl Cluster {
             local: Mutex::new(LocalRoutes::default()),
             remote: RwLock::new(RemoteRoutes::default()),
             remote_has_shares: std::sync::atomic::AtomicBool::new(false),
+            any_persistent_shares: std::sync::atomic::AtomicBool::new(index.has_any_shares()),
             route_tx,
             announced: AtomicU64::new(0),
             acked: Arc::new(AtomicU64::new(0)),
@@ -832,20 +836,31 @@ impl Cluster {
     /// Rebuilds the persistent-session index from the state machine (after a snapshot was
     /// installed: the commands it replaced were never observed here).
     pub fn reload_index(&self) -> Result<(), ClusterError> {
-        *self.index.write() = build_index(&self.durable)?;
+        let index = build_index(&self.durable)?;
+        self.any_persistent_shares
+            .store(index.has_any_shares(), Ordering::Release);
+        *self.index.write() = index;
         Ok(())
     }
 
     /// Mirrors an applied session command into the index.
     pub fn observe_session(&self, cmd: &Command) {
-        self.index.write().observe(cmd);
+        let mut index = self.index.write();
+        index.observe(cmd);
+        self.any_persistent_shares
+            .store(index.has_any_shares(), Ordering::Release);
     }
 
     /// An `ExpireSession` removed a session. Should this node still hold it (it was cut off
     /// from the leader for longer than the session's expiry), it lets go of it too: the client
     /// reconnects to a fresh session instead of one that no longer exists durably.
     pub fn observe_expired(&self, key: &SessionKey) {
-        self.index.write().expired_session(key);
+        {
+            let mut index = self.index.write();
+            index.expired_session(key);
+            self.any_persistent_shares
+                .store(index.has_any_shares(), Ordering::Release);
+        }
         if let Some(b) = self.broker() {
             if b.holds(key) {
                 tracing::warn!(client = %key.client_id, "a session held here expired in the cluster");
@@ -944,7 +959,10 @@ impl Cluster {
     /// True when some persistent session of `tenant` has a shared subscription (so a
     /// publish must say which groups it served: see [`share_targets`](Self::share_targets)).
     pub fn has_persistent_shares(&self, tenant: &str) -> bool {
-        !self.is_alone() && self.index.read().has_shares(tenant)
+        // On every publish: no index lock unless some tenant has such members at all.
+        self.any_persistent_shares.load(Ordering::Acquire)
+            && !self.is_alone()
+            && self.index.read().has_shares(tenant)
     }
 
     /// Durable targets for the shared-subscription groups with persistent members that no

@@ -223,7 +223,11 @@ fn connect_within(node: &Node, id: &str, v5: bool, persistent: bool, secs: u64) 
                 eprintln!("{id}: CONNACK {code:#04x} on {}, retrying", node.mqtt);
                 sleep(Duration::from_millis(250));
             }
-            Err(code) => panic!("{id}: no successful CONNACK on {} ({code:#04x})", node.mqtt),
+            Err(code) => panic!(
+                "{id}: no successful CONNACK on {} ({code:#04x}); its log ends:\n{}",
+                node.mqtt,
+                log_tail(node)
+            ),
         }
     }
 }
@@ -1670,7 +1674,7 @@ fn minority_refuses_durable_writes_and_heals() {
     pa.disconnect();
     eprintln!(
         "before the partition: Raft leader per A is node {}",
-        gauge(&a, "fleetmq_raft_leader_id")
+        gauge(&a, "fleetmq_raft_leader_id{group=\"0\"}")
     );
 
     let frozen = Frozen::freeze(&[(&b, "B"), (&c, "C")]);
@@ -1867,7 +1871,7 @@ fn fourth_node_joins_and_a_node_leaves_gracefully() {
     for (n, name) in [(&a, "A"), (&d, "D")] {
         wait_gauge(n, name, "fleetmq_cluster_members", 4.0, 10);
     }
-    wait_gauge(&a, "A", "fleetmq_raft_voters", 3.0, 10);
+    wait_gauge(&a, "A", "fleetmq_raft_voters{group=\"0\"}", 3.0, 10);
 
     // D routes both ways: a persistent subscriber on D gets what A publishes, a subscriber on
     // A what D publishes.
@@ -2003,7 +2007,7 @@ fn fourth_node_joins_and_a_node_leaves_gracefully() {
             ));
         }
     }
-    if let Err(v) = gauge_by(&a, "fleetmq_raft_voters", 3.0, by) {
+    if let Err(v) = gauge_by(&a, "fleetmq_raft_voters{group=\"0\"}", 3.0, by) {
         failures.push(format!(
             "fleetmq_raft_voters on A is {v} 10 s after C left, wanted 3 (D promoted)"
         ));
@@ -2149,9 +2153,9 @@ fn a_dead_voter_is_replaced_by_a_learner() {
     let mut c = Node::start_cluster(3, free_port(), &[a.grpc_addr()], args);
     let d = Node::start_cluster(4, free_port(), &[a.grpc_addr()], args);
     wait_gauge(&d, "D", "fleetmq_cluster_members", 4.0, 10);
-    wait_gauge(&a, "A", "fleetmq_raft_voters", 3.0, 10);
+    wait_gauge(&a, "A", "fleetmq_raft_voters{group=\"0\"}", 3.0, 10);
     assert_eq!(
-        gauge(&d, "fleetmq_raft_is_voter"),
+        gauge(&d, "fleetmq_raft_is_voter{group=\"0\"}"),
         0.0,
         "D starts as a learner"
     );
@@ -2162,8 +2166,11 @@ fn a_dead_voter_is_replaced_by_a_learner() {
     drop(s);
 
     c.kill9();
-    wait_gauge(&d, "D", "fleetmq_raft_is_voter", 1.0, 30);
-    wait_gauge(&a, "A", "fleetmq_raft_voters", 3.0, 10);
+    wait_gauge(&d, "D", "fleetmq_raft_is_voter{group=\"0\"}", 1.0, 30);
+    wait_gauge(&a, "A", "fleetmq_raft_voters{group=\"0\"}", 3.0, 10);
+    // The session shards too: with C dead, A, B and D vote in every one of them.
+    let groups = 1.0 + gauge(&a, "fleetmq_cluster_shards");
+    wait_gauge(&d, "D", "fleetmq_raft_is_voter", groups, 30);
 
     b.kill9();
     // A and D: two of the three voters. Durable writes work (after an election if B led).
@@ -2178,7 +2185,7 @@ fn a_dead_voter_is_replaced_by_a_learner() {
 
     // C comes back as a learner and catches up with what was written without it.
     c.restart();
-    wait_gauge(&c, "C", "fleetmq_raft_is_voter", 0.0, 20);
+    wait_gauge(&c, "C", "fleetmq_raft_is_voter{group=\"0\"}", 0.0, 20);
     let deadline = Instant::now() + REPLICATION;
     let want = gauge(&a, "fleetmq_raft_applied_index");
     while gauge(&c, "fleetmq_raft_applied_index") < want {

@@ -1,6 +1,6 @@
 //! The broker's entry point to durable state: open, propose (group-committed), recover.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fleetmq_storage::{
     Command, Entry, RecoveredSession, Response, Space, StateMachineStore, Storage, StoredMessage,
-    MAX_COMMANDS_PER_ENTRY,
+    MAX_COMMANDS_PER_ENTRY, NO_SESSION_SEQ,
 };
 use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, Config, RaftMetrics, SnapshotPolicy};
@@ -24,9 +24,16 @@ use crate::pb::{JoinRequest, NodeInfo};
 use crate::proposer::{self, Msg, Route};
 use crate::sm_adapter::{Applied, SmAdapter};
 use crate::type_config::{Batch, Raft};
+use crate::{placement, shard};
 
-/// The only group for now (it holds everything); shards get their own ids later.
-pub const GROUP: u64 = 0;
+pub use crate::shard::META;
+
+/// Session shards of a new cluster unless told otherwise (`--shards`).
+pub const DEFAULT_SHARDS: u32 = 4;
+
+/// Session shards at most: a group id must fit the top byte of a message id (`tag_msg_ids`),
+/// and every group costs each node a Raft instance.
+pub const MAX_SHARDS: u32 = 128;
 
 /// Voters of the group at most; further members replicate as learners (they serve reads and
 /// forward writes, but a write needs only a majority of these).
@@ -59,6 +66,45 @@ pub struct DurableConfig {
     pub secret: crate::grpc::AddSecret,
     /// Mutual TLS for calls to peers (`None`: plaintext).
     pub tls: Option<crate::grpc::ClusterTls>,
+    /// Session shards when this node creates the cluster (ignored when it joins one or
+    /// restarts: the count is fixed at creation and kept in the data directory).
+    pub shards: u32,
+}
+
+/// How far a node has applied each group: the applied index by group id (0: meta,
+/// `1..=S`: shards). Compared element-wise: a node has applied another's progress when it is
+/// at or past it in every group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress(pub Vec<u64>);
+
+impl Progress {
+    /// The index in `group` (0 when unknown).
+    pub fn get(&self, group: u64) -> u64 {
+        self.0.get(group as usize).copied().unwrap_or(0)
+    }
+
+    /// Raises `group` to at least `index`.
+    pub fn raise(&mut self, group: u64, index: u64) {
+        let g = group as usize;
+        if self.0.len() <= g {
+            self.0.resize(g + 1, 0);
+        }
+        self.0[g] = self.0[g].max(index);
+    }
+
+    /// Raises every group to at least `other`'s.
+    pub fn merge(&mut self, other: &Progress) {
+        for (g, i) in other.0.iter().enumerate() {
+            self.raise(g as u64, *i);
+        }
+    }
+
+    /// Progress in one group only.
+    pub fn at(group: u64, index: u64) -> Progress {
+        let mut p = Progress::default();
+        p.raise(group, index);
+        p
+    }
 }
 
 /// Handle to the node's durable state; cheap to clone.
@@ -67,16 +113,29 @@ pub struct Durable {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+/// One Raft group of this node: the meta group or a session shard.
+struct Group {
     id: u64,
     raft: Raft,
+    sm: StateMachineStore,
+    tx: mpsc::UnboundedSender<Msg>,
+    batcher: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Inner {
+    id: u64,
+    /// Session shards (groups `1..=shards`); 0 for a cluster created before shards.
+    shards: u32,
+    /// Group `g` at index `g`.
+    groups: Vec<Group>,
     channels: Channels,
     storage: Storage,
-    sm: StateMachineStore,
     applied: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Applied>>>,
-    tx: mpsc::UnboundedSender<Msg>,
     closing: AtomicBool,
-    batcher: Mutex<Option<JoinHandle<()>>>,
+    /// Nodes down for a while (voters are replaced) and down at all (they lead nothing), as the
+    /// node's liveness tracking last said (see [`Durable::set_liveness`]).
+    liveness: std::sync::Mutex<(BTreeSet<u64>, BTreeSet<u64>)>,
+    reconcilers: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 fn raft_config() -> Result<Config, ClusterError> {
@@ -102,78 +161,115 @@ fn raft_config() -> Result<Config, ClusterError> {
 }
 
 impl Durable {
-    /// Opens the data directory, starts Raft, initialises a one-member cluster on an empty
-    /// directory, and returns once this node is leader and has applied its whole log, so that
+    /// Opens the data directory, starts Raft for the meta group and every session shard,
+    /// initialises a one-member cluster on an empty directory, and returns once every group
+    /// has a leader and has applied its whole local log, so that
     /// [`sessions`](Self::sessions) and [`retained`](Self::retained) see recovered state.
     pub async fn open(cfg: DurableConfig) -> Result<Durable, ClusterError> {
         Self::open_with(cfg, raft_config()?).await
     }
 
     async fn open_with(cfg: DurableConfig, config: Config) -> Result<Durable, ClusterError> {
+        let config = Arc::new(config);
         let storage = Storage::open(&cfg.data_dir)?;
-        let log = LogAdapter::new(storage.log_store(GROUP)?);
-        let sm = storage.state_machine(GROUP)?;
         let (applied_tx, applied_rx) = mpsc::unbounded_channel();
-        let sm_adapter = SmAdapter::new(sm.clone(), storage.clone())
-            .map_err(|e| ClusterError::Fatal(e.to_string()))?
-            .with_observer(applied_tx);
         let channels = Channels::new(cfg.secret.clone(), cfg.tls.clone());
-        let network = GrpcNetwork::new(GROUP, channels.clone());
-        let raft = Raft::new(cfg.node_id, Arc::new(config), network, log, sm_adapter).await?;
-        if let Some(server) = &cfg.server {
-            server.add_group(GROUP, raft.clone());
-        }
-
-        if !raft.is_initialized().await? && !cfg.join.is_empty() {
-            join(&cfg, &channels).await?;
-        } else if !raft.is_initialized().await? {
+        let max_batch = cfg.max_batch.clamp(1, MAX_COMMANDS_PER_ENTRY);
+        let start = |g: u64| {
+            start_group(
+                g,
+                &cfg,
+                &config,
+                &storage,
+                &channels,
+                applied_tx.clone(),
+                max_batch,
+            )
+        };
+        let meta = start(META).await?;
+        let shards_file = cfg.data_dir.join("shards");
+        let known_shards = read_shards(&shards_file)?;
+        let initialized = meta.raft.is_initialized().await?;
+        let shards = if !initialized && !cfg.join.is_empty() {
+            let s = join(&cfg, &channels).await?;
+            write_shards(&shards_file, s)?;
+            s
+        } else if !initialized {
             let members = BTreeMap::from([(
                 cfg.node_id,
                 BasicNode {
                     addr: cfg.advertise_addr.clone(),
                 },
             )]);
-            match raft.initialize(members).await {
-                Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-                Err(RaftError::Fatal(f)) => return Err(f.into()),
-                Err(RaftError::APIError(e)) => return Err(ClusterError::Raft(e.to_string())),
+            initialize(&meta.raft, members).await?;
+            write_shards(&shards_file, cfg.shards)?;
+            cfg.shards
+        } else {
+            // A member restarting; a data directory from before shards has no file: 0.
+            known_shards.unwrap_or(0)
+        };
+        let mut groups = vec![meta];
+        for g in 1..=u64::from(shards) {
+            let group = start(g).await?;
+            if !initialized && cfg.join.is_empty() {
+                let members = BTreeMap::from([(
+                    cfg.node_id,
+                    BasicNode {
+                        addr: cfg.advertise_addr.clone(),
+                    },
+                )]);
+                initialize(&group.raft, members).await?;
             }
+            groups.push(group);
         }
 
         // A leader is known (this node, once elected, or the one that added it) and everything
-        // in the local log is applied, so recovery below sees the state as of this start.
-        raft.wait(Some(OPEN_TIMEOUT))
-            .metrics(
-                |m| {
-                    m.current_leader.is_some()
-                        && m.last_applied.map(|l| l.index) >= m.last_log_index
-                },
-                "a known leader and the whole local log applied",
-            )
-            .await
-            .map_err(|e| ClusterError::Timeout(e.to_string()))?;
+        // in the local log is applied, so recovery below sees the state as of this start. A
+        // joining node's shards get their leader once the shard leaders have added it.
+        for g in &groups {
+            g.raft
+                .wait(Some(OPEN_TIMEOUT))
+                .metrics(
+                    |m| {
+                        m.current_leader.is_some()
+                            && m.last_applied.map(|l| l.index) >= m.last_log_index
+                    },
+                    "a known leader and the whole local log applied",
+                )
+                .await
+                .map_err(|e| ClusterError::Timeout(format!("group {}: {e}", g.id)))?;
+        }
+        let inner = Arc::new(Inner {
+            id: cfg.node_id,
+            shards,
+            groups,
+            channels,
+            storage,
+            applied: std::sync::Mutex::new(Some(applied_rx)),
+            closing: AtomicBool::new(false),
+            liveness: Default::default(),
+            reconcilers: Default::default(),
+        });
+        let tasks = (1..=u64::from(shards))
+            .map(|g| tokio::spawn(reconcile_loop(Arc::downgrade(&inner), g)))
+            .collect();
+        *inner.reconcilers.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        Ok(Durable { inner })
+    }
 
-        let max_batch = cfg.max_batch.clamp(1, MAX_COMMANDS_PER_ENTRY);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let route = Route {
-            self_id: cfg.node_id,
-            group: GROUP,
-            channels: channels.clone(),
-        };
-        let batcher = tokio::spawn(proposer::run(raft.clone(), route, rx, max_batch));
-        Ok(Durable {
-            inner: Arc::new(Inner {
-                id: cfg.node_id,
-                raft,
-                channels,
-                storage,
-                sm,
-                applied: std::sync::Mutex::new(Some(applied_rx)),
-                tx,
-                closing: AtomicBool::new(false),
-                batcher: Mutex::new(Some(batcher)),
-            }),
-        })
+    /// The number of session shards (groups `1..=shards`; 0: the meta group holds everything).
+    pub fn shards(&self) -> u32 {
+        self.inner.shards
+    }
+
+    /// The group holding a device's records.
+    pub fn group_of(&self, key: &fleetmq_storage::SessionKey) -> u64 {
+        shard::group_of(key, self.inner.shards)
+    }
+
+    fn group(&self, g: u64) -> &Group {
+        // Group ids come from `shard::route` over this node's own shard count.
+        &self.inner.groups[g as usize]
     }
 
     /// Proposes one command; resolves once it is committed (flushed) and applied.
@@ -182,19 +278,139 @@ impl Durable {
         self.propose_indexed(cmd).await.map(|(r, _)| r)
     }
 
-    /// Like [`propose`](Self::propose), also returning the index of the entry it was
-    /// committed in (to make other nodes wait until they have applied it).
-    pub async fn propose_indexed(&self, cmd: Command) -> Result<(Response, u64), ClusterError> {
+    /// Like [`propose`](Self::propose), also returning where it was committed (to make other
+    /// nodes wait until they have applied it).
+    ///
+    /// A publish or enqueue whose targets live in several shards is split into one command
+    /// per shard, committed concurrently; if one fails the whole call fails, and the client's
+    /// retransmission (QoS 1) may queue the message again where it had succeeded. A publish
+    /// that records the publisher's inbound QoS 2 id goes through the publisher's shard's
+    /// outbox instead ([`propose_outbox`](Self::propose_outbox)): exactly once everywhere.
+    pub async fn propose_indexed(
+        &self,
+        cmd: Command,
+    ) -> Result<(Response, Progress), ClusterError> {
         fleetmq_storage::validate(&cmd).map_err(|e| ClusterError::InvalidCommand(e.to_string()))?;
         if self.inner.closing.load(Ordering::Acquire) {
             return Err(ClusterError::ShuttingDown);
         }
+        match shard::route(cmd, self.inner.shards) {
+            shard::Routed::One(g, cmd) => {
+                let (r, i) = self.propose_in(g, cmd)?.await?;
+                Ok((r, Progress::at(g, i)))
+            }
+            shard::Routed::Outbox {
+                home,
+                cmd,
+                local,
+                foreign,
+                targets,
+            } => {
+                self.propose_outbox(home, cmd, local, foreign, targets)
+                    .await
+            }
+            shard::Routed::Many { parts, targets } => {
+                let mut waits = Vec::with_capacity(parts.len());
+                for p in &parts {
+                    waits.push(self.propose_in(p.group, p.cmd.clone())?);
+                }
+                let answers = futures_join(waits).await?;
+                let mut progress = Progress::default();
+                for (p, (_, i)) in parts.iter().zip(&answers) {
+                    progress.raise(p.group, *i);
+                }
+                let merged = shard::merge(
+                    targets,
+                    parts
+                        .iter()
+                        .zip(answers)
+                        .map(|(p, (r, _))| (p.positions.as_slice(), r))
+                        .collect(),
+                );
+                Ok((merged, progress))
+            }
+        }
+    }
+
+    /// A `PublishOutbox`: committed in the publisher's shard first (a duplicate stops
+    /// there), then queued in the other shards (`EnqueueOnce`, idempotent), then marked done.
+    /// Once the first commit is in, the message is the cluster's: if a later step fails, the
+    /// home shard's leader finishes it (`sweep_outbox`), so the answer is still success and
+    /// only the seqs of the targets not yet queued are `NO_SESSION_SEQ`.
+    async fn propose_outbox(
+        &self,
+        home: u64,
+        cmd: Command,
+        local: Vec<usize>,
+        foreign: Vec<shard::Part>,
+        targets: usize,
+    ) -> Result<(Response, Progress), ClusterError> {
+        let (r, i) = self.propose_in(home, cmd)?.await?;
+        let mut progress = Progress::at(home, i);
+        let (home_seqs, id) = match r {
+            Response::Outboxed { seqs, id } => (seqs, id),
+            other => return Ok((other, progress)),
+        };
+        let mut seqs = vec![NO_SESSION_SEQ; targets];
+        for (p, s) in local.iter().zip(home_seqs) {
+            if let Some(slot) = seqs.get_mut(*p) {
+                *slot = s;
+            }
+        }
+        if id == 0 {
+            return Ok((Response::Published { seqs }, progress));
+        }
+        let mut waits = Vec::with_capacity(foreign.len());
+        for p in &foreign {
+            let mut cmd = p.cmd.clone();
+            if let Command::EnqueueOnce { origin, .. } = &mut cmd {
+                *origin = (home, id);
+            }
+            waits.push(self.propose_in(p.group, cmd)?);
+        }
+        match futures_join(waits).await {
+            Ok(answers) => {
+                for (p, (r, i)) in foreign.iter().zip(answers) {
+                    progress.raise(p.group, i);
+                    if let Response::Published { seqs: s } = r {
+                        for (pos, seq) in p.positions.iter().zip(s) {
+                            if let Some(slot) = seqs.get_mut(*pos) {
+                                *slot = seq;
+                            }
+                        }
+                    }
+                }
+                self.propose_to_nowait(home, Command::OutboxDone { id });
+            }
+            Err(e) => {
+                tracing::warn!(group = home, id, error = %e, "queueing in other shards failed; the shard's leader finishes it");
+            }
+        }
+        Ok((Response::Published { seqs }, progress))
+    }
+
+    /// Proposes to one group without waiting (commands that name their group themselves).
+    fn propose_to_nowait(&self, g: u64, cmd: Command) {
+        if self.group(g).tx.send(Msg::Propose(cmd, None)).is_err() {
+            tracing::debug!("proposal after shutdown dropped");
+        }
+    }
+
+    /// Queues `cmd` on group `g`'s batcher; the future resolves with its answer.
+    fn propose_in(
+        &self,
+        g: u64,
+        cmd: Command,
+    ) -> Result<
+        impl std::future::Future<Output = Result<(Response, u64), ClusterError>>,
+        ClusterError,
+    > {
         let (tx, rx) = oneshot::channel();
-        self.inner
+        self.group(g)
             .tx
             .send(Msg::Propose(cmd, Some(tx)))
             .map_err(|_| ClusterError::ShuttingDown)?;
-        rx.await.map_err(|_| ClusterError::ShuttingDown)?
+        Ok(async move { rx.await.map_err(|_| ClusterError::ShuttingDown)? })
     }
 
     /// Proposes one command without waiting; same ordering as [`propose`](Self::propose).
@@ -204,21 +420,42 @@ impl Durable {
             tracing::warn!(error = %e, "dropping invalid command");
             return;
         }
-        if self.inner.closing.load(Ordering::Acquire)
-            || self.inner.tx.send(Msg::Propose(cmd, None)).is_err()
-        {
+        if self.inner.closing.load(Ordering::Acquire) {
             tracing::debug!("proposal after shutdown dropped");
+            return;
+        }
+        let parts = match shard::route(cmd, self.inner.shards) {
+            shard::Routed::One(g, cmd) => vec![(g, cmd)],
+            // The rest is finished by the home shard's leader from its outbox.
+            shard::Routed::Outbox { home, cmd, .. } => vec![(home, cmd)],
+            shard::Routed::Many { parts, .. } => {
+                parts.into_iter().map(|p| (p.group, p.cmd)).collect()
+            }
+        };
+        for (g, cmd) in parts {
+            if self.group(g).tx.send(Msg::Propose(cmd, None)).is_err() {
+                tracing::debug!("proposal after shutdown dropped");
+            }
         }
     }
 
-    /// All persistent sessions as last applied (call after `open` for recovery).
+    /// All persistent sessions as last applied (call after `open` for recovery). Message ids
+    /// carry their group in the top byte, so ids of different shards never collide.
     pub fn sessions(&self) -> Result<Vec<RecoveredSession>, ClusterError> {
-        Ok(self.inner.sm.sessions()?)
+        let mut out = Vec::new();
+        for g in &self.inner.groups {
+            let mut s = g.sm.sessions()?;
+            for rs in &mut s {
+                tag_msg_ids(g.id, rs);
+            }
+            out.extend(s);
+        }
+        Ok(out)
     }
 
     /// All retained messages as `(tenant, topic, message)`.
     pub fn retained(&self) -> Result<Vec<(String, String, StoredMessage)>, ClusterError> {
-        Ok(self.inner.sm.retained()?)
+        Ok(self.group(META).sm.retained()?)
     }
 
     /// One directory entry as last applied here.
@@ -228,7 +465,11 @@ impl Durable {
         tenant: &str,
         name: &str,
     ) -> Result<Option<Vec<u8>>, ClusterError> {
-        Ok(self.inner.sm.entry(space, tenant, name)?)
+        let g = match space {
+            Space::Holder => self.group_of(&fleetmq_storage::SessionKey::new(tenant, name)),
+            _ => META,
+        };
+        Ok(self.group(g).sm.entry(space, tenant, name)?)
     }
 
     /// One persistent session as last applied here (to move it to this node).
@@ -236,12 +477,24 @@ impl Durable {
         &self,
         key: &fleetmq_storage::SessionKey,
     ) -> Result<Option<RecoveredSession>, ClusterError> {
-        Ok(self.inner.sm.session(key)?)
+        let g = self.group_of(key);
+        let mut s = self.group(g).sm.session(key)?;
+        if let Some(rs) = &mut s {
+            tag_msg_ids(g, rs);
+        }
+        Ok(s)
     }
 
     /// Every directory entry of a space as last applied: `(space, tenant, name, value)`.
     pub fn entries(&self, space: Space) -> Result<Vec<Entry>, ClusterError> {
-        Ok(self.inner.sm.entries(space)?)
+        if space != Space::Holder {
+            return Ok(self.group(META).sm.entries(space)?);
+        }
+        let mut out = Vec::new();
+        for g in &self.inner.groups {
+            out.extend(g.sm.entries(space)?);
+        }
+        Ok(out)
     }
 
     /// The stream of directory and retained commands this node applies (taken once).
@@ -263,10 +516,11 @@ impl Durable {
         &self.inner.channels
     }
 
-    /// The members of the cluster (voters and learners) as `(id, gRPC address)`, by id.
+    /// The members of the cluster (voters and learners of the meta group) as
+    /// `(id, gRPC address)`, by id.
     pub fn members(&self) -> Vec<(u64, String)> {
         // Borrowed, not cloned: the metrics hold the replication map too.
-        let rx = self.inner.raft.metrics();
+        let rx = self.group(META).raft.metrics();
         let m = rx.borrow();
         m.membership_config
             .nodes()
@@ -276,7 +530,7 @@ impl Durable {
 
     /// How many members the cluster has (cheap: on the publish path).
     pub fn member_count(&self) -> usize {
-        self.inner
+        self.group(META)
             .raft
             .metrics()
             .borrow()
@@ -285,27 +539,74 @@ impl Durable {
             .count()
     }
 
-    /// The voters of the group as this node last heard.
-    pub fn voters(&self) -> std::collections::BTreeSet<u64> {
+    /// The voters of the meta group as this node last heard.
+    pub fn voters(&self) -> BTreeSet<u64> {
+        voters_of(&self.group(META).raft)
+    }
+
+    /// The leader of the meta group as this node last heard.
+    pub fn leader(&self) -> Option<u64> {
+        self.group(META).raft.metrics().borrow().current_leader
+    }
+
+    /// Every group's voters and leader as this node last heard: `(group, voters, leader)`.
+    pub fn layout(&self) -> Vec<(u64, BTreeSet<u64>, Option<u64>)> {
         self.inner
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
+            .groups
+            .iter()
+            .map(|g| {
+                let rx = g.raft.metrics();
+                let m = rx.borrow();
+                (
+                    g.id,
+                    m.membership_config.membership().voter_ids().collect(),
+                    m.current_leader,
+                )
+            })
             .collect()
     }
 
-    /// The leader of the group as this node last heard.
-    pub fn leader(&self) -> Option<u64> {
-        self.inner.raft.metrics().borrow().current_leader
+    /// Tells the shard reconcilers which nodes are down for long (`dead`: their voter seats go
+    /// to others) and down at all (`down`: they are not given leaderships).
+    pub fn set_liveness(&self, dead: BTreeSet<u64>, down: BTreeSet<u64>) {
+        *self
+            .inner
+            .liveness
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = (dead, down);
     }
 
-    /// The Raft metrics, when this node leads the group; `NotLeader` (naming the leader)
-    /// otherwise: membership changes are the leader's.
+    /// Starts an election for `group` on this node at once (the leader asked: it has stopped
+    /// its heartbeats so that this node's vote requests are not refused for its lease).
+    pub async fn elect(&self, group: u64) -> Result<(), ClusterError> {
+        let g = self
+            .inner
+            .groups
+            .get(group as usize)
+            .ok_or_else(|| ClusterError::Raft(format!("no group {group}")))?;
+        if !voters_of(&g.raft).contains(&self.inner.id) {
+            return Err(ClusterError::Raft(format!(
+                "node {} is not a voter of group {group}",
+                self.inner.id
+            )));
+        }
+        // The leader's lease on the other voters runs out 300 ms after its last heartbeat;
+        // asking every 25 ms from then on makes this node the first candidate they accept.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(900);
+        while tokio::time::Instant::now() < deadline {
+            if g.raft.metrics().borrow().current_leader == Some(self.inner.id) {
+                return Ok(());
+            }
+            g.raft.trigger().elect().await?;
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Ok(())
+    }
+
+    /// The Raft metrics, when this node leads the meta group; `NotLeader` (naming the
+    /// leader) otherwise: membership changes are the leader's.
     fn leader_metrics(&self) -> Result<RaftMetrics<u64, BasicNode>, ClusterError> {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let m = self.group(META).raft.metrics().borrow().clone();
         if m.current_leader != Some(self.inner.id) {
             return Err(ClusterError::NotLeader {
                 leader_id: m.current_leader,
@@ -315,10 +616,11 @@ impl Durable {
         Ok(m)
     }
 
-    /// Adds a node as a learner (returning once it has caught up), then as a voter while the
-    /// group has fewer than [`MAX_VOTERS`]. Only the leader can; others answer `NotLeader`.
+    /// Adds a node to the meta group as a learner (returning once it has caught up), then as a
+    /// voter while the group has fewer than [`MAX_VOTERS`]. Only the leader can; others answer
+    /// `NotLeader`. The shards follow the meta group's membership on their own.
     pub async fn add_node(&self, id: u64, addr: String) -> Result<(), ClusterError> {
-        let raft = &self.inner.raft;
+        let raft = &self.group(META).raft;
         let m = self.leader_metrics()?;
         let known = m
             .membership_config
@@ -329,13 +631,7 @@ impl Durable {
                 .await
                 .map_err(membership_err)?;
         }
-        let voters: std::collections::BTreeSet<u64> = raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let voters = voters_of(raft);
         if voters.len() < MAX_VOTERS && !voters.contains(&id) {
             let mut next = voters;
             next.insert(id);
@@ -346,14 +642,14 @@ impl Durable {
         Ok(())
     }
 
-    /// Removes a node from the group (it leaves the cluster). A learner takes the place of a
-    /// leaving voter while there are fewer than [`MAX_VOTERS`]. Only the leader can; others
-    /// answer `NotLeader`. Removing a node that is not a member is a no-op.
+    /// Removes a node from the meta group (it leaves the cluster; the shards follow). A
+    /// learner takes the place of a leaving voter while there are fewer than [`MAX_VOTERS`].
+    /// Only the leader can; others answer `NotLeader`. Removing a non-member is a no-op.
     pub async fn remove_node(&self, id: u64) -> Result<(), ClusterError> {
-        let raft = &self.inner.raft;
+        let raft = &self.group(META).raft;
         let m = self.leader_metrics()?;
         let membership = m.membership_config.membership();
-        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let all: Vec<u64> = membership.nodes().map(|(n, _)| *n).collect();
         if !all.contains(&id) {
             return Ok(());
@@ -375,7 +671,7 @@ impl Durable {
                 .map_err(membership_err)?;
         } else {
             raft.change_membership(
-                openraft::ChangeMembers::RemoveNodes(std::collections::BTreeSet::from([id])),
+                openraft::ChangeMembers::RemoveNodes(BTreeSet::from([id])),
                 false,
             )
             .await
@@ -384,14 +680,12 @@ impl Durable {
         Ok(())
     }
 
-    /// On the leader: puts live learners in the places of voters in `dead` and promotes
-    /// learners while there are fewer than [`MAX_VOTERS`] voters (see [`crate::rebalance`]).
-    /// Replaced voters stay as learners. True when the membership changed; elsewhere a no-op.
-    pub async fn rebalance_voters(
-        &self,
-        dead: &std::collections::BTreeSet<u64>,
-    ) -> Result<bool, ClusterError> {
-        let raft = &self.inner.raft;
+    /// On the meta group's leader: puts live learners in the places of voters in `dead` and
+    /// promotes learners while there are fewer than [`MAX_VOTERS`] voters (see
+    /// [`crate::rebalance`]). Replaced voters stay as learners. True when the membership
+    /// changed; elsewhere a no-op.
+    pub async fn rebalance_voters(&self, dead: &BTreeSet<u64>) -> Result<bool, ClusterError> {
+        let raft = &self.group(META).raft;
         let (voters, learners) = {
             let rx = raft.metrics();
             let m = rx.borrow();
@@ -402,7 +696,7 @@ impl Durable {
             if membership.get_joint_config().len() > 1 {
                 return Ok(false); // a change is under way
             }
-            let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+            let voters: BTreeSet<u64> = membership.voter_ids().collect();
             let learners = membership.learner_ids().collect();
             (voters, learners)
         };
@@ -417,14 +711,26 @@ impl Durable {
         Ok(true)
     }
 
-    /// Waits until this node has applied everything the leader had committed when this was
-    /// called, so that reads of the local state machine see every acknowledged write (used
-    /// before a session moves here from another node).
+    /// Waits until this node has applied everything the leaders had committed when this was
+    /// called, in every group, so that reads of the local state machines see every
+    /// acknowledged write (used before a session moves here from another node).
     pub async fn read_barrier(&self) -> Result<(), ClusterError> {
+        futures_join(
+            self.inner
+                .groups
+                .iter()
+                .map(|g| self.read_barrier_of(g.id))
+                .collect(),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn read_barrier_of(&self, g: u64) -> Result<(), ClusterError> {
         // Retried through a failover (an election takes a few hundred milliseconds).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            match self.read_barrier_once().await {
+            match self.read_barrier_once(g).await {
                 Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -433,8 +739,8 @@ impl Durable {
         }
     }
 
-    async fn read_barrier_once(&self) -> Result<(), ClusterError> {
-        let raft = &self.inner.raft;
+    async fn read_barrier_once(&self, g: u64) -> Result<(), ClusterError> {
+        let raft = &self.group(g).raft;
         let empty = Batch(Arc::new(Vec::new()));
         let remote_leader = {
             let rx = raft.metrics();
@@ -443,7 +749,9 @@ impl Durable {
                 Some(l) if l == self.inner.id => None,
                 Some(_) => leader_addr(&m),
                 None => {
-                    return Err(ClusterError::Unavailable("no leader known".into()));
+                    return Err(ClusterError::Unavailable(format!(
+                        "group {g}: no leader known"
+                    )));
                 }
             }
         };
@@ -457,8 +765,7 @@ impl Durable {
                 return Ok(());
             }
             Some(addr) => {
-                match forward_write(&self.inner.channels, &addr, GROUP, &empty, OPEN_TIMEOUT).await
-                {
+                match forward_write(&self.inner.channels, &addr, g, &empty, OPEN_TIMEOUT).await {
                     Ok(Ok(r)) => r.log_id.index,
                     Ok(Err(RaftError::APIError(e))) => return Err(ClusterError::from(&e)),
                     Ok(Err(RaftError::Fatal(f))) => return Err(ClusterError::Raft(f.to_string())),
@@ -473,67 +780,198 @@ impl Durable {
         Ok(())
     }
 
-    /// The index of the last entry applied here.
-    pub fn applied_index(&self) -> u64 {
-        self.inner
-            .raft
-            .metrics()
-            .borrow()
-            .last_applied
-            .map(|l| l.index)
-            .unwrap_or(0)
+    /// The index of the last entry applied here in every group.
+    pub fn applied(&self) -> Progress {
+        Progress(
+            self.inner
+                .groups
+                .iter()
+                .map(|g| applied_of(&g.raft))
+                .collect(),
+        )
     }
 
-    /// Waits (at most `timeout`) until this node has applied `index`; false on timeout.
-    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
-        if self.applied_index() >= index {
-            return true;
+    /// The index of the last entry applied here in the group holding `key`'s records.
+    pub fn applied_index_of(&self, key: &fleetmq_storage::SessionKey) -> u64 {
+        applied_of(&self.group(self.group_of(key)).raft)
+    }
+
+    /// Waits (at most `timeout`) until this node has applied `progress` in every group it
+    /// has; false on timeout.
+    pub async fn wait_applied(&self, progress: &Progress, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for g in &self.inner.groups {
+            let index = progress.get(g.id);
+            if index == 0 || applied_of(&g.raft) >= index {
+                continue;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if g.raft
+                .wait(Some(left))
+                .applied_index_at_least(Some(index), "applied index")
+                .await
+                .is_err()
+            {
+                return false;
+            }
         }
-        self.inner
-            .raft
-            .wait(Some(timeout))
-            .applied_index_at_least(Some(index), "applied index")
-            .await
-            .is_ok()
+        true
     }
 
-    /// Current Raft metrics (leadership, log and applied index), for health checks.
+    /// Current Raft metrics of the meta group (leadership, log and applied index).
     pub fn raft_metrics(&self) -> RaftMetrics<u64, BasicNode> {
-        self.inner.raft.metrics().borrow().clone()
+        self.group(META).raft.metrics().borrow().clone()
     }
 
-    /// Builds a snapshot now (and purges the log behind it), instead of waiting for the
-    /// snapshot policy; for operations and tests. Returns before the snapshot is done.
+    /// Current Raft metrics of every group, by group id.
+    pub fn group_metrics(&self) -> Vec<(u64, RaftMetrics<u64, BasicNode>)> {
+        self.inner
+            .groups
+            .iter()
+            .map(|g| (g.id, g.raft.metrics().borrow().clone()))
+            .collect()
+    }
+
+    /// Builds a snapshot of every group now (and purges the logs behind them), instead of
+    /// waiting for the snapshot policy; for operations and tests. Returns before they are done.
     pub async fn trigger_snapshot(&self) -> Result<(), ClusterError> {
-        Ok(self.inner.raft.trigger().snapshot().await?)
+        for g in &self.inner.groups {
+            g.raft.trigger().snapshot().await?;
+        }
+        Ok(())
     }
 
     /// Answers every proposal queued so far, refuses new ones, stops Raft and flushes sled.
     pub async fn shutdown(&self) -> Result<(), ClusterError> {
         self.inner.closing.store(true, Ordering::Release);
-        let Some(batcher) = self.inner.batcher.lock().await.take() else {
-            return Ok(()); // already shut down
-        };
-        let (ack_tx, ack_rx) = oneshot::channel();
-        if self.inner.tx.send(Msg::Shutdown(ack_tx)).is_ok() {
-            let _ = ack_rx.await;
+        for t in self
+            .inner
+            .reconcilers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
         }
-        if let Err(e) = batcher.await {
-            tracing::error!(error = %e, "raft batcher task failed");
+        for g in &self.inner.groups {
+            let Some(batcher) = g.batcher.lock().await.take() else {
+                continue; // already shut down
+            };
+            let (ack_tx, ack_rx) = oneshot::channel();
+            if g.tx.send(Msg::Shutdown(ack_tx)).is_ok() {
+                let _ = ack_rx.await;
+            }
+            if let Err(e) = batcher.await {
+                tracing::error!(error = %e, group = g.id, "raft batcher task failed");
+            }
         }
-        self.inner
-            .raft
-            .shutdown()
-            .await
-            .map_err(|e| ClusterError::Fatal(e.to_string()))?;
-        // Staged state-machine writes go to sled before the final flush, so the next start
-        // does not have to re-apply them from the log (it could, but this is faster).
-        self.inner.sm.write_back()?;
+        for g in &self.inner.groups {
+            g.raft
+                .shutdown()
+                .await
+                .map_err(|e| ClusterError::Fatal(e.to_string()))?;
+            // Staged state-machine writes go to sled before the final flush, so the next start
+            // does not have to re-apply them from the log (it could, but this is faster).
+            g.sm.write_back()?;
+        }
         self.inner.storage.flush().await?;
         Ok(())
     }
 }
 
+/// Starts Raft and the batcher of one group (its server registration included).
+async fn start_group(
+    g: u64,
+    cfg: &DurableConfig,
+    config: &Arc<Config>,
+    storage: &Storage,
+    channels: &Channels,
+    applied_tx: mpsc::UnboundedSender<Applied>,
+    max_batch: usize,
+) -> Result<Group, ClusterError> {
+    let log = LogAdapter::new(storage.log_store(g)?);
+    let sm = storage.state_machine(g)?;
+    let sm_adapter = SmAdapter::new(sm.clone(), storage.clone())
+        .map_err(|e| ClusterError::Fatal(e.to_string()))?
+        .with_observer(g, applied_tx);
+    let network = GrpcNetwork::new(g, channels.clone());
+    let raft = Raft::new(cfg.node_id, config.clone(), network, log, sm_adapter).await?;
+    if let Some(server) = &cfg.server {
+        server.add_group(g, raft.clone());
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let route = Route {
+        self_id: cfg.node_id,
+        group: g,
+        channels: channels.clone(),
+    };
+    let batcher = tokio::spawn(proposer::run(raft.clone(), route, rx, max_batch));
+    Ok(Group {
+        id: g,
+        raft,
+        sm,
+        tx,
+        batcher: Mutex::new(Some(batcher)),
+    })
+}
+
+async fn initialize(raft: &Raft, members: BTreeMap<u64, BasicNode>) -> Result<(), ClusterError> {
+    match raft.initialize(members).await {
+        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(RaftError::Fatal(f)) => Err(f.into()),
+        Err(RaftError::APIError(e)) => Err(ClusterError::Raft(e.to_string())),
+    }
+}
+
+fn read_shards(path: &std::path::Path) -> Result<Option<u32>, ClusterError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| ClusterError::Fatal(format!("{} is not a number", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ClusterError::Fatal(format!("{}: {e}", path.display()))),
+    }
+}
+
+fn write_shards(path: &std::path::Path, shards: u32) -> Result<(), ClusterError> {
+    std::fs::write(path, format!("{shards}\n"))
+        .map_err(|e| ClusterError::Fatal(format!("{}: {e}", path.display())))
+}
+
+/// Message ids are `(log index << 16) | position` within one group; the top byte is free and
+/// takes the group, so recovered sessions of different shards never share an id.
+fn tag_msg_ids(g: u64, rs: &mut RecoveredSession) {
+    for (_, entry, _) in &mut rs.queue {
+        entry.msg_id = (entry.msg_id & ((1 << 56) - 1)) | (g << 56);
+    }
+}
+
+fn voters_of(raft: &Raft) -> BTreeSet<u64> {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect()
+}
+
+fn applied_of(raft: &Raft) -> u64 {
+    raft.metrics()
+        .borrow()
+        .last_applied
+        .map(|l| l.index)
+        .unwrap_or(0)
+}
+
+/// Awaits all together, answers in order, failing with the first error.
+async fn futures_join<F, T>(futs: Vec<F>) -> Result<Vec<T>, ClusterError>
+where
+    F: std::future::Future<Output = Result<T, ClusterError>>,
+{
+    futures_util::future::try_join_all(futs).await
+}
 /// The advertised address of the leader the metrics name, if it is known and a member.
 pub(crate) fn leader_addr(m: &RaftMetrics<u64, BasicNode>) -> Option<String> {
     let l = m.current_leader?;
@@ -551,8 +989,9 @@ fn membership_err<E: std::fmt::Display>(e: RaftError<u64, E>) -> ClusterError {
 }
 
 /// Asks the seeds, in turn, to add this node, until one succeeds or `JOIN_TIMEOUT` passes.
-/// Any member will do: one that is not the leader passes the request on.
-async fn join(cfg: &DurableConfig, channels: &Channels) -> Result<(), ClusterError> {
+/// Any member will do: one that is not the leader passes the request on. Returns the
+/// cluster's shard count.
+async fn join(cfg: &DurableConfig, channels: &Channels) -> Result<u32, ClusterError> {
     let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
     let me = NodeInfo {
         node_id: cfg.node_id,
@@ -577,8 +1016,8 @@ async fn join(cfg: &DurableConfig, channels: &Channels) -> Result<(), ClusterErr
             match tokio::time::timeout(OPEN_TIMEOUT, client.join(req)).await {
                 Ok(Ok(reply)) => {
                     let r = reply.into_inner();
-                    tracing::info!(%seed, members = r.members.len(), leader = r.leader_id, "joined the cluster");
-                    return Ok(());
+                    tracing::info!(%seed, members = r.members.len(), leader = r.leader_id, shards = r.shards, "joined the cluster");
+                    return Ok(r.shards);
                 }
                 Ok(Err(status)) => {
                     tracing::warn!(%seed, error = %status.message(), "join refused; retrying")
@@ -594,6 +1033,322 @@ async fn join(cfg: &DurableConfig, channels: &Channels) -> Result<(), ClusterErr
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// How often each shard's leader compares its group with the plan.
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// How long adding a member to a shard may take to catch up before the round gives up (the
+/// next round goes on where it stopped: the learner is in the membership by then).
+const ADD_LEARNER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A shard's leadership moves at most this often: each move stops its writes for about
+/// 0.4 s (the old leader's lease must run out before the new one can be elected).
+const TRANSFER_COOLDOWN: Duration = Duration::from_secs(5);
+/// How far behind the leader's log a voter may be and still be handed the leadership.
+const TRANSFER_MAX_LAG: u64 = 64;
+
+/// While this node leads shard `g`: makes the shard's membership follow the meta group's
+/// (every member replicates every shard), its voters and its leader follow the placement
+/// plan. One change per round, so a failed step is simply retried next round.
+async fn reconcile_loop(inner: std::sync::Weak<Inner>, g: u64) {
+    let mut last_transfer = Quiet::default();
+    let mut sweep = Sweep::default();
+    for round in 0u64.. {
+        tokio::time::sleep(RECONCILE_EVERY).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.closing.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = reconcile(&inner, g, &mut last_transfer).await {
+            tracing::debug!(group = g, error = %e, "shard membership step failed; retrying");
+        }
+        if round % SWEEP_EVERY_ROUNDS == 0 {
+            let d = Durable { inner };
+            if let Err(e) = d.sweep_outbox(g, &mut sweep).await {
+                tracing::warn!(group = g, error = %e, "finishing outbox entries failed; retrying");
+            }
+        }
+    }
+}
+
+/// When this shard last wrote, as its leader saw, and when its leadership last moved.
+#[derive(Default)]
+struct Quiet {
+    last_log: u64,
+    since: Option<tokio::time::Instant>,
+    transferred: Option<tokio::time::Instant>,
+}
+
+impl Quiet {
+    /// Notes the leader's last log index; true once it has not moved for `QUIET_FOR`.
+    fn is_quiet(&mut self, last_log: u64) -> bool {
+        let now = tokio::time::Instant::now();
+        if self.since.is_none() || self.last_log != last_log {
+            self.last_log = last_log;
+            self.since = Some(now);
+        }
+        self.since
+            .is_some_and(|t| now.duration_since(t) >= QUIET_FOR)
+    }
+}
+
+/// A leadership moves only after the shard has had no write for this long: the move stops
+/// its writes for about half a second, and a write acknowledged in that window might reach
+/// another node's state later than that node's routes (see `docs/architecture.md`).
+const QUIET_FOR: Duration = Duration::from_secs(1);
+
+/// The outbox sweeper runs every this many reconcile rounds (2 s).
+const SWEEP_EVERY_ROUNDS: u64 = 4;
+/// Seen-origin records in the other shards are pruned at most this often.
+const FORGET_EVERY: Duration = Duration::from_secs(10);
+
+/// What the outbox sweeper of one shard remembers between rounds.
+#[derive(Default)]
+struct Sweep {
+    /// Entries pending at the last round: still pending now means their proposer is not
+    /// finishing them (it died, or a shard refused), so this leader does.
+    pending: BTreeSet<u64>,
+    /// The last `below` sent to the other shards, and when.
+    forgot: Option<(u64, tokio::time::Instant)>,
+}
+
+impl Durable {
+    /// On the leader of shard `g`: finishes outbox entries that stayed pending for a whole
+    /// round (queues them in their shards, idempotently, then marks them done), and now and
+    /// then tells the other shards which of this shard's origins they may forget.
+    async fn sweep_outbox(&self, g: u64, sweep: &mut Sweep) -> Result<(), ClusterError> {
+        let group = self.group(g);
+        if group.raft.metrics().borrow().current_leader != Some(self.inner.id) {
+            sweep.pending.clear();
+            return Ok(());
+        }
+        let applied = applied_of(&group.raft);
+        let pending = group.sm.outbox()?;
+        let now: BTreeSet<u64> = pending.iter().map(|(id, _, _)| *id).collect();
+        for (id, message, targets) in pending {
+            if !sweep.pending.contains(&id) {
+                continue; // its proposer gets a round to finish it
+            }
+            // Queued as `Enqueue` is, whatever the proposer meant: the node holding each
+            // session learns of it by applying, since the proposer may be gone.
+            let mut by_group: BTreeMap<u64, Vec<(fleetmq_storage::Target, bool)>> = BTreeMap::new();
+            for (t, _) in targets {
+                by_group
+                    .entry(self.group_of(&t.key))
+                    .or_default()
+                    .push((t, false));
+            }
+            let mut waits = Vec::with_capacity(by_group.len());
+            for (tg, targets) in by_group {
+                let cmd = Command::EnqueueOnce {
+                    origin: (g, id),
+                    message: message.clone(),
+                    targets,
+                };
+                waits.push(self.propose_in(tg, cmd)?);
+            }
+            futures_join(waits).await?;
+            self.propose_in(g, Command::OutboxDone { id })?.await?;
+            metrics::counter!("fleetmq_cluster_outbox_finished_total").increment(1);
+            tracing::info!(group = g, id, "finished an outbox entry its proposer left");
+        }
+        sweep.pending = now;
+        // Every entry below the oldest pending one (or, with none, below anything not yet
+        // applied here) is done and never sent again.
+        let below = match sweep.pending.first() {
+            Some(min) => *min,
+            None => (applied + 1) << 16,
+        };
+        let due = match sweep.forgot {
+            None => true,
+            Some((last, at)) => below > last && at.elapsed() >= FORGET_EVERY,
+        };
+        if due {
+            for other in 1..=u64::from(self.inner.shards) {
+                if other != g {
+                    self.propose_to_nowait(other, Command::ForgetOrigins { group: g, below });
+                }
+            }
+            sweep.forgot = Some((below, tokio::time::Instant::now()));
+        }
+        Ok(())
+    }
+}
+
+async fn reconcile(inner: &Inner, g: u64, quiet: &mut Quiet) -> Result<(), ClusterError> {
+    let raft = &inner.groups[g as usize].raft;
+    let (nodes, voters, last_log, matched) = {
+        let rx = raft.metrics();
+        let m = rx.borrow();
+        if m.current_leader != Some(inner.id) {
+            return Ok(());
+        }
+        let mem = m.membership_config.membership();
+        if mem.get_joint_config().len() > 1 {
+            return Ok(()); // a change is under way
+        }
+        let matched: BTreeMap<u64, u64> = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .map(|(n, l)| (*n, l.map(|l| l.index).unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (
+            mem.nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect::<BTreeMap<u64, String>>(),
+            mem.voter_ids().collect::<BTreeSet<u64>>(),
+            m.last_log_index.unwrap_or(0),
+            matched,
+        )
+    };
+    let members: BTreeMap<u64, String> = inner.groups[META as usize]
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .nodes()
+        .map(|(id, n)| (*id, n.addr.clone()))
+        .collect();
+    if members.is_empty() {
+        return Ok(());
+    }
+    // 1. Every member replicates every shard.
+    for (id, addr) in &members {
+        if nodes.get(id) != Some(addr) {
+            tracing::info!(group = g, node = id, "adding a member to the shard");
+            let add = raft.add_learner(*id, BasicNode { addr: addr.clone() }, true);
+            tokio::time::timeout(ADD_LEARNER_TIMEOUT, add)
+                .await
+                .map_err(|_| ClusterError::Timeout(format!("node {id} catching up")))?
+                .map_err(membership_err)?;
+            return Ok(());
+        }
+    }
+    let (dead, down) = inner
+        .liveness
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let member_ids: BTreeSet<u64> = members.keys().copied().collect();
+    let current: BTreeMap<u64, BTreeSet<u64>> = inner.groups[1..]
+        .iter()
+        .map(|gr| (gr.id, voters_of(&gr.raft)))
+        .collect();
+    // 2. Voters where the plan puts them (every shard leader computes the same plan). A
+    // leader that is to lose its own seat hands the leadership over first (step 4).
+    let plan = placement::plan_shard_voters(&member_ids, &dead, &current, MAX_VOTERS);
+    let want = plan.get(&g).cloned().unwrap_or_default();
+    let losing_seat = !want.contains(&inner.id);
+    if !losing_seat && !want.is_empty() && want != voters {
+        tracing::info!(group = g, ?voters, ?want, "moving shard voters");
+        raft.change_membership(want, true)
+            .await
+            .map_err(membership_err)?;
+        metrics::counter!("fleetmq_cluster_shard_voter_changes_total").increment(1);
+        return Ok(());
+    }
+    // 3. Nodes that left the cluster leave the shard.
+    let gone: BTreeSet<u64> = nodes
+        .keys()
+        .filter(|n| !members.contains_key(n) && !voters.contains(n))
+        .copied()
+        .collect();
+    if !gone.is_empty() {
+        raft.change_membership(openraft::ChangeMembers::RemoveNodes(gone), false)
+            .await
+            .map_err(membership_err)?;
+        return Ok(());
+    }
+    // 4. The leadership where the plan puts it.
+    let leaders: BTreeMap<u64, u64> = inner.groups[1..]
+        .iter()
+        .filter_map(|gr| {
+            gr.raft
+                .metrics()
+                .borrow()
+                .current_leader
+                .map(|l| (gr.id, l))
+        })
+        .collect();
+    let mut down = down;
+    down.extend(dead.iter().copied());
+    let target = if losing_seat {
+        want.iter()
+            .find(|n| voters.contains(n) && !down.contains(n) && **n != inner.id)
+            .copied()
+    } else {
+        placement::plan_leaders(&current, &leaders, &down)
+            .get(&g)
+            .copied()
+    };
+    let Some(target) = target.filter(|t| *t != inner.id && voters.contains(t)) else {
+        return Ok(());
+    };
+    // A seat being lost (the node leaves) does not wait for quiet; spreading load does.
+    let idle = quiet.is_quiet(last_log);
+    if (!losing_seat && !idle)
+        || quiet
+            .transferred
+            .is_some_and(|t| t.elapsed() < TRANSFER_COOLDOWN)
+        || matched.get(&target).copied().unwrap_or(0) + TRANSFER_MAX_LAG < last_log
+    {
+        return Ok(());
+    }
+    let Some(addr) = nodes.get(&target) else {
+        return Ok(());
+    };
+    quiet.transferred = Some(tokio::time::Instant::now());
+    tracing::info!(
+        group = g,
+        to = target,
+        "handing the shard's leadership over"
+    );
+    transfer_leader(inner, raft, g, target, addr).await
+}
+
+/// openraft 0.9 has no leadership transfer; this emulates one. The leader stops its
+/// heartbeats, so the other voters' leader lease (300 ms) runs out, and asks the target to
+/// start an election at once: it becomes candidate before the others' own election timeouts
+/// (lease + 150-300 ms) fire. Heartbeats are back on afterwards whatever happened.
+async fn transfer_leader(
+    inner: &Inner,
+    raft: &Raft,
+    g: u64,
+    target: u64,
+    addr: &str,
+) -> Result<(), ClusterError> {
+    raft.runtime_config().heartbeat(false);
+    let asked = async {
+        let channel = inner
+            .channels
+            .get(addr)
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        let mut client = NodeServiceClient::new(channel);
+        let req = crate::pb::TransferLeaderRequest {
+            group: g,
+            to_node_id: target,
+        };
+        tokio::time::timeout(Duration::from_secs(2), client.transfer_leader(req))
+            .await
+            .map_err(|_| ClusterError::Timeout("transfer_leader".into()))?
+            .map_err(|s| ClusterError::Unavailable(s.message().to_string()))?;
+        Ok::<(), ClusterError>(())
+    }
+    .await;
+    let me = inner.id;
+    let moved = raft
+        .wait(Some(Duration::from_millis(1500)))
+        .metrics(|m| m.current_leader != Some(me), "leadership moved")
+        .await
+        .is_ok();
+    raft.runtime_config().heartbeat(true);
+    if moved {
+        metrics::counter!("fleetmq_cluster_leader_transfers_total").increment(1);
+    }
+    asked
 }
 
 #[cfg(test)]
@@ -617,6 +1372,7 @@ mod tests {
             server: None,
             secret: Default::default(),
             tls: None,
+            shards: 0,
         };
         let config = Config {
             max_in_snapshot_log_to_keep: 0,
@@ -647,7 +1403,7 @@ mod tests {
         }
         let last = d.raft_metrics().last_applied;
         d.trigger_snapshot().await.expect("trigger");
-        d.inner
+        d.inner.groups[0]
             .raft
             .wait(Some(Duration::from_secs(10)))
             .metrics(

@@ -6,12 +6,14 @@ pub mod error;
 pub mod grpc;
 pub mod log_adapter;
 pub mod pb;
+pub mod placement;
 mod proposer;
 pub mod rebalance;
+pub mod shard;
 pub mod sm_adapter;
 pub mod type_config;
 
-pub use durable::{Durable, DurableConfig};
+pub use durable::{Durable, DurableConfig, Progress};
 pub use error::ClusterError;
 pub use sm_adapter::Applied;
 pub use type_config::{Batch, Raft, TypeConfig};

@@ -19,14 +19,15 @@ use crate::type_config::{RaftStorageError, TypeConfig};
 /// holders, orphan deliveries), whoever proposed them, or that a snapshot replaced everything.
 #[derive(Debug, Clone)]
 pub enum Applied {
-    /// Observed commands of one entry, in log order, with the entry's index and each
-    /// command's response.
+    /// Observed commands of one entry, in log order, with the entry's group and index and
+    /// each command's response.
     Commands {
+        group: u64,
         index: u64,
         cmds: Vec<(fleetmq_storage::Command, fleetmq_storage::Response)>,
     },
-    /// A snapshot was installed: reload every cache from the state machine.
-    Snapshot,
+    /// A snapshot was installed in a group: reload every cache from the state machines.
+    Snapshot { group: u64 },
 }
 
 /// True for the commands other nodes' in-memory state mirrors.
@@ -43,6 +44,8 @@ fn observed(cmd: &fleetmq_storage::Command) -> bool {
             | C::Subscribe { .. }
             | C::Unsubscribe { .. }
             | C::Enqueue { .. }
+            | C::PublishOutbox { .. }
+            | C::EnqueueOnce { .. }
     )
 }
 
@@ -65,6 +68,8 @@ pub struct SmAdapter {
     last_applied: Option<LogId<u64>>,
     membership: Membership,
     observer: Option<tokio::sync::mpsc::UnboundedSender<Applied>>,
+    /// The group this state machine belongs to, named in what the observer is told.
+    group: u64,
 }
 
 impl SmAdapter {
@@ -84,12 +89,18 @@ impl SmAdapter {
             last_applied,
             membership,
             observer: None,
+            group: 0,
         })
     }
 
     /// Also reports applied directory and retained commands to `tx`.
-    pub fn with_observer(mut self, tx: tokio::sync::mpsc::UnboundedSender<Applied>) -> Self {
+    pub fn with_observer(
+        mut self,
+        group: u64,
+        tx: tokio::sync::mpsc::UnboundedSender<Applied>,
+    ) -> Self {
         self.observer = Some(tx);
+        self.group = group;
         self
     }
 
@@ -150,6 +161,7 @@ impl RaftStateMachine<TypeConfig> for SmAdapter {
                             .map(|(c, r)| (c.clone(), r.clone()))
                             .collect();
                         self.notify(Applied::Commands {
+                            group: self.group,
                             index: log_id.index,
                             cmds,
                         });
@@ -207,7 +219,7 @@ impl RaftStateMachine<TypeConfig> for SmAdapter {
         self.storage.flush().await.map_err(snap_err)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        self.notify(Applied::Snapshot);
+        self.notify(Applied::Snapshot { group: self.group });
         Ok(())
     }
 

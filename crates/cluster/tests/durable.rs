@@ -1,4 +1,5 @@
-//! End-to-end tests of the one-member durable group on a temporary directory.
+//! End-to-end tests of a one-member node's durable groups (meta and four shards) on a
+//! temporary directory.
 
 use std::path::Path;
 use std::time::Instant;
@@ -17,6 +18,8 @@ fn cfg(dir: &Path) -> DurableConfig {
         server: None,
         secret: Default::default(),
         tls: None,
+        // Sharded, so a publish to several sessions is split and recovered across groups.
+        shards: 4,
     }
 }
 

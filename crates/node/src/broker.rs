@@ -359,7 +359,7 @@ impl Broker {
         }
         if persistent {
             if !present {
-                session.state.lock().durable_from = self.durable.applied_index();
+                session.state.lock().durable_from = self.durable.applied_index_of(&key);
             }
             let record = SessionRecord {
                 expiry_secs,
@@ -1069,7 +1069,7 @@ impl Broker {
             self.durable.read_barrier().await?;
         }
         // ...and what was queued through Raft after this index is added when applied here.
-        let from = self.durable.applied_index();
+        let from = self.durable.applied_index_of(key);
         let Some(rs) = self.durable.session(key)? else {
             return Ok(home);
         };
@@ -1159,13 +1159,38 @@ impl Broker {
 
     /// A delivery queued through Raft for a session (by a node that thought it orphaned):
     /// added to the session if this node holds it and loaded it before that entry.
+    /// Of a publish with the publisher's inbound id or from another shard's outbox, only the
+    /// targets marked `false`: the proposing node delivers the others itself.
     pub fn observe_enqueue(&self, index: u64, cmd: &Command, resp: &Response) {
-        let (Command::Enqueue { message, targets }, Response::Published { seqs }) = (cmd, resp)
-        else {
-            return;
+        let (message, targets, seqs): (_, Vec<&Target>, &Vec<u64>) = match (cmd, resp) {
+            (Command::Enqueue { message, targets }, Response::Published { seqs }) => {
+                (message, targets.iter().collect(), seqs)
+            }
+            (
+                Command::EnqueueOnce {
+                    message, targets, ..
+                },
+                Response::Published { seqs },
+            )
+            | (
+                Command::PublishOutbox {
+                    message, targets, ..
+                },
+                Response::Outboxed { seqs, .. },
+            ) => (message, targets.iter().map(|(t, _)| t).collect(), seqs),
+            _ => return,
+        };
+        let observed: Vec<bool> = match cmd {
+            Command::EnqueueOnce { targets, .. } | Command::PublishOutbox { targets, .. } => {
+                targets.iter().map(|(_, delivered)| !delivered).collect()
+            }
+            _ => vec![true; targets.len()],
         };
         let mut msg = None;
-        for (t, seq) in targets.iter().zip(seqs) {
+        for ((t, seq), observe) in targets.into_iter().zip(seqs).zip(observed) {
+            if !observe || *seq == fleetmq_storage::NO_SESSION_SEQ {
+                continue;
+            }
             let Some(session) = self.sessions.lock().get(&t.key).map(|b| b.0.clone()) else {
                 continue;
             };
@@ -1476,7 +1501,7 @@ impl Broker {
         }
         let mut messages: HashMap<u64, Arc<Message>> = HashMap::new();
         let mut restored = 0usize;
-        let applied = self.durable.applied_index();
+        let applied = self.durable.applied();
         for rs in sessions {
             let expiry = rs.record.expiry_secs;
             let elapsed_ms = rs
@@ -1495,7 +1520,7 @@ impl Broker {
                 let mut st: parking_lot::MutexGuard<'_, SessionState> = session.state.lock();
                 st.generation = 1;
                 // Entries replayed before this point are in the recovered state already.
-                st.durable_from = applied;
+                st.durable_from = applied.get(self.durable.group_of(&rs.key));
                 for pid in rs.inbound_pids {
                     st.inbound_qos2.insert(pid, true);
                 }
@@ -1603,6 +1628,32 @@ fn now_us() -> u64 {
 }
 
 /// The error of a connection that another, newer one superseded before it attached.
+/// A `Publish` that records the publisher's inbound QoS 2 id, with the `Enqueue`s of the
+/// same message, as one `PublishOutbox` (the publish targets first, in order, marked as
+/// delivered by this node; the enqueued ones after them). Any other publish is returned as is.
+pub fn with_outbox(publish: Command, orphan: Option<Command>, share: Option<Command>) -> Command {
+    let Command::Publish {
+        message,
+        targets,
+        inbound: Some(inbound),
+    } = publish
+    else {
+        return publish;
+    };
+    let mut all: Vec<(Target, bool)> = targets.into_iter().map(|t| (t, true)).collect();
+    for c in [orphan, share].into_iter().flatten() {
+        if let Command::Enqueue { targets, .. } = c {
+            all.extend(targets.into_iter().map(|t| (t, false)));
+        }
+    }
+    Command::PublishOutbox {
+        message,
+        inbound,
+        targets: all,
+        outbox: Vec::new(),
+    }
+}
+
 /// `Enqueue` of `msg` for durable `targets` on other nodes (none: no command).
 fn enqueue_command(
     msg: &Message,

@@ -82,6 +82,9 @@ pub struct Cli {
     /// Commands per Raft entry at most (group commit size).
     #[arg(long, env = "FLEETMQ_RAFT_MAX_BATCH")]
     pub raft_max_batch: Option<usize>,
+    /// Session shards (Raft groups besides the meta group) when this node creates the cluster; fixed from then on (joining nodes take the cluster's).
+    #[arg(long, env = "FLEETMQ_SHARDS")]
+    pub shards: Option<u32>,
     /// Admit clients that send no credentials into this tenant (created if missing). Off by default.
     #[arg(long, env = "FLEETMQ_ANONYMOUS_TENANT")]
     pub anonymous_tenant: Option<String>,
@@ -193,6 +196,7 @@ pub struct FileConfig {
     pub topic_alias_maximum: Option<u16>,
     pub connect_timeout_secs: Option<u64>,
     pub raft_max_batch: Option<usize>,
+    pub shards: Option<u32>,
     pub anonymous_tenant: Option<String>,
     pub admin_password: Option<String>,
     pub bootstrap_password: Option<String>,
@@ -247,6 +251,8 @@ pub struct Config {
     pub topic_alias_maximum: u16,
     pub connect_timeout_secs: u64,
     pub raft_max_batch: usize,
+    /// Session shards of a cluster this node creates.
+    pub shards: u32,
     pub anonymous_tenant: Option<String>,
     pub admin_password: Option<String>,
     pub bootstrap_password: Option<String>,
@@ -325,6 +331,7 @@ impl Default for Config {
             topic_alias_maximum: 64,
             connect_timeout_secs: 10,
             raft_max_batch: 4_096,
+            shards: fleetmq_cluster::durable::DEFAULT_SHARDS,
             anonymous_tenant: None,
             admin_password: None,
             bootstrap_password: None,
@@ -453,6 +460,7 @@ impl Config {
                     .raft_max_batch
                     .or(file.raft_max_batch)
                     .unwrap_or(d.raft_max_batch),
+                shards: cli.shards.or(file.shards).unwrap_or(d.shards),
                 anonymous_tenant: cli.anonymous_tenant.or(file.anonymous_tenant),
                 admin_password: cli.admin_password.or(file.admin_password),
                 bootstrap_password: cli.bootstrap_password.or(file.bootstrap_password),
@@ -534,6 +542,9 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "max_packet_size must be between 64 bytes and 256 MiB",
             ));
+        }
+        if cfg.shards > fleetmq_cluster::durable::MAX_SHARDS {
+            return Err(ConfigError::Invalid("shards must be at most 128"));
         }
         Ok(cfg)
     }

@@ -203,15 +203,19 @@ async fn commit_all(
     commit_all_indexed(durable, cmds).await.map(|_| ())
 }
 
-/// Commits `cmds`; returns the highest Raft index they were committed in (0 for none).
+/// Commits `cmds`; returns where they were committed (the highest index per group).
 async fn commit_all_indexed(
     durable: &fleetmq_cluster::Durable,
     cmds: Vec<Command>,
-) -> Result<u64, ClusterError> {
+) -> Result<fleetmq_cluster::Progress, ClusterError> {
     let done =
         futures_util::future::try_join_all(cmds.into_iter().map(|c| durable.propose_indexed(c)))
             .await?;
-    Ok(done.into_iter().map(|(_, i)| i).max().unwrap_or(0))
+    let mut progress = fleetmq_cluster::Progress::default();
+    for (_, p) in &done {
+        progress.merge(p);
+    }
+    Ok(progress)
 }
 
 /// What `poll_io` saw first.
@@ -1189,7 +1193,17 @@ where
             prepared.remote = !remote.is_empty() || orphan_cmd.is_some() || share_cmd.is_some();
         }
         let inbound = (p.qos == 2 && a.persistent).then(|| (a.session.key.clone(), p.pkid));
-        let cmd = broker.publish_command(&prepared, Some(&a.session.key), inbound);
+        let mut cmd = broker.publish_command(&prepared, Some(&a.session.key), inbound);
+        if let Some(c) = cmd.take() {
+            // With the publisher's inbound QoS 2 id, every durable target goes in one command:
+            // recorded in the publisher's shard with the id, so no target can be missed or
+            // queued twice when the client sends the PUBLISH again.
+            cmd = Some(crate::broker::with_outbox(
+                c,
+                orphan_cmd.take(),
+                share_cmd.take(),
+            ));
+        }
         let ack = match p.qos {
             0 => Ack::Nothing,
             1 => Ack::Puback(p.pkid),
@@ -1383,7 +1397,7 @@ where
         result: Result<Response, ClusterError>,
     ) -> Result<(), Close> {
         let (reason, ok) = match result {
-            Ok(Response::Published { seqs }) => {
+            Ok(Response::Published { seqs } | Response::Outboxed { seqs, .. }) => {
                 let matched =
                     !prepared.matches.is_empty() || prepared.device_api || prepared.remote;
                 self.broker.deliver(prepared, &seqs);
@@ -1699,7 +1713,7 @@ where
                 match &result {
                     // A persistent subscription: every node must have applied it (publishers
                     // queue for it from their copy of the log) and have the routes.
-                    Ok(index) if persistent => cluster.sync_peers(*index).await,
+                    Ok(index) if persistent => cluster.sync_peers(index.clone()).await,
                     _ => {
                         if let Some(r) = routes {
                             r.await;
@@ -2011,7 +2025,7 @@ where
             } = done
             {
                 let seqs = match resp {
-                    Response::Published { seqs } => seqs,
+                    Response::Published { seqs } | Response::Outboxed { seqs, .. } => seqs,
                     Response::DuplicateInbound => continue,
                     Response::Ok | Response::Exists | Response::Kept => Vec::new(),
                 };

@@ -102,6 +102,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         server: Some(raft_server),
         secret: add_secret,
         tls: cluster_tls,
+        shards: cfg.shards,
     })
     .await
     .context("opening durable state")?;
@@ -294,7 +295,7 @@ async fn observe_applied(
     use fleetmq_cluster::Applied;
     while let Some(ev) = rx.recv().await {
         match ev {
-            Applied::Commands { index, cmds } => {
+            Applied::Commands { index, cmds, .. } => {
                 use fleetmq_storage::{Command as C, Space};
                 for (c, r) in &cmds {
                     match c {
@@ -309,7 +310,9 @@ async fn observe_applied(
                                 broker.cluster.observe_expired(key);
                             }
                         }
-                        C::Enqueue { .. } => broker.observe_enqueue(index, c, r),
+                        C::Enqueue { .. } | C::EnqueueOnce { .. } | C::PublishOutbox { .. } => {
+                            broker.observe_enqueue(index, c, r)
+                        }
                         C::PutEntry {
                             space: Space::Holder,
                             tenant,
@@ -329,7 +332,7 @@ async fn observe_applied(
                     }
                 }
             }
-            Applied::Snapshot => {
+            Applied::Snapshot { .. } => {
                 if let Err(e) = dir.reload() {
                     tracing::error!(error = %e, "reloading the directory failed");
                 }

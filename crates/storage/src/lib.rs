@@ -14,6 +14,7 @@ pub use db::Storage;
 pub use error::{Result, StorageError};
 pub use log_store::LogStore;
 pub use records::*;
+pub use sm_read::OutboxEntry;
 pub use state_machine::{validate, StateMachineStore, MAX_COMMANDS_PER_ENTRY, NO_SESSION_SEQ};
 
 #[cfg(test)]

@@ -181,6 +181,33 @@ pub enum Command {
         key: SessionKey,
         holder: Option<Vec<u8>>,
     },
+    /// A publish that records the publisher's inbound QoS 2 id, applied in the publisher's
+    /// shard. Each target is marked `true` when the proposing node delivers it from the answer
+    /// (it holds the session, as for `Publish`) or `false` when the node holding it learns of
+    /// it by applying (as for `Enqueue`). Targets of this shard are queued in this step; the
+    /// others (`outbox`) are kept with the message until `OutboxDone`, so that their shards
+    /// queue them exactly once (`EnqueueOnce`) even if the proposing node dies in between:
+    /// the shard's leader redoes what is left. The answer is `Outboxed` (or
+    /// `DuplicateInbound`, with nothing queued or kept).
+    PublishOutbox {
+        message: StoredMessage,
+        inbound: (SessionKey, u16),
+        targets: Vec<(Target, bool)>,
+        outbox: Vec<(Target, bool)>,
+    },
+    /// Targets of outbox entry `origin` = (group, id) of another shard, queued as `Publish` /
+    /// `Enqueue` would per their flag, unless that origin was applied here before (then
+    /// nothing changes and every seq is `NO_SESSION_SEQ`).
+    EnqueueOnce {
+        origin: (u64, u64),
+        message: StoredMessage,
+        targets: Vec<(Target, bool)>,
+    },
+    /// Every other shard has queued outbox entry `id` of this group: it goes.
+    OutboxDone { id: u64 },
+    /// The origins of `group` below id `below` will never be sent again (that group's outbox
+    /// holds nothing older): their records here go.
+    ForgetOrigins { group: u64, below: u64 },
 }
 
 /// The kinds of directory entries. Values are opaque to storage (the node encodes them as
@@ -217,6 +244,12 @@ pub enum Response {
     Exists,
     /// For `ExpireSession`: the holder changed, the session was kept.
     Kept,
+    /// For `PublishOutbox`: the seqs of this shard's targets (in order) and the id of the
+    /// outbox entry the other shards' targets wait in (0: none was needed).
+    Outboxed {
+        seqs: Vec<u64>,
+        id: u64,
+    },
 }
 
 /// Everything a node needs to rebuild one persistent session after a restart.

@@ -5,12 +5,15 @@ use std::collections::HashMap;
 use crate::error::{Result, StorageError};
 use crate::keys;
 use crate::records::{
-    Entry, QueueEntry, RecoveredSession, SessionKey, SessionRecord, Space, StoredMessage,
+    Entry, QueueEntry, RecoveredSession, SessionKey, SessionRecord, Space, StoredMessage, Target,
 };
 use crate::state_machine::{
     decode, encode, entry_key, entry_prefix, message_key, tagged, MessageSlot, StateMachineStore,
-    INBOUND, MESSAGE, META_APPLIED, META_MEMBERSHIP, QUEUE, RETAINED, SESSION,
+    INBOUND, MESSAGE, META_APPLIED, META_MEMBERSHIP, OUTBOX, QUEUE, RETAINED, SESSION,
 };
+
+/// An unfinished outbox entry: `(id, message, targets in other shards with their flags)`.
+pub type OutboxEntry = (u64, StoredMessage, Vec<(Target, bool)>);
 
 const SNAPSHOT_CURRENT: &[u8] = b"current";
 
@@ -102,6 +105,19 @@ impl StateMachineStore {
                 keys::take_str(&k[prefix.len()..]).ok_or_else(|| corrupt("entry key"))?;
             let (name, _) = keys::take_str(rest).ok_or_else(|| corrupt("entry key"))?;
             out.push((space, tenant, name, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The outbox entries not yet done: `(id, message, targets in other shards)`, by id.
+    pub fn outbox(&self) -> Result<Vec<OutboxEntry>> {
+        self.write_back()?;
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([OUTBOX]) {
+            let (k, v) = kv?;
+            let id = keys::read_u64(&k[1..]).ok_or_else(|| corrupt("outbox id"))?;
+            let (message, targets): (StoredMessage, Vec<(Target, bool)>) = decode(&v)?;
+            out.push((id, message, targets));
         }
         Ok(out)
     }

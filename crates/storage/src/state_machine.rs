@@ -12,6 +12,8 @@
 //! | `0x05` retained | tenant + topic | `StoredMessage` |
 //! | `0x06` next seq | session key | u64 |
 //! | `0x07` directory entry | space u8 + tenant + name | opaque (JSON from the node) |
+//! | `0x08` outbox | id u64 | `(StoredMessage, Vec<(Target, bool)>)` for other shards |
+//! | `0x09` seen origin | group u64 + id u64 | empty |
 //!
 //! Every entry is applied as one `sled::Batch` together with the last-applied marker, so after a
 //! crash either the whole entry and its marker are there or neither is, and replaying the log
@@ -35,6 +37,8 @@ pub(crate) const INBOUND: u8 = 0x04;
 pub(crate) const RETAINED: u8 = 0x05;
 pub(crate) const NEXT_SEQ: u8 = 0x06;
 pub(crate) const ENTRY: u8 = 0x07;
+pub(crate) const OUTBOX: u8 = 0x08;
+pub(crate) const SEEN: u8 = 0x09;
 
 pub(crate) const META_APPLIED: &[u8] = b"\x00last_applied";
 pub(crate) const META_MEMBERSHIP: &[u8] = b"\x00membership";
@@ -98,6 +102,21 @@ pub(crate) fn message_key(id: u64) -> Vec<u8> {
     k
 }
 
+pub(crate) fn outbox_key(id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(OUTBOX);
+    k.extend_from_slice(&keys::u64_key(id));
+    k
+}
+
+fn seen_key(group: u64, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(SEEN);
+    k.extend_from_slice(&keys::u64_key(group));
+    k.extend_from_slice(&keys::u64_key(id));
+    k
+}
+
 fn retained_key(tenant: &str, topic: &str) -> Result<Vec<u8>> {
     let mut k = vec![RETAINED];
     keys::put_str(&mut k, tenant)?;
@@ -152,6 +171,24 @@ pub fn validate(cmd: &Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::PublishOutbox {
+            inbound,
+            targets,
+            outbox,
+            ..
+        } => {
+            for (t, _) in targets.iter().chain(outbox) {
+                key(&t.key)?;
+            }
+            key(&inbound.0)
+        }
+        Command::EnqueueOnce { targets, .. } => {
+            for (t, _) in targets {
+                key(&t.key)?;
+            }
+            Ok(())
+        }
+        Command::OutboxDone { .. } | Command::ForgetOrigins { .. } => Ok(()),
         Command::SetRetained { tenant, topic, .. } => retained_key(tenant, topic).map(|_| ()),
         Command::PutEntry {
             space,
@@ -280,6 +317,49 @@ fn apply_one(ov: &mut Overlay<'_>, msg_id: u64, cmd: &Command) -> Result<Respons
         }
         Command::Enqueue { message, targets } => {
             return publish(ov, msg_id, message, targets, None);
+        }
+        Command::PublishOutbox {
+            message,
+            inbound,
+            targets,
+            outbox,
+        } => {
+            let local: Vec<Target> = targets.iter().map(|(t, _)| t.clone()).collect();
+            let seqs = match publish(ov, msg_id, message, &local, Some(inbound))? {
+                Response::Published { seqs } => seqs,
+                other => return Ok(other),
+            };
+            if outbox.is_empty() {
+                return Ok(Response::Outboxed { seqs, id: 0 });
+            }
+            ov.put(outbox_key(msg_id), encode(&(message, outbox))?);
+            return Ok(Response::Outboxed { seqs, id: msg_id });
+        }
+        Command::EnqueueOnce {
+            origin,
+            message,
+            targets,
+        } => {
+            let k = seen_key(origin.0, origin.1);
+            if ov.contains(&k)? {
+                return Ok(Response::Published {
+                    seqs: vec![NO_SESSION_SEQ; targets.len()],
+                });
+            }
+            ov.put(k, Vec::new());
+            let local: Vec<Target> = targets.iter().map(|(t, _)| t.clone()).collect();
+            return publish(ov, msg_id, message, &local, None);
+        }
+        Command::OutboxDone { id } => ov.del(outbox_key(*id)),
+        Command::ForgetOrigins { group, below } => {
+            let mut prefix = vec![SEEN];
+            prefix.extend_from_slice(&keys::u64_key(*group));
+            for k in ov.keys_with_prefix(&prefix)? {
+                let id = k.get(9..).and_then(keys::read_u64).unwrap_or(0);
+                if id < *below {
+                    ov.del(k);
+                }
+            }
         }
         Command::Release { key, seq } => {
             let k = queue_key(key, *seq)?;

@@ -538,3 +538,96 @@ fn expire_session_only_while_its_holder_is_unchanged() {
     assert_eq!(message_count(&sm), 0);
     sm.verify_refcounts().expect("consistent");
 }
+
+/// The cross-shard publish of a QoS 2 publisher: the publisher's shard records the inbound id,
+/// queues its own targets and keeps the rest in its outbox; the other shard queues them once,
+/// however often the outbox entry is sent; a duplicate PUBLISH changes nothing anywhere.
+#[test]
+fn outbox_entries_are_queued_once_in_other_shards() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = Storage::open(dir.path()).expect("open");
+    let home = st.state_machine(1).expect("sm 1");
+    let other = st.state_machine(2).expect("sm 2");
+    home.apply(1, &[put("pub"), put("a")], None).expect("put");
+    other.apply(1, &[put("b")], None).expect("put");
+    let po = Command::PublishOutbox {
+        message: msg("x"),
+        inbound: (key("pub"), 9),
+        targets: vec![(target("a"), true)],
+        outbox: vec![(target("b"), false)],
+    };
+    let r = home.apply(2, &[po.clone()], None).expect("outbox");
+    let id = match &r[0] {
+        Response::Outboxed { seqs, id } => {
+            assert_eq!(seqs, &vec![1]);
+            assert_ne!(*id, 0);
+            *id
+        }
+        other => panic!("{other:?}"),
+    };
+    let pending = home.outbox().expect("outbox");
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].0, id);
+    assert_eq!(pending[0].2, vec![(target("b"), false)]);
+    // The same PUBLISH again: a duplicate, no second outbox entry.
+    let r = home.apply(3, &[po], None).expect("dup");
+    assert_eq!(r[0], Response::DuplicateInbound);
+    assert_eq!(home.outbox().expect("outbox").len(), 1);
+
+    let once = Command::EnqueueOnce {
+        origin: (1, id),
+        message: msg("x"),
+        targets: vec![(target("b"), false)],
+    };
+    let r = other.apply(2, &[once.clone()], None).expect("once");
+    assert_eq!(r[0], Response::Published { seqs: vec![1] });
+    // Sent again (a leader redoing it): nothing more is queued.
+    let r = other.apply(3, &[once.clone()], None).expect("again");
+    assert_eq!(
+        r[0],
+        Response::Published {
+            seqs: vec![NO_SESSION_SEQ]
+        }
+    );
+    let b = other.session(&key("b")).expect("read").expect("b");
+    assert_eq!(b.queue.len(), 1);
+
+    home.apply(4, &[Command::OutboxDone { id }], None)
+        .expect("done");
+    assert!(home.outbox().expect("outbox").is_empty());
+    // Origins below a later id are forgotten; an origin at or above it is kept.
+    other
+        .apply(
+            4,
+            &[Command::ForgetOrigins {
+                group: 1,
+                below: id,
+            }],
+            None,
+        )
+        .expect("keep");
+    let r = other.apply(5, &[once.clone()], None).expect("kept");
+    assert_eq!(
+        r[0],
+        Response::Published {
+            seqs: vec![NO_SESSION_SEQ]
+        }
+    );
+    other
+        .apply(
+            6,
+            &[Command::ForgetOrigins {
+                group: 1,
+                below: id + 1,
+            }],
+            None,
+        )
+        .expect("forget");
+    other.write_back().expect("write back");
+    assert_eq!(
+        other.tree.scan_prefix([crate::state_machine::SEEN]).count(),
+        0
+    );
+    other.verify_refcounts().expect("refcounts");
+    home.verify_refcounts().expect("refcounts");
+}

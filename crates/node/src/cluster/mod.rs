@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use fleetmq_cluster::pb::node_service_client::NodeServiceClient;
 use fleetmq_cluster::pb::{self, RouteChange, RouteUpdate};
-use fleetmq_cluster::{ClusterError, Durable};
+use fleetmq_cluster::{ClusterError, Durable, Progress};
 use fleetmq_storage::records::{Command, SessionKey, Space, Target};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
@@ -50,7 +50,7 @@ pub(crate) const RESTORE_BATCH: usize = 2048;
 enum RouteMsg {
     Change(Route, bool),
     /// Answer once every live peer has the changes so far and has applied this Raft index.
-    Flush(oneshot::Sender<()>, u64),
+    Flush(oneshot::Sender<()>, Progress),
 }
 
 /// What became of a message pushed to one device ([`Cluster::push_to_device`]).
@@ -346,10 +346,14 @@ impl Cluster {
             loop {
                 tick.tick().await;
                 let Some(c) = weak.upgrade() else { return };
+                let dead = c.dead_nodes(dead_after);
+                // The shard leaders (anywhere) replace dead voters and spread leaderships
+                // from what this node sees.
+                c.durable
+                    .set_liveness(dead.clone(), c.down.read().keys().copied().collect());
                 if c.durable.leader() != Some(c.id) {
                     continue;
                 }
-                let dead = c.dead_nodes(dead_after);
                 match c.durable.rebalance_voters(&dead).await {
                     Ok(true) => {
                         metrics::counter!("fleetmq_cluster_voter_changes_total").increment(1)
@@ -372,48 +376,48 @@ impl Cluster {
             .collect()
     }
 
-    /// Sets the cluster gauges (sampled when /metrics is scraped).
+    /// Sets the cluster gauges (sampled when /metrics is scraped), per Raft group.
     pub fn sample_metrics(&self) {
-        let m = self.durable.raft_metrics();
-        let group = "0";
-        let g = |name: &'static str, v: f64| metrics::gauge!(name, "group" => group).set(v);
-        g("fleetmq_raft_term", m.current_term as f64);
-        g(
-            "fleetmq_raft_leader_id",
-            m.current_leader.unwrap_or(0) as f64,
-        );
-        g(
-            "fleetmq_raft_is_leader",
-            if m.current_leader == Some(self.id) {
-                1.0
-            } else {
-                0.0
-            },
-        );
-        let last = m.last_log_index.unwrap_or(0);
-        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
-        g("fleetmq_raft_last_log_index", last as f64);
-        g("fleetmq_raft_applied_index", applied as f64);
-        g(
-            "fleetmq_raft_apply_lag",
-            last.saturating_sub(applied) as f64,
-        );
-        let voters = m.membership_config.membership().voter_ids().count();
-        g("fleetmq_raft_voters", voters as f64);
-        let is_voter = m
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == self.id);
-        g("fleetmq_raft_is_voter", if is_voter { 1.0 } else { 0.0 });
-        // Replication lag per follower, as the leader sees it (absent on followers).
-        if let Some(rep) = &m.replication {
-            for (node, matched) in rep {
-                let lag = last.saturating_sub(matched.map(|l| l.index).unwrap_or(0));
-                metrics::gauge!("fleetmq_raft_replication_lag", "group" => group, "peer" => node.to_string())
-                    .set(lag as f64);
+        let mut led = 0u64;
+        for (gid, m) in self.durable.group_metrics() {
+            let group = gid.to_string();
+            let g =
+                |name: &'static str, v: f64| metrics::gauge!(name, "group" => group.clone()).set(v);
+            g("fleetmq_raft_term", m.current_term as f64);
+            g(
+                "fleetmq_raft_leader_id",
+                m.current_leader.unwrap_or(0) as f64,
+            );
+            let leading = m.current_leader == Some(self.id);
+            led += u64::from(leading);
+            g("fleetmq_raft_is_leader", if leading { 1.0 } else { 0.0 });
+            let last = m.last_log_index.unwrap_or(0);
+            let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+            g("fleetmq_raft_last_log_index", last as f64);
+            g("fleetmq_raft_applied_index", applied as f64);
+            g(
+                "fleetmq_raft_apply_lag",
+                last.saturating_sub(applied) as f64,
+            );
+            let voters = m.membership_config.membership().voter_ids().count();
+            g("fleetmq_raft_voters", voters as f64);
+            let is_voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == self.id);
+            g("fleetmq_raft_is_voter", if is_voter { 1.0 } else { 0.0 });
+            // Replication lag per follower, as the leader sees it (absent on followers).
+            if let Some(rep) = &m.replication {
+                for (node, matched) in rep {
+                    let lag = last.saturating_sub(matched.map(|l| l.index).unwrap_or(0));
+                    metrics::gauge!("fleetmq_raft_replication_lag", "group" => group.clone(), "peer" => node.to_string())
+                        .set(lag as f64);
+                }
             }
         }
+        metrics::gauge!("fleetmq_cluster_groups_led").set(led as f64);
+        metrics::gauge!("fleetmq_cluster_shards").set(f64::from(self.durable.shards()));
         let members = self.durable.members().len();
         metrics::gauge!("fleetmq_cluster_members").set(members as f64);
         metrics::gauge!("fleetmq_cluster_peers_down").set(self.down.read().len() as f64);
@@ -454,7 +458,7 @@ impl Cluster {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        let _ = self.route_tx.send(RouteMsg::Flush(tx, 0));
+        let _ = self.route_tx.send(RouteMsg::Flush(tx, Progress::default()));
         Some(async move {
             let _ = rx.await;
         })
@@ -463,7 +467,10 @@ impl Cluster {
     /// Resolves once every live peer has the route changes made so far and has applied the
     /// Raft entry `index` (a persistent subscription committed there): awaited before the
     /// SUBACK, so that a publish anywhere after it queues for the new subscription.
-    pub fn sync_peers(&self, index: u64) -> impl std::future::Future<Output = ()> + Send + 'static {
+    pub fn sync_peers(
+        &self,
+        index: Progress,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let rx = (!self.is_alone()).then(|| {
             let (tx, rx) = oneshot::channel();
             let _ = self.route_tx.send(RouteMsg::Flush(tx, index));
@@ -1001,10 +1008,13 @@ impl Cluster {
         self.mark(u.node_id, true);
         if !self
             .durable
-            .wait_applied(u.applied_index, RPC_TIMEOUT / 2)
+            .wait_applied(&progress_of(&u), RPC_TIMEOUT * 3 / 4)
             .await
         {
-            tracing::debug!(from = u.node_id, "route update ahead of this node's log");
+            // Applied anyway (routes must not stall on a lagging group), but a publish here
+            // right now could miss a persistent subscription the sender just committed.
+            metrics::counter!("fleetmq_cluster_route_apply_lagged_total").increment(1);
+            tracing::warn!(from = u.node_id, "route update ahead of this node's log");
         }
         let changes = u
             .changes
@@ -1615,7 +1625,10 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
                 .remote_has_shares
                 .store(remote.has_shares(), Ordering::Release);
         }
-        let min_index = waiters.iter().map(|(_, i)| *i).max().unwrap_or(0);
+        let mut min_index = Progress::default();
+        for (_, p) in &waiters {
+            min_index.merge(p);
+        }
         // A peer already known down is probed in the background with the full table, never
         // awaited here: a SUBACK on this side of a partition must not wait out its timeouts.
         // Whatever it misses meanwhile reaches it in that full table (or, later, through the
@@ -1643,7 +1656,8 @@ async fn run_routes(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Route
         let sends = peers.into_iter().map(|(node, addr)| {
             let cluster = cluster.clone();
             let changes = changes.clone();
-            async move { send_routes(&cluster, node, &addr, seq, changes, min_index).await }
+            let min_index = min_index.clone();
+            async move { send_routes(&cluster, node, &addr, seq, changes, &min_index).await }
         });
         futures_util::future::join_all(sends).await;
         cluster.acked.store(processed, Ordering::Release);
@@ -1665,18 +1679,21 @@ async fn send_routes(
     addr: &str,
     seq: u64,
     changes: Vec<RouteChange>,
-    min_index: u64,
+    min_index: &Progress,
 ) {
     let Some(mut client) = cluster.client(addr) else {
         return;
     };
+    let mut applied = cluster.durable.applied();
+    applied.merge(min_index);
     let update = RouteUpdate {
         node_id: cluster.id,
         sequence: seq,
         changes,
         full: false,
-        applied_index: cluster.durable.applied_index().max(min_index),
+        applied_index: applied.get(0),
         incarnation: cluster.incarnation,
+        group_applied: applied.0,
     };
     let ack = match tokio::time::timeout(RPC_TIMEOUT, client.update_routes(update)).await {
         Ok(Ok(a)) => a.into_inner(),
@@ -1713,6 +1730,7 @@ async fn send_full(
 ) -> bool {
     let all = cluster.local.lock().all();
     metrics::counter!("fleetmq_cluster_route_full_syncs_total").increment(1);
+    let applied = cluster.durable.applied();
     let full = RouteUpdate {
         node_id: cluster.id,
         sequence: seq,
@@ -1726,8 +1744,9 @@ async fn send_full(
             })
             .collect(),
         full: true,
-        applied_index: cluster.durable.applied_index(),
+        applied_index: applied.get(0),
         incarnation: cluster.incarnation,
+        group_applied: applied.0,
     };
     let ok = matches!(
         tokio::time::timeout(RPC_TIMEOUT, client.update_routes(full)).await,
@@ -1806,4 +1825,14 @@ fn build_index(durable: &Durable) -> Result<DurableIndex, ClusterError> {
 /// A holder entry's value: the node id as decimal text.
 fn parse_holder(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.trim().parse().ok()
+}
+
+/// How far the sender of a route update had applied each group (an older node sends only the
+/// meta group's index).
+fn progress_of(u: &RouteUpdate) -> Progress {
+    if u.group_applied.is_empty() {
+        Progress::at(0, u.applied_index)
+    } else {
+        Progress(u.group_applied.clone())
+    }
 }

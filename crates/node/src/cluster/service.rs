@@ -112,6 +112,7 @@ impl NodeService for NodeSvc {
         Ok(Response::new(pb::JoinReply {
             members,
             leader_id: broker.durable.leader().unwrap_or(0),
+            shards: broker.durable.shards(),
         }))
     }
 
@@ -292,11 +293,23 @@ impl NodeService for NodeSvc {
 
     async fn transfer_leader(
         &self,
-        _request: Request<pb::TransferLeaderRequest>,
+        request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderReply>, Status> {
-        Err(Status::unimplemented(
-            "leadership transfer is not implemented yet",
-        ))
+        let broker = self.broker()?;
+        let r = request.into_inner();
+        if r.to_node_id != broker.durable.node_id() {
+            return Err(Status::invalid_argument(format!(
+                "this is node {}, not {}",
+                broker.durable.node_id(),
+                r.to_node_id
+            )));
+        }
+        broker
+            .durable
+            .elect(r.group)
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(pb::TransferLeaderReply {}))
     }
 
     async fn drain(

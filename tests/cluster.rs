@@ -213,22 +213,15 @@ fn assert_retained_view(node: &Node, filter: &str, want: &[&str], what: &str) {
 /// Connects without credentials, retrying refusals and missing CONNACKs for up to `secs` (a
 /// cluster that just lost a node may have to elect a leader first). `persistent`: 3.1.1
 /// clean_session=false, or 5 clean_start=false with expiry 3600. Returns session-present.
+/// Fails the test with the node's log when no CONNACK 0 came.
 fn connect_within(node: &Node, id: &str, v5: bool, persistent: bool, secs: u64) -> (Client, bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let expiry = (persistent && v5).then_some(3600);
-        match try_login(node.mqtt, id, v5, !persistent, expiry, None, None) {
-            Ok(r) => return r,
-            Err(code) if Instant::now() < deadline => {
-                eprintln!("{id}: CONNACK {code:#04x} on {}, retrying", node.mqtt);
-                sleep(Duration::from_millis(250));
-            }
-            Err(code) => panic!(
-                "{id}: no successful CONNACK on {} ({code:#04x}); its log ends:\n{}",
-                node.mqtt,
-                log_tail(node)
-            ),
-        }
+    match try_connect_within(node.mqtt, id, v5, persistent, secs) {
+        Ok(r) => r,
+        Err(e) => panic!(
+            "{id}: no successful CONNACK on {} in {secs} s ({e}); its log ends:\n{}",
+            node.mqtt,
+            log_tail(node)
+        ),
     }
 }
 
@@ -1898,6 +1891,40 @@ fn fourth_node_joins_and_a_node_leaves_gracefully() {
         cl.disconnect();
     }
 
+    // The session shards rebalance onto D: of the 4 shards x 3 voters, D holds 3 seats and
+    // leads one shard, as each of A, B and C (leaderships move once a shard is quiet for 1 s).
+    let shards = gauge(&a, "fleetmq_cluster_shards") as u64;
+    assert_eq!(shards, 4, "the default shard count");
+    let seats_d = || -> f64 {
+        (1..=shards)
+            .map(|g| gauge(&d, &format!("fleetmq_raft_is_voter{{group=\"{g}\"}}")))
+            .sum()
+    };
+    let leaders = || -> Vec<u64> {
+        let mut l: Vec<u64> = (1..=shards)
+            .map(|g| gauge(&a, &format!("fleetmq_raft_leader_id{{group=\"{g}\"}}")) as u64)
+            .collect();
+        l.sort();
+        l
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seats_d() != 3.0 || leaders() != vec![1, 2, 3, 4] {
+        assert!(
+            Instant::now() < deadline,
+            "after 30 s D holds {} shard seats (want 3) and the shard leaders are {:?} (want one \
+             each); shard changes:\n{}",
+            seats_d(),
+            leaders(),
+            [&a, &b, &c, &d]
+                .iter()
+                .flat_map(|n| n.log().lines().map(str::to_string).collect::<Vec<_>>())
+                .filter(|l| l.contains("shard"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        sleep(Duration::from_millis(200));
+    }
+
     // Two persistent subscribers on C, read on their own threads.
     let subs = [(V3, "leave-s4"), (V5, "leave-s5")];
     let logs: [Arc<Mutex<LeaveLog>>; 2] = Default::default();
@@ -2011,6 +2038,19 @@ fn fourth_node_joins_and_a_node_leaves_gracefully() {
         failures.push(format!(
             "fleetmq_raft_voters on A is {v} 10 s after C left, wanted 3 (D promoted)"
         ));
+    }
+    // Every shard has three voters again, none of them C, and C leads nothing.
+    if let Err(v) = gauge_by(&a, "fleetmq_raft_voters", 3.0 * (shards + 1) as f64, by) {
+        failures.push(format!(
+            "voters over all groups on A: {v} 10 s after C left, wanted {}",
+            3 * (shards + 1)
+        ));
+    }
+    for g in 1..=shards {
+        let l = gauge(&a, &format!("fleetmq_raft_leader_id{{group=\"{g}\"}}"));
+        if l == 3.0 || l == 0.0 {
+            failures.push(format!("shard {g} is led by {l} after C left"));
+        }
     }
 
     // Every acknowledged message reaches both subscribers (on C or D), at least once.
@@ -2168,13 +2208,43 @@ fn a_dead_voter_is_replaced_by_a_learner() {
     c.kill9();
     wait_gauge(&d, "D", "fleetmq_raft_is_voter{group=\"0\"}", 1.0, 30);
     wait_gauge(&a, "A", "fleetmq_raft_voters{group=\"0\"}", 3.0, 10);
-    // The session shards too: with C dead, A, B and D vote in every one of them.
-    let groups = 1.0 + gauge(&a, "fleetmq_cluster_shards");
-    wait_gauge(&d, "D", "fleetmq_raft_is_voter", groups, 30);
+    // The session shards too: with C dead, A, B and D are the voters of every one of them.
+    let layout = |n: &Node| {
+        rest(
+            n,
+            "GET",
+            "/fleetmq/cluster/nodes",
+            "management/admin",
+            ADMIN_PW,
+            None,
+        )
+        .1
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let groups = layout(&a)["groups"].clone();
+        let all = groups.as_array().cloned().unwrap_or_default();
+        if all.len() == 5 && all.iter().all(|g| g["voters"] == json!([1, 2, 4])) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "30 s after C's kill the groups on A are {groups}"
+        );
+        sleep(Duration::from_millis(200));
+    }
 
+    let before = layout(&d);
     b.kill9();
     // A and D: two of the three voters. Durable writes work (after an election if B led).
-    let (mut p, _) = connect_within(&d, "dv-pub", V3, true, 20);
+    let Ok((mut p, _)) = try_connect_within(d.mqtt, "dv-pub", V3, true, 20) else {
+        panic!(
+            "dv-pub: no CONNACK 0 on D with A and D alive; groups before B's kill: {}\nnow on A: {}\nnow on D: {}",
+            before["groups"],
+            layout(&a)["groups"],
+            layout(&d)["groups"]
+        );
+    };
     p.publish("dv/x", b"after two kills", 1);
     let (mut s, present) = connect_within(&a, "dv-sub", V3, true, 20);
     assert!(

@@ -576,6 +576,52 @@ impl Durable {
             .unwrap_or_else(|p| p.into_inner()) = (dead, down);
     }
 
+    /// Hands every shard this node leads to another live voter of it (a node about to leave
+    /// does this first, so its shards do not stop for an election: ~0.4 s each instead of
+    /// ~0.5-0.9 s, all at once). Best effort: a shard whose hand-over fails elects a leader
+    /// the usual way once this node is gone.
+    pub async fn hand_over_leaderships(&self) {
+        let down = {
+            let l = self
+                .inner
+                .liveness
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            l.0.union(&l.1).copied().collect::<BTreeSet<u64>>()
+        };
+        let moves = self.inner.groups[1..].iter().filter_map(|g| {
+            let (target, addr) = {
+                let rx = g.raft.metrics();
+                let m = rx.borrow();
+                if m.current_leader != Some(self.inner.id) {
+                    return None;
+                }
+                let mem = m.membership_config.membership();
+                let matched = |n: &u64| {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(n).copied().flatten())
+                        .map(|l| l.index)
+                        .unwrap_or(0)
+                };
+                let t = mem
+                    .voter_ids()
+                    .filter(|n| *n != self.inner.id && !down.contains(n))
+                    .max_by_key(|n| (matched(n), std::cmp::Reverse(*n)))?;
+                let addr = mem.get_node(&t)?.addr.clone();
+                (t, addr)
+            };
+            let inner = self.inner.clone();
+            Some(async move {
+                let raft = inner.groups[g.id as usize].raft.clone();
+                if let Err(e) = transfer_leader(&inner, &raft, g.id, target, &addr).await {
+                    tracing::warn!(group = g.id, to = target, error = %e, "handing a shard over failed");
+                }
+            })
+        });
+        futures_util::future::join_all(moves).await;
+    }
+
     /// Starts an election for `group` on this node at once (the leader asked: it has stopped
     /// its heartbeats so that this node's vote requests are not refused for its lease).
     pub async fn elect(&self, group: u64) -> Result<(), ClusterError> {
@@ -1242,7 +1288,17 @@ async fn reconcile(inner: &Inner, g: u64, quiet: &mut Quiet) -> Result<(), Clust
     let plan = placement::plan_shard_voters(&member_ids, &dead, &current, MAX_VOTERS);
     let want = plan.get(&g).cloned().unwrap_or_default();
     let losing_seat = !want.contains(&inner.id);
-    if !losing_seat && !want.is_empty() && want != voters {
+    // Losing its own seat, the leader first makes the others voters (keeping its seat for
+    // now: with no other voter it could hand the leadership to nobody), then hands over
+    // (step 4), and the next leader drops it.
+    let want = if losing_seat && !want.is_empty() {
+        let mut with_me = want;
+        with_me.insert(inner.id);
+        with_me
+    } else {
+        want
+    };
+    if !want.is_empty() && want != voters {
         tracing::info!(group = g, ?voters, ?want, "moving shard voters");
         raft.change_membership(want, true)
             .await

@@ -221,6 +221,25 @@ mod tests {
         );
     }
 
+    /// Each shard's leader applies only its own row of the plan, one shard at a time, each
+    /// from the layout the previous changes left: the layout still converges to an even one.
+    #[test]
+    fn rows_applied_one_shard_at_a_time_converge() {
+        for order in [[1u64, 2, 3, 4], [4, 3, 2, 1], [2, 4, 1, 3]] {
+            let mut layout: BTreeMap<u64, BTreeSet<u64>> =
+                (1..=4).map(|g| (g, set(&[1, 2, 3]))).collect();
+            let members = set(&[1, 2, 3, 4]);
+            for _ in 0..10 {
+                for g in order {
+                    let plan = plan_shard_voters(&members, &set(&[]), &layout, 3);
+                    layout.insert(g, plan[&g].clone());
+                }
+            }
+            let l = loads(&layout);
+            assert!(l.values().all(|c| *c == 3), "{order:?}: {layout:?}");
+        }
+    }
+
     #[test]
     fn a_dead_voter_is_replaced_and_kept_without_substitute() {
         let current: BTreeMap<u64, BTreeSet<u64>> = (1..=2).map(|g| (g, set(&[1, 2, 3]))).collect();

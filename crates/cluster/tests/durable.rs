@@ -252,3 +252,60 @@ async fn group_commit_batches_proposals() {
     assert_eq!(s[0].record.disconnected_at_ms, Some(424_242));
     d.shutdown().await.expect("shutdown");
 }
+
+/// A QoS 2 publish whose proposer stopped after its first step (as if its node died right
+/// after the publisher's shard committed it) is finished by that shard's leader: queued once
+/// in the target's shard, the outbox emptied, and the PUBLISH sent again is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_outbox_entry_is_finished_by_the_shard_leader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Durable::open(cfg(dir.path())).await.expect("open");
+    let publisher = key("pub");
+    let other = (0..)
+        .map(|i| format!("sub{i}"))
+        .find(|c| d.group_of(&key(c)) != d.group_of(&publisher))
+        .expect("a client in another shard");
+    d.propose(put("pub")).await.expect("put pub");
+    d.propose(put(&other)).await.expect("put sub");
+    let target = Target {
+        key: key(&other),
+        qos: 2,
+        retain: false,
+        subscription_ids: vec![],
+    };
+    // Only the first step: `propose_nowait` leaves the rest to the shard's leader.
+    d.propose_nowait(Command::PublishOutbox {
+        message: msg("a/b"),
+        inbound: (publisher.clone(), 5),
+        targets: vec![(target.clone(), true)],
+        outbox: vec![],
+    });
+    let queued = |d: &Durable| {
+        d.session(&key(&other))
+            .expect("read")
+            .map(|s| s.queue.len())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while queued(&d) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the outbox entry was not finished in 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Two more sweeps: still one copy.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert_eq!(queued(&d), 1, "queued exactly once");
+    let again = Command::Publish {
+        message: msg("a/b"),
+        targets: vec![target],
+        inbound: Some((publisher, 5)),
+    };
+    assert_eq!(
+        d.propose(again).await.expect("dup"),
+        Response::DuplicateInbound
+    );
+    assert_eq!(queued(&d), 1, "the retransmission queued nothing");
+    d.shutdown().await.expect("shutdown");
+}

@@ -40,6 +40,9 @@ use routes::{LocalRoutes, RemoteRoutes, Route};
 
 /// How long one node-to-node call may take before the peer counts as unreachable.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a route update is repeated to a peer that had not caught up with the sender's
+/// log (each waits up to 1.5 s there).
+const LAGGING_RETRIES: usize = 3;
 /// Route heartbeats: a peer that misses one is marked down (and skipped as a home node).
 const HEARTBEAT: Duration = Duration::from_millis(500);
 /// Messages per forwarded batch at most.
@@ -677,6 +680,11 @@ impl Cluster {
     }
 
     /// Every member as this node sees it (for operators).
+    /// Every Raft group's voters and leader as this node sees them (see `Durable::layout`).
+    pub fn groups_view(&self) -> Vec<(u64, BTreeSet<u64>, Option<u64>)> {
+        self.durable.layout()
+    }
+
     pub fn nodes_view(&self) -> Vec<NodeView> {
         let voters = self.durable.voters();
         let leader = self.durable.leader();
@@ -804,6 +812,8 @@ impl Cluster {
     /// Leaves the cluster: asks the leader (possibly this node) to remove this node from the
     /// membership, retrying through an election for a few seconds.
     pub async fn leave(&self) -> Result<(), ClusterError> {
+        // Its shards go to other voters first, so none waits for an election.
+        self.durable.hand_over_leaderships().await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let result = match self.durable.remove_node(self.id).await {
@@ -1002,15 +1012,16 @@ impl Cluster {
     }
 
     /// Applies a route update from a peer once this node has applied as much of the log as
-    /// the sender had; returns the sequence now held for it.
-    pub async fn apply_routes(&self, u: RouteUpdate) -> u64 {
+    /// the sender had; returns the sequence now held for it, and whether this node had not
+    /// caught up with the sender's log in time (`lagging`: applied anyway).
+    pub async fn apply_routes(&self, u: RouteUpdate) -> (u64, bool) {
         // It talks, so it is up: forwarding to it resumes before this node's next heartbeat.
         self.mark(u.node_id, true);
-        if !self
+        let lagging = !self
             .durable
             .wait_applied(&progress_of(&u), RPC_TIMEOUT * 3 / 4)
-            .await
-        {
+            .await;
+        if lagging {
             // Applied anyway (routes must not stall on a lagging group), but a publish here
             // right now could miss a persistent subscription the sender just committed.
             metrics::counter!("fleetmq_cluster_route_apply_lagged_total").increment(1);
@@ -1037,7 +1048,7 @@ impl Cluster {
         }
         metrics::gauge!("fleetmq_cluster_routes").set(len as f64);
         match r {
-            routes::Applied::Yes(s) | routes::Applied::Gap(s) => s,
+            routes::Applied::Yes(s) | routes::Applied::Gap(s) => (s, lagging),
         }
     }
 
@@ -1695,19 +1706,36 @@ async fn send_routes(
         incarnation: cluster.incarnation,
         group_applied: applied.0,
     };
-    let ack = match tokio::time::timeout(RPC_TIMEOUT, client.update_routes(update)).await {
-        Ok(Ok(a)) => a.into_inner(),
-        Ok(Err(e)) => {
-            tracing::debug!(node, error = %e.message(), "route update failed");
-            cluster.mark(node, false);
-            return;
-        }
-        Err(_) => {
-            cluster.mark(node, false);
-            return;
-        }
-    };
+    let mut ack =
+        match tokio::time::timeout(RPC_TIMEOUT, client.update_routes(update.clone())).await {
+            Ok(Ok(a)) => a.into_inner(),
+            Ok(Err(e)) => {
+                tracing::debug!(node, error = %e.message(), "route update failed");
+                cluster.mark(node, false);
+                return;
+            }
+            Err(_) => {
+                cluster.mark(node, false);
+                return;
+            }
+        };
     cluster.mark(node, true);
+    // The peer had not applied this node's log as far as the update said: ask again (as a
+    // heartbeat, so nothing is applied twice), a few times, so that a SUBACK waiting on this
+    // round does not go out while the peer could still miss the new subscription.
+    for _ in 0..LAGGING_RETRIES {
+        if !(ack.lagging && ack.sequence == seq) {
+            break;
+        }
+        let again = RouteUpdate {
+            changes: Vec::new(),
+            ..update.clone()
+        };
+        match tokio::time::timeout(RPC_TIMEOUT, client.update_routes(again)).await {
+            Ok(Ok(a)) => ack = a.into_inner(),
+            _ => break,
+        }
+    }
     if ack.sequence == seq {
         return;
     }

@@ -234,8 +234,8 @@ impl NodeService for NodeSvc {
         request: Request<pb::RouteUpdate>,
     ) -> Result<Response<pb::RouteAck>, Status> {
         let broker = self.broker()?;
-        let sequence = broker.cluster.apply_routes(request.into_inner()).await;
-        Ok(Response::new(pb::RouteAck { sequence }))
+        let (sequence, lagging) = broker.cluster.apply_routes(request.into_inner()).await;
+        Ok(Response::new(pb::RouteAck { sequence, lagging }))
     }
 
     async fn forward(

@@ -1,5 +1,5 @@
-//! fleetmq's operator endpoints: `GET /fleetmq/cluster/nodes` (the members as the answering
-//! node sees them) and `POST /fleetmq/cluster/nodes/{id}/drain` (the node hands its clients to
+//! fleetmq's operator endpoints: `GET /fleetmq/cluster/nodes` (the members and every Raft
+//! group's voters and leader, as the answering node sees them) and `POST /fleetmq/cluster/nodes/{id}/drain` (the node hands its clients to
 //! the others and leaves the membership; see `Cluster::drain`). Management administrators only.
 
 use axum::http::StatusCode;
@@ -15,7 +15,16 @@ type R = Result<Response, ApiError>;
 /// `GET /fleetmq/cluster/nodes`.
 pub async fn nodes(axum::extract::State(s): St, c: Caller) -> R {
     c.require_management_admin()?;
-    Ok(Json(json!({ "nodes": s.cluster.nodes_view() })).into_response())
+    // Every Raft group as this node sees it: 0 is the meta group, 1..=S the session shards.
+    let groups: Vec<_> = s
+        .cluster
+        .groups_view()
+        .into_iter()
+        .map(
+            |(group, voters, leader)| json!({ "group": group, "voters": voters, "leader": leader }),
+        )
+        .collect();
+    Ok(Json(json!({ "nodes": s.cluster.nodes_view(), "groups": groups })).into_response())
 }
 
 /// `POST /fleetmq/cluster/nodes/{id}/drain`: answers once the node has told its clients to go

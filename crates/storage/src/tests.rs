@@ -556,7 +556,9 @@ fn outbox_entries_are_queued_once_in_other_shards() {
         targets: vec![(target("a"), true)],
         outbox: vec![(target("b"), false)],
     };
-    let r = home.apply(2, &[po.clone()], None).expect("outbox");
+    let r = home
+        .apply(2, std::slice::from_ref(&po), None)
+        .expect("outbox");
     let id = match &r[0] {
         Response::Outboxed { seqs, id } => {
             assert_eq!(seqs, &vec![1]);
@@ -579,10 +581,14 @@ fn outbox_entries_are_queued_once_in_other_shards() {
         message: msg("x"),
         targets: vec![(target("b"), false)],
     };
-    let r = other.apply(2, &[once.clone()], None).expect("once");
+    let r = other
+        .apply(2, std::slice::from_ref(&once), None)
+        .expect("once");
     assert_eq!(r[0], Response::Published { seqs: vec![1] });
     // Sent again (a leader redoing it): nothing more is queued.
-    let r = other.apply(3, &[once.clone()], None).expect("again");
+    let r = other
+        .apply(3, std::slice::from_ref(&once), None)
+        .expect("again");
     assert_eq!(
         r[0],
         Response::Published {
@@ -606,7 +612,9 @@ fn outbox_entries_are_queued_once_in_other_shards() {
             None,
         )
         .expect("keep");
-    let r = other.apply(5, &[once.clone()], None).expect("kept");
+    let r = other
+        .apply(5, std::slice::from_ref(&once), None)
+        .expect("kept");
     assert_eq!(
         r[0],
         Response::Published {

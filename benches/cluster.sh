@@ -4,12 +4,16 @@
 #
 #   benches/cluster.sh            # ~2 min on 2 cores after the release build
 #   QUICK=1 benches/cluster.sh    # smaller
+#   SHARDS=0 benches/cluster.sh   # the clusters it creates have no shards (one Raft group)
 #
 # Prints one line per figure:
 #   latency_q1 same-node / cross-node p50 p99 (µs): publisher and subscriber on one node, then
 #     on two nodes (the message is forwarded over gRPC);
 #   persistent_q1 single / cluster msgs/s: durable QoS 1 fan-in into a persistent session, on a
-#     one-node cluster (1 replica) and on the 3-node cluster (3 replicas);
+#     one-node cluster (1 replica) and on the 3-node cluster (3 replicas): one session, so one
+#     shard takes every write;
+#   persistent_fanout_q1 single / cluster deliveries/s: one publisher, 10 persistent subscribers
+#     (their sessions spread over the shards), QoS 1: every publish is split over the shards;
 #   takeover ms p50 p99: CONNECT on node 2 of a client id connected on node 1, until CONNACK;
 #   resume ms: kill -9 of the node holding a persistent session (the Raft leader), until the
 #     client has its session back (CONNACK + SUBACK) on another node.
@@ -41,7 +45,7 @@ free_port() {
 now_ms() { date +%s%3N; }
 
 declare -A MQTT GRPC PID
-ARGS=(--anonymous-tenant bench --max-queued-messages 100000000 --max-inflight 65535)
+ARGS=(--anonymous-tenant bench --max-queued-messages 100000000 --max-inflight 65535 --shards "${SHARDS:-4}")
 # As a production cluster runs: node-to-node calls carry the secret (and pay for its check).
 export FLEETMQ_CLUSTER_SECRET=${FLEETMQ_CLUSTER_SECRET:-bench-cluster-secret}
 
@@ -75,6 +79,8 @@ bench() { "$BENCH" --threads 1 --timeout-secs 120 --client-prefix "cl$RANDOM" "$
 start solo 1
 line=$(bench --port "${MQTT[solo]}" --clean false fanin --pubs 10 --qos 1 --msgs $((300000 / S)) --size 64 --window 128)
 SOLO_RATE=$(field "$line" msgs_per_sec)
+line=$(bench --port "${MQTT[solo]}" --clean false fanout --subs 10 --qos 1 --msgs $((30000 / S)) --size 64 --window 128)
+SOLO_FANOUT="$(field "$line" msgs_per_sec) lost $(field "$line" lost)"
 kill "${PID[solo]}"; wait "${PID[solo]}" 2>/dev/null || true
 
 # --- three nodes ------------------------------------------------------------------------------
@@ -90,6 +96,8 @@ echo "latency_q1 cross-node p50_us $(field "$line" p50_us) p99_us $(field "$line
 
 line=$(bench --port "${MQTT[n1]}" --clean false fanin --pubs 10 --qos 1 --msgs $((300000 / S)) --size 64 --window 128)
 echo "persistent_q1 1-replica msgs_per_sec $SOLO_RATE 3-replicas msgs_per_sec $(field "$line" msgs_per_sec)"
+line=$(bench --port "${MQTT[n1]}" --clean false fanout --subs 10 --qos 1 --msgs $((30000 / S)) --size 64 --window 128)
+echo "persistent_fanout_q1 (shards ${SHARDS:-4}) 1-replica deliveries_per_sec $SOLO_FANOUT 3-replicas deliveries_per_sec $(field "$line" msgs_per_sec) lost $(field "$line" lost)"
 
 # Takeover: hold the id on n1, connect it on n2, time to CONNACK (the subscribe proves it).
 T=()

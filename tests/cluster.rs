@@ -1877,8 +1877,9 @@ fn fourth_node_joins_and_a_node_leaves_gracefully() {
     pub_a.publish("j4/to-d/x", b"from A", 1);
     let mut pub_d = Client::clean(d.mqtt, "j4-pub-d", V5);
     pub_d.publish("j4/to-a/x", b"from D", 1);
+    let got = receive_sorted(&mut sub_d, 1, 10);
     assert_eq!(
-        receive_sorted(&mut sub_d, 1, 10),
+        got,
         vec![("j4/to-d/x".to_string(), "from A".to_string(), 1)],
         "persistent subscriber on D, publisher on A"
     );

@@ -35,6 +35,9 @@ pub const DEFAULT_SHARDS: u32 = 4;
 /// and every group costs each node a Raft instance.
 pub const MAX_SHARDS: u32 = 128;
 
+/// The meta group's setting (`Space::Setting`, no tenant) holding the shard count.
+pub const SHARDS_SETTING: &str = "raft.shards";
+
 /// Voters of the group at most; further members replicate as learners (they serve reads and
 /// forward writes, but a write needs only a majority of these).
 pub const MAX_VOTERS: usize = 3;
@@ -67,7 +70,7 @@ pub struct DurableConfig {
     /// Mutual TLS for calls to peers (`None`: plaintext).
     pub tls: Option<crate::grpc::ClusterTls>,
     /// Session shards when this node creates the cluster (ignored when it joins one or
-    /// restarts: the count is fixed at creation and kept in the data directory).
+    /// restarts: the count is fixed at creation, in the meta group's `raft.shards` setting).
     pub shards: u32,
 }
 
@@ -187,57 +190,83 @@ impl Durable {
             )
         };
         let meta = start(META).await?;
-        let shards_file = cfg.data_dir.join("shards");
-        let known_shards = read_shards(&shards_file)?;
         let initialized = meta.raft.is_initialized().await?;
-        let shards = if !initialized && !cfg.join.is_empty() {
-            let s = join(&cfg, &channels).await?;
-            write_shards(&shards_file, s)?;
-            s
-        } else if !initialized {
-            let members = BTreeMap::from([(
+        let forming = !initialized && cfg.join.is_empty();
+        let me = || {
+            BTreeMap::from([(
                 cfg.node_id,
                 BasicNode {
                     addr: cfg.advertise_addr.clone(),
                 },
-            )]);
-            initialize(&meta.raft, members).await?;
-            write_shards(&shards_file, cfg.shards)?;
-            cfg.shards
-        } else {
-            // A member restarting; a data directory from before shards has no file: 0.
-            known_shards.unwrap_or(0)
+            )])
         };
+        let offered = if !initialized && !cfg.join.is_empty() {
+            Some(join(&cfg, &channels).await?)
+        } else {
+            if forming {
+                initialize(&meta.raft, me()).await?;
+            }
+            None
+        };
+        wait_ready(&meta).await?;
+        // The shard count is a setting of the meta group, written once by the node that creates
+        // the cluster: every member, and every restart, reads the same number from its copy. A
+        // cluster from before shards has none: 0, the meta group holds everything. A joining
+        // node may not have applied the setting yet when its meta group first looks ready (the
+        // metrics can run ahead of the log it receives): it waits for it when the seed named
+        // a shard count.
+        if offered.is_some_and(|o| o > 0) {
+            let deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
+            while meta.sm.entry(Space::Setting, "", SHARDS_SETTING)?.is_none() {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ClusterError::Timeout(
+                        "the cluster's shard count did not arrive with the meta group".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let shards = match meta.sm.entry(Space::Setting, "", SHARDS_SETTING)? {
+            Some(v) => std::str::from_utf8(&v)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+                .filter(|n| *n <= MAX_SHARDS)
+                .ok_or_else(|| ClusterError::Fatal("the shard count setting is corrupt".into()))?,
+            None if forming => {
+                let cmd = Command::PutEntry {
+                    space: Space::Setting,
+                    tenant: String::new(),
+                    name: SHARDS_SETTING.into(),
+                    value: cfg.shards.min(MAX_SHARDS).to_string().into_bytes(),
+                    create_only: true,
+                };
+                let (tx, rx) = oneshot::channel();
+                meta.tx
+                    .send(Msg::Propose(cmd, Some(tx)))
+                    .map_err(|_| ClusterError::ShuttingDown)?;
+                rx.await.map_err(|_| ClusterError::ShuttingDown)??;
+                cfg.shards.min(MAX_SHARDS)
+            }
+            None => 0,
+        };
+        if let Some(o) = offered.filter(|o| *o != shards) {
+            tracing::warn!(
+                offered = o,
+                shards,
+                "the seed named another shard count; using the cluster's setting"
+            );
+        }
         let mut groups = vec![meta];
         for g in 1..=u64::from(shards) {
             let group = start(g).await?;
-            if !initialized && cfg.join.is_empty() {
-                let members = BTreeMap::from([(
-                    cfg.node_id,
-                    BasicNode {
-                        addr: cfg.advertise_addr.clone(),
-                    },
-                )]);
-                initialize(&group.raft, members).await?;
+            if forming {
+                initialize(&group.raft, me()).await?;
             }
             groups.push(group);
         }
 
-        // A leader is known (this node, once elected, or the one that added it) and everything
-        // in the local log is applied, so recovery below sees the state as of this start. A
-        // joining node's shards get their leader once the shard leaders have added it.
-        for g in &groups {
-            g.raft
-                .wait(Some(OPEN_TIMEOUT))
-                .metrics(
-                    |m| {
-                        m.current_leader.is_some()
-                            && m.last_applied.map(|l| l.index) >= m.last_log_index
-                    },
-                    "a known leader and the whole local log applied",
-                )
-                .await
-                .map_err(|e| ClusterError::Timeout(format!("group {}: {e}", g.id)))?;
+        for g in &groups[1..] {
+            wait_ready(g).await?;
         }
         let inner = Arc::new(Inner {
             id: cfg.node_id,
@@ -961,29 +990,27 @@ async fn start_group(
     })
 }
 
+/// Waits until the group has a known leader (this node, once elected, or the one that added
+/// it) and has applied its whole local log, so that recovery sees the state as of this start.
+/// A joining node's shards get their leader once the shard leaders have added it.
+async fn wait_ready(g: &Group) -> Result<(), ClusterError> {
+    g.raft
+        .wait(Some(OPEN_TIMEOUT))
+        .metrics(
+            |m| m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= m.last_log_index,
+            "a known leader and the whole local log applied",
+        )
+        .await
+        .map_err(|e| ClusterError::Timeout(format!("group {}: {e}", g.id)))?;
+    Ok(())
+}
+
 async fn initialize(raft: &Raft, members: BTreeMap<u64, BasicNode>) -> Result<(), ClusterError> {
     match raft.initialize(members).await {
         Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
         Err(RaftError::Fatal(f)) => Err(f.into()),
         Err(RaftError::APIError(e)) => Err(ClusterError::Raft(e.to_string())),
     }
-}
-
-fn read_shards(path: &std::path::Path) -> Result<Option<u32>, ClusterError> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| ClusterError::Fatal(format!("{} is not a number", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ClusterError::Fatal(format!("{}: {e}", path.display()))),
-    }
-}
-
-fn write_shards(path: &std::path::Path, shards: u32) -> Result<(), ClusterError> {
-    std::fs::write(path, format!("{shards}\n"))
-        .map_err(|e| ClusterError::Fatal(format!("{}: {e}", path.display())))
 }
 
 /// Message ids are `(log index << 16) | position` within one group; the top byte is free and

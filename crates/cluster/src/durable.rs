@@ -215,15 +215,19 @@ impl Durable {
         // node may not have applied the setting yet when its meta group first looks ready (the
         // metrics can run ahead of the log it receives): it waits for it when the seed named
         // a shard count.
-        if offered.is_some_and(|o| o > 0) {
+        // A member that does not find it asks the meta leader for everything committed first
+        // (a node that stopped during its first start may have a vote but not the log yet):
+        // only then does a missing setting mean a cluster from before shards.
+        if !forming && meta.sm.entry(Space::Setting, "", SHARDS_SETTING)?.is_none() {
             let deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
-            while meta.sm.entry(Space::Setting, "", SHARDS_SETTING)?.is_none() {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(ClusterError::Timeout(
-                        "the cluster's shard count did not arrive with the meta group".into(),
-                    ));
+            loop {
+                match barrier_once(&meta.raft, cfg.node_id, &channels, META).await {
+                    Ok(()) => break,
+                    Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => return Err(e),
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         let shards = match meta.sm.entry(Space::Setting, "", SHARDS_SETTING)? {
@@ -256,10 +260,20 @@ impl Durable {
                 "the seed named another shard count; using the cluster's setting"
             );
         }
+        // A shard is initialised by the node that creates the cluster, also when it stopped
+        // between writing the setting and initialising its shards (it is still the only
+        // member then); everywhere else a shard's leader adds the node.
+        let alone = meta
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .all(|(n, _)| *n == cfg.node_id);
         let mut groups = vec![meta];
         for g in 1..=u64::from(shards) {
             let group = start(g).await?;
-            if forming {
+            if alone && !group.raft.is_initialized().await? {
                 initialize(&group.raft, me()).await?;
             }
             groups.push(group);
@@ -364,8 +378,9 @@ impl Durable {
     /// A `PublishOutbox`: committed in the publisher's shard first (a duplicate stops
     /// there), then queued in the other shards (`EnqueueOnce`, idempotent), then marked done.
     /// Once the first commit is in, the message is the cluster's: if a later step fails, the
-    /// home shard's leader finishes it (`sweep_outbox`), so the answer is still success and
-    /// only the seqs of the targets not yet queued are `NO_SESSION_SEQ`.
+    /// home shard's leader finishes it (`sweep_outbox`), so the answer is still success. Only
+    /// the home shard's targets get their seqs in the answer (the proposer delivers those it
+    /// holds); the others' nodes deliver them as they apply their shard's `EnqueueOnce`.
     async fn propose_outbox(
         &self,
         home: u64,
@@ -397,17 +412,12 @@ impl Durable {
             }
             waits.push(self.propose_in(p.group, cmd)?);
         }
+        // The other shards' targets stay `NO_SESSION_SEQ` in the answer: the node holding each
+        // of those sessions delivers it when it applies the `EnqueueOnce` (this one too).
         match futures_join(waits).await {
             Ok(answers) => {
-                for (p, (r, i)) in foreign.iter().zip(answers) {
+                for (p, (_, i)) in foreign.iter().zip(answers) {
                     progress.raise(p.group, i);
-                    if let Response::Published { seqs: s } = r {
-                        for (pos, seq) in p.positions.iter().zip(s) {
-                            if let Some(slot) = seqs.get_mut(*pos) {
-                                *slot = seq;
-                            }
-                        }
-                    }
                 }
                 self.propose_to_nowait(home, Command::OutboxDone { id });
             }
@@ -801,6 +811,21 @@ impl Durable {
         .map(|_| ())
     }
 
+    /// [`read_barrier`](Self::read_barrier) for what one device's session needs: the meta
+    /// group and the device's shard (a shard without a leader elsewhere does not hold it up).
+    pub async fn read_barrier_for(
+        &self,
+        key: &fleetmq_storage::SessionKey,
+    ) -> Result<(), ClusterError> {
+        let g = self.group_of(key);
+        if g == META {
+            return self.read_barrier_of(META).await;
+        }
+        futures_util::future::try_join(self.read_barrier_of(META), self.read_barrier_of(g))
+            .await
+            .map(|_| ())
+    }
+
     async fn read_barrier_of(&self, g: u64) -> Result<(), ClusterError> {
         // Retried through a failover (an election takes a few hundred milliseconds).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -815,44 +840,7 @@ impl Durable {
     }
 
     async fn read_barrier_once(&self, g: u64) -> Result<(), ClusterError> {
-        let raft = &self.group(g).raft;
-        let empty = Batch(Arc::new(Vec::new()));
-        let remote_leader = {
-            let rx = raft.metrics();
-            let m = rx.borrow();
-            match m.current_leader {
-                Some(l) if l == self.inner.id => None,
-                Some(_) => leader_addr(&m),
-                None => {
-                    return Err(ClusterError::Unavailable(format!(
-                        "group {g}: no leader known"
-                    )));
-                }
-            }
-        };
-        let index = match remote_leader {
-            None => {
-                // client_write returns once applied here: nothing more to wait for.
-                raft.client_write(empty).await.map_err(|e| match e {
-                    RaftError::APIError(e) => ClusterError::from(&e),
-                    RaftError::Fatal(f) => f.into(),
-                })?;
-                return Ok(());
-            }
-            Some(addr) => {
-                match forward_write(&self.inner.channels, &addr, g, &empty, OPEN_TIMEOUT).await {
-                    Ok(Ok(r)) => r.log_id.index,
-                    Ok(Err(RaftError::APIError(e))) => return Err(ClusterError::from(&e)),
-                    Ok(Err(RaftError::Fatal(f))) => return Err(ClusterError::Raft(f.to_string())),
-                    Err(s) => return Err(ClusterError::Unavailable(s.message().to_string())),
-                }
-            }
-        };
-        raft.wait(Some(OPEN_TIMEOUT))
-            .applied_index_at_least(Some(index), "read barrier")
-            .await
-            .map_err(|e| ClusterError::Timeout(e.to_string()))?;
-        Ok(())
+        barrier_once(&self.group(g).raft, self.inner.id, &self.inner.channels, g).await
     }
 
     /// The index of the last entry applied here in every group.
@@ -988,6 +976,51 @@ async fn start_group(
         tx,
         batcher: Mutex::new(Some(batcher)),
     })
+}
+
+/// One read barrier on group `g`: a no-op entry through its leader, then waiting until this
+/// node has applied it.
+async fn barrier_once(
+    raft: &Raft,
+    self_id: u64,
+    channels: &Channels,
+    g: u64,
+) -> Result<(), ClusterError> {
+    let empty = Batch(Arc::new(Vec::new()));
+    let remote_leader = {
+        let rx = raft.metrics();
+        let m = rx.borrow();
+        match m.current_leader {
+            Some(l) if l == self_id => None,
+            Some(_) => leader_addr(&m),
+            None => {
+                return Err(ClusterError::Unavailable(format!(
+                    "group {g}: no leader known"
+                )));
+            }
+        }
+    };
+    let index = match remote_leader {
+        None => {
+            // client_write returns once applied here: nothing more to wait for.
+            raft.client_write(empty).await.map_err(|e| match e {
+                RaftError::APIError(e) => ClusterError::from(&e),
+                RaftError::Fatal(f) => f.into(),
+            })?;
+            return Ok(());
+        }
+        Some(addr) => match forward_write(channels, &addr, g, &empty, OPEN_TIMEOUT).await {
+            Ok(Ok(r)) => r.log_id.index,
+            Ok(Err(RaftError::APIError(e))) => return Err(ClusterError::from(&e)),
+            Ok(Err(RaftError::Fatal(f))) => return Err(ClusterError::Raft(f.to_string())),
+            Err(s) => return Err(ClusterError::Unavailable(s.message().to_string())),
+        },
+    };
+    raft.wait(Some(OPEN_TIMEOUT))
+        .applied_index_at_least(Some(index), "read barrier")
+        .await
+        .map_err(|e| ClusterError::Timeout(e.to_string()))?;
+    Ok(())
 }
 
 /// Waits until the group has a known leader (this node, once elected, or the one that added
@@ -1173,6 +1206,9 @@ const QUIET_FOR: Duration = Duration::from_secs(1);
 const SWEEP_EVERY_ROUNDS: u64 = 4;
 /// Seen-origin records in the other shards are pruned at most this often.
 const FORGET_EVERY: Duration = Duration::from_secs(10);
+/// An origin is forgotten only this long after it was seen done: longer than a proposer can
+/// still be retrying its `EnqueueOnce` (failover window, forward and commit timeouts).
+const FORGET_AFTER: Duration = Duration::from_secs(60);
 
 /// What the outbox sweeper of one shard remembers between rounds.
 #[derive(Default)]
@@ -1182,6 +1218,9 @@ struct Sweep {
     pending: BTreeSet<u64>,
     /// The last `below` sent to the other shards, and when.
     forgot: Option<(u64, tokio::time::Instant)>,
+    /// Past `below` values with when they were seen: only one older than `FORGET_AFTER` is
+    /// sent, so that no `EnqueueOnce` of an origin below it can still be on its way.
+    history: std::collections::VecDeque<(tokio::time::Instant, u64)>,
 }
 
 impl Durable {
@@ -1192,6 +1231,8 @@ impl Durable {
         let group = self.group(g);
         if group.raft.metrics().borrow().current_leader != Some(self.inner.id) {
             sweep.pending.clear();
+            sweep.history.clear();
+            sweep.forgot = None;
             return Ok(());
         }
         let applied = applied_of(&group.raft);
@@ -1227,9 +1268,23 @@ impl Durable {
         sweep.pending = now;
         // Every entry below the oldest pending one (or, with none, below anything not yet
         // applied here) is done and never sent again.
-        let below = match sweep.pending.first() {
+        let now_below = match sweep.pending.first() {
             Some(min) => *min,
             None => (applied + 1) << 16,
+        };
+        let now_at = tokio::time::Instant::now();
+        sweep.history.push_back((now_at, now_below));
+        // The newest value old enough to act on.
+        let mut below = None;
+        while let Some((at, b)) = sweep.history.front().copied() {
+            if now_at.duration_since(at) < FORGET_AFTER {
+                break;
+            }
+            below = Some(b);
+            sweep.history.pop_front();
+        }
+        let Some(below) = below else {
+            return Ok(());
         };
         let due = match sweep.forgot {
             None => true,
@@ -1310,21 +1365,13 @@ async fn reconcile(inner: &Inner, g: u64, quiet: &mut Quiet) -> Result<(), Clust
         .iter()
         .map(|gr| (gr.id, voters_of(&gr.raft)))
         .collect();
-    // 2. Voters where the plan puts them (every shard leader computes the same plan). A
-    // leader that is to lose its own seat hands the leadership over first (step 4).
+    // 2. Voters where the plan puts them (every shard leader computes the same plan).
     let plan = placement::plan_shard_voters(&member_ids, &dead, &current, MAX_VOTERS);
     let want = plan.get(&g).cloned().unwrap_or_default();
-    let losing_seat = !want.contains(&inner.id);
-    // Losing its own seat, the leader first makes the others voters (keeping its seat for
-    // now: with no other voter it could hand the leadership to nobody), then hands over
-    // (step 4), and the next leader drops it.
-    let want = if losing_seat && !want.is_empty() {
-        let mut with_me = want;
-        with_me.insert(inner.id);
-        with_me
-    } else {
-        want
-    };
+    // A leader losing its own seat commits the membership without itself and then steps
+    // down (openraft does that once the change is committed); the new voters elect a leader.
+    // An emulated transfer would not do here: under steady writes the appends keep the
+    // followers' lease alive, and it would never succeed.
     if !want.is_empty() && want != voters {
         tracing::info!(group = g, ?voters, ?want, "moving shard voters");
         raft.change_membership(want, true)
@@ -1358,21 +1405,13 @@ async fn reconcile(inner: &Inner, g: u64, quiet: &mut Quiet) -> Result<(), Clust
         .collect();
     let mut down = down;
     down.extend(dead.iter().copied());
-    let target = if losing_seat {
-        want.iter()
-            .find(|n| voters.contains(n) && !down.contains(n) && **n != inner.id)
-            .copied()
-    } else {
-        placement::plan_leaders(&current, &leaders, &down)
-            .get(&g)
-            .copied()
-    };
+    let target = placement::plan_leaders(&current, &leaders, &down)
+        .get(&g)
+        .copied();
     let Some(target) = target.filter(|t| *t != inner.id && voters.contains(t)) else {
         return Ok(());
     };
-    // A seat being lost (the node leaves) does not wait for quiet; spreading load does.
-    let idle = quiet.is_quiet(last_log);
-    if (!losing_seat && !idle)
+    if !quiet.is_quiet(last_log)
         || quiet
             .transferred
             .is_some_and(|t| t.elapsed() < TRANSFER_COOLDOWN)

@@ -153,8 +153,11 @@ pub fn route(cmd: Command, shards: u32) -> Routed {
                     local.push(i);
                     mine.push((t, flag));
                 } else {
+                    // Queued in another shard: the node holding the session delivers it when
+                    // it applies that (`false`), whoever proposed it, so a part whose answer
+                    // is lost, or that the sweeper finishes, still reaches a connected client.
                     let e = foreign.entry(tg).or_default();
-                    e.0.push((t, flag));
+                    e.0.push((t, false));
                     e.1.push(i);
                 }
             }
@@ -459,6 +462,8 @@ mod tests {
             };
             assert_eq!(origin.0, home);
             assert_eq!(targets.len(), 1);
+            // The holder delivers what another shard queued, not the proposer.
+            assert!(targets.iter().all(|(_, delivered)| !delivered));
             assert_eq!(group_of(&targets[0].0.key, 4), p.group);
         }
         let mut all: Vec<usize> = foreign.iter().flat_map(|p| p.positions.clone()).collect();

@@ -92,9 +92,18 @@ async fn scenario(d: &Durable) {
         }],
         inbound: Some((key("pub"), 9)),
     };
+    // Queued as seq 1 either way; the answer names it only when "a" is in the publisher's
+    // shard (otherwise the node holding "a" learns it by applying the other shard's entry).
+    let same_shard = d.group_of(&key("a")) == d.group_of(&key("pub"));
+    let seq = if same_shard { 1 } else { NO_SESSION_SEQ };
     assert_eq!(
         d.propose(p.clone()).await.expect("pub"),
-        Response::Published { seqs: vec![1] }
+        Response::Published { seqs: vec![seq] }
+    );
+    let queued = d.session(&key("a")).expect("read").expect("a").queue;
+    assert_eq!(
+        queued.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(),
+        vec![1]
     );
     assert_eq!(d.propose(p).await.expect("dup"), Response::DuplicateInbound);
     assert_eq!(

@@ -1066,7 +1066,7 @@ impl Broker {
             }
         }
         if prev.is_some() || !clean_start {
-            self.durable.read_barrier().await?;
+            self.durable.read_barrier_for(key).await?;
         }
         // ...and what was queued through Raft after this index is added when applied here.
         let from = self.durable.applied_index_of(key);

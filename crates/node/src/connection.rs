@@ -1193,8 +1193,9 @@ where
             prepared.remote = !remote.is_empty() || orphan_cmd.is_some() || share_cmd.is_some();
         }
         let inbound = (p.qos == 2 && a.persistent).then(|| (a.session.key.clone(), p.pkid));
+        let with_inbound = inbound.is_some();
         let mut cmd = broker.publish_command(&prepared, Some(&a.session.key), inbound);
-        if let Some(c) = cmd.take() {
+        if let Some(c) = cmd.take_if(|_| with_inbound) {
             // With the publisher's inbound QoS 2 id, every durable target goes in one command:
             // recorded in the publisher's shard with the id, so no target can be missed or
             // queued twice when the client sends the PUBLISH again.

@@ -463,6 +463,43 @@ fn three_nodes_share_the_directory() {
 
 // ----- 2. forwarding -----------------------------------------------------------------------------
 
+/// Persistent subscribers on the publisher's node and on two others, all matching: QoS 1 and
+/// QoS 2 from a clean publisher and QoS 2 from a persistent one (whose inbound packet id is
+/// recorded) reach every one of them. The local one is queued by the publish itself, the
+/// others through their shards, in one PUBLISH; losing either part loses messages silently
+/// after the PUBACK/PUBREC.
+#[test]
+fn persistent_subscribers_here_and_elsewhere_all_get_every_message() {
+    let [a, b, c] = cluster3(&[]);
+    let mut subs = Vec::new();
+    for (node, id, v5) in [(&a, "mix-sub-a", V3), (&b, "mix-sub-b", V5), (&c, "mix-sub-c", V3)] {
+        let (mut s, present) = Client::persistent(node.mqtt, id, v5);
+        assert!(!present, "{id}: new");
+        // Granted QoS 1: deliveries are acknowledged with PUBACK (what the checker reads);
+        // the QoS 2 publishes still take the inbound-id path on the publishing side.
+        s.sub_ok("mix/#", 1);
+        subs.push((id, s));
+    }
+    let mut clean = Client::clean(a.mqtt, "mix-pub-clean", V5);
+    let (mut durable, _) = Client::persistent(a.mqtt, "mix-pub-durable", V3);
+    let mut want = Vec::new();
+    for i in 0..5 {
+        let p = format!("clean-q1-{i}");
+        clean.publish("mix/t", p.as_bytes(), 1);
+        want.push(p.into_bytes());
+        let p = format!("clean-q2-{i}");
+        clean.publish("mix/t", p.as_bytes(), 2);
+        want.push(p.into_bytes());
+        let p = format!("durable-q2-{i}");
+        durable.publish("mix/t", p.as_bytes(), 2);
+        want.push(p.into_bytes());
+    }
+    for (id, s) in &mut subs {
+        assert_receives_all(s, &want, 15, id);
+    }
+}
+
+
 /// Subscribers on A, B and C; a publisher on C sends QoS 0 and QoS 1: each subscriber gets one
 /// copy of each at its QoS. After A unsubscribes, publishes from C (and from another client on
 /// A) still reach B and C but no longer A.

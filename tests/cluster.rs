@@ -472,7 +472,11 @@ fn three_nodes_share_the_directory() {
 fn persistent_subscribers_here_and_elsewhere_all_get_every_message() {
     let [a, b, c] = cluster3(&[]);
     let mut subs = Vec::new();
-    for (node, id, v5) in [(&a, "mix-sub-a", V3), (&b, "mix-sub-b", V5), (&c, "mix-sub-c", V3)] {
+    for (node, id, v5) in [
+        (&a, "mix-sub-a", V3),
+        (&b, "mix-sub-b", V5),
+        (&c, "mix-sub-c", V3),
+    ] {
         let (mut s, present) = Client::persistent(node.mqtt, id, v5);
         assert!(!present, "{id}: new");
         // Granted QoS 1: deliveries are acknowledged with PUBACK (what the checker reads);
@@ -498,7 +502,6 @@ fn persistent_subscribers_here_and_elsewhere_all_get_every_message() {
         assert_receives_all(s, &want, 15, id);
     }
 }
-
 
 /// Subscribers on A, B and C; a publisher on C sends QoS 0 and QoS 1: each subscriber gets one
 /// copy of each at its QoS. After A unsubscribes, publishes from C (and from another client on

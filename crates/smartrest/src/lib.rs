@@ -1,0 +1,9 @@
+//! SmartREST 2.0 as a Cumulocity device speaks it over MQTT (`../shared/c8y-mqtt.md` §2, §3):
+//! the records of a PUBLISH payload ([`record`]) and the topic grammar ([`topic`]). Plain values
+//! in and out, no I/O: the node's device API builds on this.
+
+pub mod record;
+pub mod topic;
+
+pub use record::{encode_line, parse_records, Record, RecordError};
+pub use topic::{Direction, Kind, Mode, SmartTopic};

@@ -282,6 +282,13 @@ impl Durable {
         for g in &groups[1..] {
             wait_ready(g).await?;
         }
+        if offered.is_some() {
+            // A joining node is ready once every shard has as many voters as the cluster can
+            // give it (the shard leaders promote the new member): until then a shard that had
+            // two voters would stop at the next failure, and the node would join a cluster
+            // that tolerates none.
+            wait_full_voters(&groups, &cfg).await;
+        }
         let inner = Arc::new(Inner {
             id: cfg.node_id,
             shards,
@@ -1021,6 +1028,40 @@ async fn barrier_once(
         .await
         .map_err(|e| ClusterError::Timeout(e.to_string()))?;
     Ok(())
+}
+
+/// Waits (at most `OPEN_TIMEOUT`, then only logs) until every shard has min(3, members)
+/// voters, as this node's replicas see them.
+async fn wait_full_voters(groups: &[Group], cfg: &DurableConfig) {
+    let deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
+    loop {
+        let members = groups[META as usize]
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .count();
+        let want = members.min(MAX_VOTERS);
+        let short: Vec<u64> = groups[1..]
+            .iter()
+            .filter(|g| voters_of(&g.raft).len() < want)
+            .map(|g| g.id)
+            .collect();
+        if short.is_empty() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                node = cfg.node_id,
+                ?short,
+                want,
+                "shards still short of voters; going on"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until the group has a known leader (this node, once elected, or the one that added

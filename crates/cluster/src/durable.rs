@@ -325,7 +325,21 @@ impl Durable {
     /// Proposes one command; resolves once it is committed (flushed) and applied.
     /// Commands are applied in the order their `propose`/`propose_nowait` calls happened.
     pub async fn propose(&self, cmd: Command) -> Result<Response, ClusterError> {
-        self.propose_indexed(cmd).await.map(|(r, _)| r)
+        let routed = self.route(cmd)?;
+        // The usual case, answered without building a `Progress` (an allocation per write).
+        if let shard::Routed::One(g, cmd) = routed {
+            return self.propose_in(g, cmd)?.await.map(|(r, _)| r);
+        }
+        self.propose_routed(routed).await.map(|(r, _)| r)
+    }
+
+    /// Validates `cmd` and decides its group(s).
+    fn route(&self, cmd: Command) -> Result<shard::Routed, ClusterError> {
+        fleetmq_storage::validate(&cmd).map_err(|e| ClusterError::InvalidCommand(e.to_string()))?;
+        if self.inner.closing.load(Ordering::Acquire) {
+            return Err(ClusterError::ShuttingDown);
+        }
+        Ok(shard::route(cmd, self.inner.shards))
     }
 
     /// Like [`propose`](Self::propose), also returning where it was committed (to make other
@@ -340,11 +354,15 @@ impl Durable {
         &self,
         cmd: Command,
     ) -> Result<(Response, Progress), ClusterError> {
-        fleetmq_storage::validate(&cmd).map_err(|e| ClusterError::InvalidCommand(e.to_string()))?;
-        if self.inner.closing.load(Ordering::Acquire) {
-            return Err(ClusterError::ShuttingDown);
-        }
-        match shard::route(cmd, self.inner.shards) {
+        let routed = self.route(cmd)?;
+        self.propose_routed(routed).await
+    }
+
+    async fn propose_routed(
+        &self,
+        routed: shard::Routed,
+    ) -> Result<(Response, Progress), ClusterError> {
+        match routed {
             shard::Routed::One(g, cmd) => {
                 let (r, i) = self.propose_in(g, cmd)?.await?;
                 Ok((r, Progress::at(g, i)))
@@ -361,20 +379,22 @@ impl Durable {
             }
             shard::Routed::Many { parts, targets } => {
                 let mut waits = Vec::with_capacity(parts.len());
-                for p in &parts {
-                    waits.push(self.propose_in(p.group, p.cmd.clone())?);
+                let mut placed = Vec::with_capacity(parts.len());
+                for p in parts {
+                    waits.push(self.propose_in(p.group, p.cmd)?);
+                    placed.push((p.group, p.positions));
                 }
                 let answers = futures_join(waits).await?;
                 let mut progress = Progress::default();
-                for (p, (_, i)) in parts.iter().zip(&answers) {
-                    progress.raise(p.group, *i);
+                for ((g, _), (_, i)) in placed.iter().zip(&answers) {
+                    progress.raise(*g, *i);
                 }
                 let merged = shard::merge(
                     targets,
-                    parts
+                    placed
                         .iter()
                         .zip(answers)
-                        .map(|(p, (r, _))| (p.positions.as_slice(), r))
+                        .map(|((_, positions), (r, _))| (positions.as_slice(), r))
                         .collect(),
                 );
                 Ok((merged, progress))
@@ -412,19 +432,21 @@ impl Durable {
             return Ok((Response::Published { seqs }, progress));
         }
         let mut waits = Vec::with_capacity(foreign.len());
-        for p in &foreign {
-            let mut cmd = p.cmd.clone();
+        let mut groups = Vec::with_capacity(foreign.len());
+        for p in foreign {
+            let mut cmd = p.cmd;
             if let Command::EnqueueOnce { origin, .. } = &mut cmd {
                 *origin = (home, id);
             }
             waits.push(self.propose_in(p.group, cmd)?);
+            groups.push(p.group);
         }
         // The other shards' targets stay `NO_SESSION_SEQ` in the answer: the node holding each
         // of those sessions delivers it when it applies the `EnqueueOnce` (this one too).
         match futures_join(waits).await {
             Ok(answers) => {
-                for (p, (_, i)) in foreign.iter().zip(answers) {
-                    progress.raise(p.group, i);
+                for (g, (_, i)) in groups.iter().zip(answers) {
+                    progress.raise(*g, i);
                 }
                 self.propose_to_nowait(home, Command::OutboxDone { id });
             }
@@ -1283,14 +1305,10 @@ impl Durable {
             if !sweep.pending.contains(&id) {
                 continue; // its proposer gets a round to finish it
             }
-            // Queued as `Enqueue` is, whatever the proposer meant: the node holding each
-            // session learns of it by applying, since the proposer may be gone.
-            let mut by_group: BTreeMap<u64, Vec<(fleetmq_storage::Target, bool)>> = BTreeMap::new();
-            for (t, _) in targets {
-                by_group
-                    .entry(self.group_of(&t.key))
-                    .or_default()
-                    .push((t, false));
+            // The node holding each session learns of it by applying, as for any part.
+            let mut by_group: BTreeMap<u64, Vec<fleetmq_storage::Target>> = BTreeMap::new();
+            for t in targets {
+                by_group.entry(self.group_of(&t.key)).or_default().push(t);
             }
             let mut waits = Vec::with_capacity(by_group.len());
             for (tg, targets) in by_group {

@@ -73,6 +73,20 @@ pub enum Routed {
 /// The group(s) a command goes to among `shards` session shards.
 pub fn route(cmd: Command, shards: u32) -> Routed {
     let g = |k: &SessionKey| group_of(k, shards);
+    // The usual publish: every target in one shard (always, without shards). It goes whole,
+    // with no split map and no copy of the message.
+    let single = match &cmd {
+        Command::Publish {
+            targets,
+            inbound: None,
+            ..
+        }
+        | Command::Enqueue { targets, .. } => one_group(targets, shards),
+        _ => None,
+    };
+    if let Some(group) = single {
+        return Routed::One(group, cmd);
+    }
     match cmd {
         Command::PutSession { ref key, .. }
         | Command::DeleteSession { ref key }
@@ -146,7 +160,7 @@ pub fn route(cmd: Command, shards: u32) -> Routed {
             let n = targets.len();
             let mut local = Vec::new();
             let mut mine = Vec::new();
-            let mut foreign: FlaggedSplit = BTreeMap::new();
+            let mut foreign: Split = BTreeMap::new();
             for (i, (t, flag)) in targets.into_iter().enumerate() {
                 let tg = g(&t.key);
                 if tg == home {
@@ -154,10 +168,11 @@ pub fn route(cmd: Command, shards: u32) -> Routed {
                     mine.push((t, flag));
                 } else {
                     // Queued in another shard: the node holding the session delivers it when
-                    // it applies that (`false`), whoever proposed it, so a part whose answer
-                    // is lost, or that the sweeper finishes, still reaches a connected client.
+                    // it applies that shard's `EnqueueOnce`, whoever proposed it, so a part
+                    // whose answer is lost, or that the sweeper finishes, still reaches a
+                    // connected client.
                     let e = foreign.entry(tg).or_default();
-                    e.0.push((t, false));
+                    e.0.push(t);
                     e.1.push(i);
                 }
             }
@@ -189,10 +204,10 @@ pub fn route(cmd: Command, shards: u32) -> Routed {
             }
         }
         Command::EnqueueOnce { ref targets, .. } => {
-            let group = targets.first().map(|(t, _)| g(&t.key)).unwrap_or(META);
+            let group = targets.first().map(|t| g(&t.key)).unwrap_or(META);
             Routed::One(group, cmd)
         }
-        // Proposed to their group directly (`Durable::propose_to`); never routed by content.
+        // Proposed to their group directly (`Durable::propose_in`); never routed by content.
         Command::OutboxDone { .. } | Command::ForgetOrigins { .. } => Routed::One(META, cmd),
         Command::Enqueue { message, targets } => {
             split(targets, shards, |targets| Command::Enqueue {
@@ -203,18 +218,19 @@ pub fn route(cmd: Command, shards: u32) -> Routed {
     }
 }
 
-/// One command per group of the targets (`make` builds it from that group's targets).
+/// The one group all `targets` are in (the meta group for none), or `None` when they span
+/// several.
+fn one_group(targets: &[Target], shards: u32) -> Option<u64> {
+    let mut groups = targets.iter().map(|t| group_of(&t.key, shards));
+    let first = groups.next().unwrap_or(META);
+    groups.all(|g| g == first).then_some(first)
+}
+
+/// One command per group of the targets (`make` builds it from that group's targets); called
+/// for targets in several groups (see `one_group`).
 fn split(targets: Vec<Target>, shards: u32, make: impl Fn(Vec<Target>) -> Command) -> Routed {
     let n = targets.len();
     let by_group = split_targets(targets, shards);
-    if by_group.len() <= 1 {
-        let (group, targets) = by_group
-            .into_iter()
-            .next()
-            .map(|(g, (t, _))| (g, t))
-            .unwrap_or((META, Vec::new()));
-        return Routed::One(group, make(targets));
-    }
     let parts = by_group
         .into_iter()
         .map(|(group, (targets, positions))| Part {
@@ -228,8 +244,6 @@ fn split(targets: Vec<Target>, shards: u32, make: impl Fn(Vec<Target>) -> Comman
 
 /// Targets by group, with their positions in the original command.
 type Split = BTreeMap<u64, (Vec<Target>, Vec<usize>)>;
-/// The same for `(target, delivered by the proposer)` pairs.
-type FlaggedSplit = BTreeMap<u64, (Vec<(Target, bool)>, Vec<usize>)>;
 
 fn split_targets(targets: Vec<Target>, shards: u32) -> Split {
     let mut out: Split = BTreeMap::new();
@@ -462,9 +476,7 @@ mod tests {
             };
             assert_eq!(origin.0, home);
             assert_eq!(targets.len(), 1);
-            // The holder delivers what another shard queued, not the proposer.
-            assert!(targets.iter().all(|(_, delivered)| !delivered));
-            assert_eq!(group_of(&targets[0].0.key, 4), p.group);
+            assert_eq!(group_of(&targets[0].key, 4), p.group);
         }
         let mut all: Vec<usize> = foreign.iter().flat_map(|p| p.positions.clone()).collect();
         all.extend(local);

@@ -1159,36 +1159,47 @@ impl Broker {
 
     /// A delivery queued through Raft for a session (by a node that thought it orphaned):
     /// added to the session if this node holds it and loaded it before that entry.
-    /// Of a publish with the publisher's inbound id or from another shard's outbox, only the
-    /// targets marked `false`: the proposing node delivers the others itself.
+    /// Of a publish with the publisher's inbound id, only the targets marked `false`: the
+    /// proposing node delivers the others itself.
     pub fn observe_enqueue(&self, index: u64, cmd: &Command, resp: &Response) {
-        let (message, targets, seqs): (_, Vec<&Target>, &Vec<u64>) = match (cmd, resp) {
-            (Command::Enqueue { message, targets }, Response::Published { seqs }) => {
-                (message, targets.iter().collect(), seqs)
-            }
-            (
+        match (cmd, resp) {
+            (Command::Enqueue { message, targets }, Response::Published { seqs })
+            | (
                 Command::EnqueueOnce {
                     message, targets, ..
                 },
                 Response::Published { seqs },
-            )
-            | (
+            ) => {
+                self.deliver_applied(index, message, targets.iter().zip(seqs));
+            }
+            (
                 Command::PublishOutbox {
                     message, targets, ..
                 },
                 Response::Outboxed { seqs, .. },
-            ) => (message, targets.iter().map(|(t, _)| t).collect(), seqs),
-            _ => return,
-        };
-        let observed: Vec<bool> = match cmd {
-            Command::EnqueueOnce { targets, .. } | Command::PublishOutbox { targets, .. } => {
-                targets.iter().map(|(_, delivered)| !delivered).collect()
+            ) => {
+                let observed = targets
+                    .iter()
+                    .zip(seqs)
+                    .filter(|((_, delivered), _)| !delivered)
+                    .map(|((t, _), seq)| (t, seq));
+                self.deliver_applied(index, message, observed);
             }
-            _ => vec![true; targets.len()],
-        };
+            _ => {}
+        }
+    }
+
+    /// Queues an applied delivery for each `(target, seq)` this node holds and loaded before
+    /// entry `index` (and has not got already).
+    fn deliver_applied<'a>(
+        &self,
+        index: u64,
+        message: &fleetmq_storage::StoredMessage,
+        targets: impl Iterator<Item = (&'a Target, &'a u64)>,
+    ) {
         let mut msg = None;
-        for ((t, seq), observe) in targets.into_iter().zip(seqs).zip(observed) {
-            if !observe || *seq == fleetmq_storage::NO_SESSION_SEQ {
+        for (t, seq) in targets {
+            if *seq == fleetmq_storage::NO_SESSION_SEQ {
                 continue;
             }
             let Some(session) = self.sessions.lock().get(&t.key).map(|b| b.0.clone()) else {
@@ -1620,14 +1631,13 @@ pub fn split_share(filter: &str) -> (Option<Arc<str>>, String) {
 }
 
 /// Microseconds since the epoch (connection ids start there).
-fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
-/// The error of a connection that another, newer one superseded before it attached.
 /// A `Publish` that records the publisher's inbound QoS 2 id, with the `Enqueue`s of the
 /// same message, as one `PublishOutbox` (the publish targets first, in order, marked as
 /// delivered by this node; the enqueued ones after them). Any other publish is returned as is.
@@ -1673,6 +1683,7 @@ fn enqueue_command(
 /// The error `attach` answers while the node is drained (CONNACK 0x9C).
 pub const DRAINING: &str = "the node is drained";
 
+/// The error of a connection that another, newer one superseded before it attached.
 fn superseded() -> ClusterError {
     ClusterError::Unavailable("the session was taken over by a newer connection".into())
 }

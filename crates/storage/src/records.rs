@@ -193,15 +193,17 @@ pub enum Command {
         message: StoredMessage,
         inbound: (SessionKey, u16),
         targets: Vec<(Target, bool)>,
-        outbox: Vec<(Target, bool)>,
+        /// The other shards' targets: the nodes holding those sessions learn of them by
+        /// applying their shard's `EnqueueOnce`.
+        outbox: Vec<Target>,
     },
-    /// Targets of outbox entry `origin` = (group, id) of another shard, queued as `Publish` /
-    /// `Enqueue` would per their flag, unless that origin was applied here before (then
-    /// nothing changes and every seq is `NO_SESSION_SEQ`).
+    /// Targets of outbox entry `origin` = (group, id) of another shard, queued as `Enqueue`
+    /// would (the node holding each session learns of it by applying this), unless that origin
+    /// was applied here before (then nothing changes and every seq is `NO_SESSION_SEQ`).
     EnqueueOnce {
         origin: (u64, u64),
         message: StoredMessage,
-        targets: Vec<(Target, bool)>,
+        targets: Vec<Target>,
     },
     /// Every other shard has queued outbox entry `id` of this group: it goes.
     OutboxDone { id: u64 },

@@ -12,8 +12,8 @@ use crate::state_machine::{
     INBOUND, MESSAGE, META_APPLIED, META_MEMBERSHIP, OUTBOX, QUEUE, RETAINED, SESSION,
 };
 
-/// An unfinished outbox entry: `(id, message, targets in other shards with their flags)`.
-pub type OutboxEntry = (u64, StoredMessage, Vec<(Target, bool)>);
+/// An unfinished outbox entry: `(id, message, targets in other shards)`.
+pub type OutboxEntry = (u64, StoredMessage, Vec<Target>);
 
 const SNAPSHOT_CURRENT: &[u8] = b"current";
 
@@ -116,7 +116,7 @@ impl StateMachineStore {
         for kv in self.tree.scan_prefix([OUTBOX]) {
             let (k, v) = kv?;
             let id = keys::read_u64(&k[1..]).ok_or_else(|| corrupt("outbox id"))?;
-            let (message, targets): (StoredMessage, Vec<(Target, bool)>) = decode(&v)?;
+            let (message, targets): (StoredMessage, Vec<Target>) = decode(&v)?;
             out.push((id, message, targets));
         }
         Ok(out)

@@ -12,7 +12,7 @@
 //! | `0x05` retained | tenant + topic | `StoredMessage` |
 //! | `0x06` next seq | session key | u64 |
 //! | `0x07` directory entry | space u8 + tenant + name | opaque (JSON from the node) |
-//! | `0x08` outbox | id u64 | `(StoredMessage, Vec<(Target, bool)>)` for other shards |
+//! | `0x08` outbox | id u64 | `(StoredMessage, Vec<Target>)` for other shards |
 //! | `0x09` seen origin | group u64 + id u64 | empty |
 //!
 //! Every entry is applied as one `sled::Batch` together with the last-applied marker, so after a
@@ -177,13 +177,13 @@ pub fn validate(cmd: &Command) -> Result<()> {
             outbox,
             ..
         } => {
-            for (t, _) in targets.iter().chain(outbox) {
+            for t in targets.iter().map(|(t, _)| t).chain(outbox) {
                 key(&t.key)?;
             }
             key(&inbound.0)
         }
         Command::EnqueueOnce { targets, .. } => {
-            for (t, _) in targets {
+            for t in targets {
                 key(&t.key)?;
             }
             Ok(())
@@ -313,10 +313,10 @@ fn apply_one(ov: &mut Overlay<'_>, msg_id: u64, cmd: &Command) -> Result<Respons
             targets,
             inbound,
         } => {
-            return publish(ov, msg_id, message, targets, inbound.as_ref());
+            return publish(ov, msg_id, message, targets.iter(), inbound.as_ref());
         }
         Command::Enqueue { message, targets } => {
-            return publish(ov, msg_id, message, targets, None);
+            return publish(ov, msg_id, message, targets.iter(), None);
         }
         Command::PublishOutbox {
             message,
@@ -324,8 +324,8 @@ fn apply_one(ov: &mut Overlay<'_>, msg_id: u64, cmd: &Command) -> Result<Respons
             targets,
             outbox,
         } => {
-            let local: Vec<Target> = targets.iter().map(|(t, _)| t.clone()).collect();
-            let seqs = match publish(ov, msg_id, message, &local, Some(inbound))? {
+            let local = targets.iter().map(|(t, _)| t);
+            let seqs = match publish(ov, msg_id, message, local, Some(inbound))? {
                 Response::Published { seqs } => seqs,
                 other => return Ok(other),
             };
@@ -347,8 +347,7 @@ fn apply_one(ov: &mut Overlay<'_>, msg_id: u64, cmd: &Command) -> Result<Respons
                 });
             }
             ov.put(k, Vec::new());
-            let local: Vec<Target> = targets.iter().map(|(t, _)| t.clone()).collect();
-            return publish(ov, msg_id, message, &local, None);
+            return publish(ov, msg_id, message, targets.iter(), None);
         }
         Command::OutboxDone { id } => ov.del(outbox_key(*id)),
         Command::ForgetOrigins { group, below } => {
@@ -522,11 +521,11 @@ fn unref(ov: &mut Overlay<'_>, msg_id: u64) -> Result<()> {
     Ok(())
 }
 
-fn publish(
+fn publish<'t>(
     ov: &mut Overlay<'_>,
     msg_id: u64,
     message: &StoredMessage,
-    targets: &[Target],
+    targets: impl ExactSizeIterator<Item = &'t Target>,
     inbound: Option<&(SessionKey, u16)>,
 ) -> Result<Response> {
     if let Some((key, pid)) = inbound {

@@ -554,7 +554,7 @@ fn outbox_entries_are_queued_once_in_other_shards() {
         message: msg("x"),
         inbound: (key("pub"), 9),
         targets: vec![(target("a"), true)],
-        outbox: vec![(target("b"), false)],
+        outbox: vec![target("b")],
     };
     let r = home
         .apply(2, std::slice::from_ref(&po), None)
@@ -570,7 +570,7 @@ fn outbox_entries_are_queued_once_in_other_shards() {
     let pending = home.outbox().expect("outbox");
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].0, id);
-    assert_eq!(pending[0].2, vec![(target("b"), false)]);
+    assert_eq!(pending[0].2, vec![target("b")]);
     // The same PUBLISH again: a duplicate, no second outbox entry.
     let r = home.apply(3, &[po], None).expect("dup");
     assert_eq!(r[0], Response::DuplicateInbound);
@@ -579,7 +579,7 @@ fn outbox_entries_are_queued_once_in_other_shards() {
     let once = Command::EnqueueOnce {
         origin: (1, id),
         message: msg("x"),
-        targets: vec![(target("b"), false)],
+        targets: vec![target("b")],
     };
     let r = other
         .apply(2, std::slice::from_ref(&once), None)

@@ -171,11 +171,8 @@ impl Cluster {
             unregister_wake: tokio::sync::Notify::new(),
             takeovers_finished: tokio::sync::Notify::new(),
             drained: Mutex::new(None),
-            incarnation: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-                .unwrap_or(1)
-                .max(1),
+            // The same clock as connection ids (`forget_before` compares the two).
+            incarnation: crate::broker::now_us().max(1),
         }))
     }
 
@@ -578,7 +575,8 @@ impl Cluster {
                 }
             };
             match targets {
-                Some(t) if t.is_empty() => return Ok(Pushed::NotDelivered),
+                // Not subscribed at QoS 1/2: the connected session may still take it at QoS 0.
+                Some(t) if t.is_empty() => {}
                 Some(targets) => {
                     self.durable
                         .propose(Command::Enqueue {
@@ -746,6 +744,11 @@ impl Cluster {
                     let cluster = self.clone();
                     tokio::spawn(async move {
                         let r = cluster.drain_now().await.map_err(|e| e.to_string());
+                        if r.is_err() {
+                            // A failed drain may be asked for again (not answered forever
+                            // with this error).
+                            *cluster.drained.lock() = None;
+                        }
                         let _ = tx.send(Some(r));
                     });
                     *slot = Some(rx.clone());
@@ -1706,19 +1709,29 @@ async fn send_routes(
         incarnation: cluster.incarnation,
         group_applied: applied.0,
     };
-    let mut ack =
-        match tokio::time::timeout(RPC_TIMEOUT, client.update_routes(update.clone())).await {
-            Ok(Ok(a)) => a.into_inner(),
-            Ok(Err(e)) => {
-                tracing::debug!(node, error = %e.message(), "route update failed");
-                cluster.mark(node, false);
-                return;
-            }
-            Err(_) => {
-                cluster.mark(node, false);
-                return;
-            }
-        };
+    // The repeat for a lagging peer (below): the same update without its changes, built
+    // before the update is sent away rather than by copying the changes for every peer.
+    let heartbeat = RouteUpdate {
+        node_id: update.node_id,
+        sequence: update.sequence,
+        changes: Vec::new(),
+        full: false,
+        applied_index: update.applied_index,
+        incarnation: update.incarnation,
+        group_applied: update.group_applied.clone(),
+    };
+    let mut ack = match tokio::time::timeout(RPC_TIMEOUT, client.update_routes(update)).await {
+        Ok(Ok(a)) => a.into_inner(),
+        Ok(Err(e)) => {
+            tracing::debug!(node, error = %e.message(), "route update failed");
+            cluster.mark(node, false);
+            return;
+        }
+        Err(_) => {
+            cluster.mark(node, false);
+            return;
+        }
+    };
     cluster.mark(node, true);
     // The peer had not applied this node's log as far as the update said: ask again (as a
     // heartbeat, so nothing is applied twice), a few times, so that a SUBACK waiting on this
@@ -1727,11 +1740,7 @@ async fn send_routes(
         if !(ack.lagging && ack.sequence == seq) {
             break;
         }
-        let again = RouteUpdate {
-            changes: Vec::new(),
-            ..update.clone()
-        };
-        match tokio::time::timeout(RPC_TIMEOUT, client.update_routes(again)).await {
+        match tokio::time::timeout(RPC_TIMEOUT, client.update_routes(heartbeat.clone())).await {
             Ok(Ok(a)) => ack = a.into_inner(),
             _ => break,
         }

@@ -565,6 +565,30 @@ impl Durable {
         Ok(out)
     }
 
+    /// The groups that hold device data: the session shards, or group 0 without shards.
+    pub fn device_groups(&self) -> Vec<u64> {
+        if self.inner.shards == 0 {
+            vec![META]
+        } else {
+            (1..=u64::from(self.inner.shards)).collect()
+        }
+    }
+
+    /// The state machine of a group holding device data, for local reads (`None`: no such
+    /// group here, e.g. a record id from another cluster).
+    pub fn device_store(&self, group: u64) -> Option<fleetmq_storage::StateMachineStore> {
+        if !self.device_groups().contains(&group) {
+            return None;
+        }
+        Some(self.group(group).sm.clone())
+    }
+
+    /// Waits until this node has applied what `group`'s leader had committed (REST reads of
+    /// device data see every acknowledged write, whichever node took it).
+    pub async fn read_barrier_group(&self, group: u64) -> Result<(), ClusterError> {
+        self.read_barrier_of(group).await
+    }
+
     /// The stream of directory and retained commands this node applies (taken once).
     pub fn take_applied(&self) -> Option<mpsc::UnboundedReceiver<Applied>> {
         self.inner

@@ -122,6 +122,16 @@ pub fn route(cmd: Command, shards: u32) -> Routed {
                 .collect(),
             targets: 0,
         },
+        // Device data names its group itself: the device's shard for SmartREST and JSON via
+        // MQTT, the group in a record's id for REST calls by id.
+        Command::Device(ref b) => {
+            let g = if b.group <= u64::from(shards) {
+                b.group
+            } else {
+                META
+            };
+            Routed::One(g, cmd)
+        }
         Command::PutEntry { .. }
         | Command::DeleteEntry { .. }
         | Command::DeleteTenantEntries { .. }

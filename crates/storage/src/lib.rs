@@ -2,6 +2,7 @@
 //! state machines, and the key encodings they share. No openraft and no MQTT in here.
 
 pub mod db;
+pub mod domain;
 pub mod error;
 pub mod keys;
 pub mod log_store;

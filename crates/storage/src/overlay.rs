@@ -226,6 +226,36 @@ impl<'a> Overlay<'a> {
         Ok(keys.into_iter().collect())
     }
 
+    /// Up to `limit` keys in `[start, end)` as they will be after the writes so far, in order.
+    pub(crate) fn keys_in_range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut keys = BTreeSet::new();
+        // Staged deletions may hide tree keys, so read a little past the limit from the tree.
+        let staged = self.base.len() + self.writes.len();
+        for kv in self
+            .tree
+            .range(start.to_vec()..end.to_vec())
+            .take(limit + staged)
+        {
+            let (k, _) = kv?;
+            keys.insert(k.to_vec());
+        }
+        for layer in [self.base, &self.writes] {
+            for (k, s) in layer.range(start.to_vec()..end.to_vec()) {
+                if s.value().is_some() {
+                    keys.insert(k.clone());
+                } else {
+                    keys.remove(k);
+                }
+            }
+        }
+        Ok(keys.into_iter().take(limit).collect())
+    }
+
     /// The staged writes of this entry.
     pub(crate) fn into_writes(self) -> BTreeMap<Vec<u8>, Staged> {
         self.writes

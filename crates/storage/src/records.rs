@@ -210,6 +210,9 @@ pub enum Command {
     /// The origins of `group` below id `below` will never be sent again (that group's outbox
     /// holds nothing older): their records here go.
     ForgetOrigins { group: u64, below: u64 },
+    /// Device data changes (and consistent reads) of one tenant in one group: the
+    /// Cumulocity data model of `domain`. Each op is answered in `Response::Device`.
+    Device(crate::domain::DeviceBatch),
 }
 
 /// The kinds of directory entries. Values are opaque to storage (the node encodes them as
@@ -252,6 +255,8 @@ pub enum Response {
         seqs: Vec<u64>,
         id: u64,
     },
+    /// For `Device`: one outcome per op, in order.
+    Device(Vec<crate::domain::Outcome>),
 }
 
 /// Everything a node needs to rebuild one persistent session after a restart.

@@ -14,6 +14,7 @@
 //! | `0x07` directory entry | space u8 + tenant + name | opaque (JSON from the node) |
 //! | `0x08` outbox | id u64 | `(StoredMessage, Vec<Target>)` for other shards |
 //! | `0x09` seen origin | group u64 + id u64 | empty |
+//! | `0x10`–`0x18` | device data | see `domain/apply.rs` |
 //!
 //! Every entry is applied as one `sled::Batch` together with the last-applied marker, so after a
 //! crash either the whole entry and its marker are there or neither is, and replaying the log
@@ -189,6 +190,7 @@ pub fn validate(cmd: &Command) -> Result<()> {
             Ok(())
         }
         Command::OutboxDone { .. } | Command::ForgetOrigins { .. } => Ok(()),
+        Command::Device(b) => keys::put_str(&mut Vec::new(), &b.tenant),
         Command::SetRetained { tenant, topic, .. } => retained_key(tenant, topic).map(|_| ()),
         Command::PutEntry {
             space,
@@ -350,6 +352,11 @@ fn apply_one(ov: &mut Overlay<'_>, msg_id: u64, cmd: &Command) -> Result<Respons
             return publish(ov, msg_id, message, targets.iter(), None);
         }
         Command::OutboxDone { id } => ov.del(outbox_key(*id)),
+        Command::Device(batch) => {
+            return Ok(Response::Device(crate::domain::apply::apply_batch(
+                ov, batch,
+            )?))
+        }
         Command::ForgetOrigins { group, below } => {
             let mut prefix = vec![SEEN];
             prefix.extend_from_slice(&keys::u64_key(*group));

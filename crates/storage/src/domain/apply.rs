@@ -1,0 +1,996 @@
+//! Applying [`DeviceOp`]s to a group's state machine (deterministic: no clock, no randomness).
+//!
+//! Keys (tags after the session tags of `state_machine.rs`):
+//!
+//! | tag | key | value |
+//! | --- | --- | --- |
+//! | `0x10` object | tenant + id | `Doc` JSON |
+//! | `0x11` external id | tenant + type + external id | object id u64 |
+//! | `0x12` record | kind + tenant + id | `Doc` JSON |
+//! | `0x13` by source | kind + tenant + source id + id | empty |
+//! | `0x14` open alarm | tenant + source id + type | alarm id u64 |
+//! | `0x15` agent's operations | tenant + agent id + id | empty |
+//! | `0x16` next id | — | u64 |
+//! | `0x17` last message | tenant + object id | ISO time text |
+//! | `0x18` by time | kind + created ms + tenant + id | empty (retention) |
+
+use serde_json::{json, Map, Value};
+
+use super::{DeviceBatch, DeviceOp, Doc, OpSelect, Outcome, RecordKind, Source, AGENT, SERIAL};
+use crate::error::{Result, StorageError};
+use crate::keys;
+use crate::overlay::Overlay;
+
+pub(crate) const OBJ: u8 = 0x10;
+pub(crate) const XID: u8 = 0x11;
+pub(crate) const REC: u8 = 0x12;
+pub(crate) const BYSRC: u8 = 0x13;
+pub(crate) const OPEN_ALARM: u8 = 0x14;
+pub(crate) const AGENT_OPS: u8 = 0x15;
+pub(crate) const NEXT_ID: &[u8] = &[0x16];
+pub(crate) const LAST_MESSAGE: u8 = 0x17;
+pub(crate) const BYTIME: u8 = 0x18;
+
+pub(crate) fn obj_key(tenant: &str, id: u64) -> Result<Vec<u8>> {
+    let mut k = vec![OBJ];
+    keys::put_str(&mut k, tenant)?;
+    k.extend_from_slice(&id.to_be_bytes());
+    Ok(k)
+}
+
+pub(crate) fn xid_key(tenant: &str, kind: &str, external: &str) -> Result<Vec<u8>> {
+    let mut k = vec![XID];
+    keys::put_str(&mut k, tenant)?;
+    keys::put_str(&mut k, kind)?;
+    keys::put_str(&mut k, external)?;
+    Ok(k)
+}
+
+pub(crate) fn rec_key(kind: RecordKind, tenant: &str, id: u64) -> Result<Vec<u8>> {
+    let mut k = vec![REC, kind.tag()];
+    keys::put_str(&mut k, tenant)?;
+    k.extend_from_slice(&id.to_be_bytes());
+    Ok(k)
+}
+
+pub(crate) fn bysrc_prefix(kind: RecordKind, tenant: &str, source: u64) -> Result<Vec<u8>> {
+    let mut k = vec![BYSRC, kind.tag()];
+    keys::put_str(&mut k, tenant)?;
+    k.extend_from_slice(&source.to_be_bytes());
+    Ok(k)
+}
+
+fn open_alarm_key(tenant: &str, source: u64, kind: &str) -> Result<Vec<u8>> {
+    let mut k = vec![OPEN_ALARM];
+    keys::put_str(&mut k, tenant)?;
+    k.extend_from_slice(&source.to_be_bytes());
+    keys::put_str(&mut k, kind)?;
+    Ok(k)
+}
+
+pub(crate) fn agent_ops_prefix(tenant: &str, agent: u64) -> Result<Vec<u8>> {
+    let mut k = vec![AGENT_OPS];
+    keys::put_str(&mut k, tenant)?;
+    k.extend_from_slice(&agent.to_be_bytes());
+    Ok(k)
+}
+
+pub(crate) fn last_message_key(tenant: &str, id: u64) -> Result<Vec<u8>> {
+    let mut k = vec![LAST_MESSAGE];
+    keys::put_str(&mut k, tenant)?;
+    k.extend_from_slice(&id.to_be_bytes());
+    Ok(k)
+}
+
+fn bytime_key(kind: RecordKind, ms: u64, tenant: &str, id: u64) -> Result<Vec<u8>> {
+    let mut k = vec![BYTIME, kind.tag()];
+    k.extend_from_slice(&ms.to_be_bytes());
+    keys::put_str(&mut k, tenant)?;
+    k.extend_from_slice(&id.to_be_bytes());
+    Ok(k)
+}
+
+/// The id at the end of an index key.
+pub(crate) fn trailing_id(k: &[u8]) -> Option<u64> {
+    k.len()
+        .checked_sub(8)
+        .and_then(|at| keys::read_u64(&k[at..]))
+}
+
+fn corrupt(what: &str) -> StorageError {
+    StorageError::Corrupt {
+        tree: "sm".into(),
+        what: what.into(),
+    }
+}
+
+pub(crate) fn parse_doc(bytes: &[u8]) -> Result<Doc> {
+    serde_json::from_slice(bytes).map_err(|_| corrupt("device document"))
+}
+
+fn doc_json(d: &Doc) -> String {
+    serde_json::to_string(d).unwrap_or_default()
+}
+
+/// The final operation statuses: nothing changes them any more.
+fn is_final(status: &str) -> bool {
+    matches!(status, "SUCCESSFUL" | "FAILED")
+}
+
+struct Ctx<'o, 'a> {
+    ov: &'o mut Overlay<'a>,
+    b: &'o DeviceBatch,
+}
+
+/// Applies a batch; every op has its own outcome, a storage error fails the whole entry.
+pub(crate) fn apply_batch(ov: &mut Overlay<'_>, batch: &DeviceBatch) -> Result<Vec<Outcome>> {
+    let mut c = Ctx { ov, b: batch };
+    batch.ops.iter().map(|op| c.apply(op)).collect()
+}
+
+fn parse_object(text: &str) -> std::result::Result<Map<String, Value>, Outcome> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(Outcome::Invalid("document is not a JSON object".into())),
+    }
+}
+
+/// Merges `set` into `body`: a `null` value removes the fragment (§8).
+fn merge(body: &mut Map<String, Value>, set: Map<String, Value>, if_absent: bool) {
+    for (k, v) in set {
+        if matches!(
+            k.as_str(),
+            "id" | "self" | "owner" | "creationTime" | "lastUpdated"
+        ) {
+            continue;
+        }
+        if v.is_null() {
+            body.remove(&k);
+        } else if !if_absent || !body.contains_key(&k) {
+            body.insert(k, v);
+        }
+    }
+}
+
+macro_rules! tri {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(o) => return Ok(o),
+        }
+    };
+}
+
+impl Ctx<'_, '_> {
+    fn t(&self) -> &str {
+        &self.b.tenant
+    }
+
+    fn next_id(&mut self) -> Result<u64> {
+        let n = match self.ov.get(NEXT_ID)? {
+            Some(v) => keys::read_u64(&v).ok_or_else(|| corrupt("next id"))?,
+            None => 1,
+        };
+        self.ov
+            .put(NEXT_ID.to_vec(), (n + 1).to_be_bytes().to_vec());
+        Ok((n << 8) | (self.b.group & 0xff))
+    }
+
+    fn object(&self, id: u64) -> Result<Option<Doc>> {
+        match self.ov.get(&obj_key(self.t(), id)?)? {
+            Some(v) => Ok(Some(parse_doc(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_object(&mut self, d: &Doc) -> Result<()> {
+        let k = obj_key(self.t(), d.id)?;
+        self.ov.put(k, doc_json(d).into_bytes());
+        Ok(())
+    }
+
+    fn record(&self, kind: RecordKind, id: u64) -> Result<Option<Doc>> {
+        match self.ov.get(&rec_key(kind, self.t(), id)?)? {
+            Some(v) => Ok(Some(parse_doc(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_record(&mut self, kind: RecordKind, d: &Doc) -> Result<()> {
+        let k = rec_key(kind, self.t(), d.id)?;
+        self.ov.put(k, doc_json(d).into_bytes());
+        Ok(())
+    }
+
+    fn lookup(&self, kind: &str, external: &str) -> Result<Option<u64>> {
+        match self.ov.get(&xid_key(self.t(), kind, external)?)? {
+            Some(v) => Ok(Some(
+                keys::read_u64(&v).ok_or_else(|| corrupt("external id"))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// A new device managed object with its `c8y_Serial`, as SmartREST creates it (§3.3).
+    fn new_device(
+        &mut self,
+        serial: &str,
+        name: Option<&str>,
+        kind: &str,
+        parent: Option<u64>,
+        is_device: bool,
+    ) -> Result<Doc> {
+        let id = self.next_id()?;
+        let mut body = Map::new();
+        body.insert("id".into(), json!(id.to_string()));
+        let name = match name {
+            Some(n) if !n.is_empty() => n.to_string(),
+            _ => format!("MQTT Device {serial}"),
+        };
+        body.insert("name".into(), json!(name));
+        body.insert("type".into(), json!(kind));
+        body.insert("owner".into(), json!(self.b.owner));
+        body.insert("creationTime".into(), json!(self.b.now));
+        body.insert("lastUpdated".into(), json!(self.b.now));
+        if is_device {
+            body.insert("c8y_IsDevice".into(), json!({}));
+        }
+        if parent.is_none() {
+            body.insert(AGENT.into(), json!({}));
+        }
+        let d = Doc {
+            id,
+            body,
+            parent,
+            external: vec![(SERIAL.into(), serial.into())],
+            created_ms: self.b.now_ms,
+            ..Doc::default()
+        };
+        self.put_object(&d)?;
+        let xk = xid_key(self.t(), SERIAL, serial)?;
+        self.ov.put(xk, id.to_be_bytes().to_vec());
+        if let Some(p) = parent {
+            if let Some(mut pd) = self.object(p)? {
+                if !pd.children.contains(&id) {
+                    pd.children.push(id);
+                }
+                self.put_object(&pd)?;
+            }
+        }
+        Ok(d)
+    }
+
+    /// The object a source names, creating devices that do not exist yet.
+    fn resolve(&mut self, s: &Source) -> Result<std::result::Result<Doc, Outcome>> {
+        match s {
+            Source::Id(id) => Ok(self
+                .object(*id)?
+                .ok_or_else(|| Outcome::NotFound(format!("Managed object {id} not found")))),
+            Source::Device { serial } => match self.lookup(SERIAL, serial)? {
+                Some(id) => Ok(self
+                    .object(id)?
+                    .ok_or_else(|| Outcome::NotFound(format!("Managed object {id} not found")))),
+                None => Ok(Ok(self.new_device(
+                    serial,
+                    None,
+                    "c8y_MQTTDevice",
+                    None,
+                    true,
+                )?)),
+            },
+            Source::Child { serial, child } => {
+                if let Some(id) = self.lookup(SERIAL, child)? {
+                    return Ok(self.object(id)?.ok_or_else(|| {
+                        Outcome::NotFound(format!("Managed object {id} not found"))
+                    }));
+                }
+                let parent = match self.resolve(&Source::Device {
+                    serial: serial.clone(),
+                })? {
+                    Ok(p) => p.id,
+                    Err(o) => return Ok(Err(o)),
+                };
+                Ok(Ok(self.new_device(
+                    child,
+                    None,
+                    "c8y_MQTTChildDevice",
+                    Some(parent),
+                    true,
+                )?))
+            }
+        }
+    }
+
+    fn touch(&mut self, d: &mut Doc) {
+        d.body.insert("lastUpdated".into(), json!(self.b.now));
+    }
+
+    fn heartbeat(&mut self, id: u64) -> Result<()> {
+        let k = last_message_key(self.t(), id)?;
+        self.ov.put(k, self.b.now.clone().into_bytes());
+        Ok(())
+    }
+
+    fn apply(&mut self, op: &DeviceOp) -> Result<Outcome> {
+        match op {
+            DeviceOp::CreateDevice { source, name, kind } => {
+                let Source::Device { serial } = source else {
+                    return Ok(Outcome::Invalid("device creation needs a serial".into()));
+                };
+                if self.lookup(SERIAL, serial)?.is_some() {
+                    return Ok(Outcome::Exists);
+                }
+                let kind = kind.as_deref().filter(|k| !k.is_empty());
+                let d = self.new_device(
+                    serial,
+                    name.as_deref(),
+                    kind.unwrap_or("c8y_MQTTDevice"),
+                    None,
+                    true,
+                )?;
+                Ok(Outcome::Done(doc_json(&d)))
+            }
+            DeviceOp::CreateChild {
+                parent,
+                child,
+                name,
+                kind,
+                is_device,
+            } => {
+                let p = tri!(self.resolve(parent)?);
+                if let Some(id) = self.lookup(SERIAL, child)? {
+                    // Already there: link it if it was not (Cumulocity answers nothing).
+                    let mut pd = p;
+                    if !pd.children.contains(&id) && id != pd.id {
+                        pd.children.push(id);
+                        self.put_object(&pd)?;
+                    }
+                    return Ok(Outcome::Exists);
+                }
+                let kind = kind.as_deref().filter(|k| !k.is_empty());
+                let d = self.new_device(
+                    child,
+                    name.as_deref(),
+                    kind.unwrap_or("c8y_MQTTChildDevice"),
+                    Some(p.id),
+                    *is_device,
+                )?;
+                Ok(Outcome::Done(doc_json(&d)))
+            }
+            DeviceOp::CreateService {
+                parent,
+                xid,
+                service_type,
+                name,
+                status,
+            } => {
+                let p = tri!(self.resolve(parent)?);
+                let fields = json!({"type": "c8y_Service", "name": name,
+                    "serviceType": service_type, "status": status});
+                if let Some(id) = self.lookup(SERIAL, xid)? {
+                    let Some(mut d) = self.object(id)? else {
+                        return Ok(Outcome::NotFound(format!("Managed object {id} not found")));
+                    };
+                    if let Value::Object(m) = fields {
+                        merge(&mut d.body, m, false);
+                    }
+                    self.touch(&mut d);
+                    self.put_object(&d)?;
+                    return Ok(Outcome::Done(doc_json(&d)));
+                }
+                let id = self.next_id()?;
+                let mut body = Map::new();
+                body.insert("id".into(), json!(id.to_string()));
+                body.insert("owner".into(), json!(self.b.owner));
+                body.insert("creationTime".into(), json!(self.b.now));
+                body.insert("lastUpdated".into(), json!(self.b.now));
+                if let Value::Object(m) = fields {
+                    merge(&mut body, m, false);
+                }
+                let d = Doc {
+                    id,
+                    body,
+                    parent: Some(p.id),
+                    external: vec![(SERIAL.into(), xid.clone())],
+                    created_ms: self.b.now_ms,
+                    ..Doc::default()
+                };
+                self.put_object(&d)?;
+                let xk = xid_key(self.t(), SERIAL, xid)?;
+                self.ov.put(xk, id.to_be_bytes().to_vec());
+                let mut pd = p;
+                pd.additions.push(id);
+                self.put_object(&pd)?;
+                Ok(Outcome::Done(doc_json(&d)))
+            }
+            DeviceOp::Update {
+                source,
+                set,
+                remove,
+                if_absent,
+            } => {
+                let set = tri!(parse_object(set));
+                let mut d = tri!(self.resolve(source)?);
+                let heartbeat = set.is_empty() && remove.is_empty();
+                merge(&mut d.body, set, *if_absent);
+                for f in remove {
+                    if !matches!(f.as_str(), "id" | "owner" | "creationTime" | "lastUpdated") {
+                        d.body.remove(f);
+                    }
+                }
+                if heartbeat {
+                    self.heartbeat(d.id)?;
+                } else {
+                    self.touch(&mut d);
+                    self.put_object(&d)?;
+                }
+                Ok(Outcome::Done(doc_json(&d)))
+            }
+            DeviceOp::Measurement { source, doc } => {
+                self.create_record(RecordKind::Measurement, source, doc)
+            }
+            DeviceOp::Event { source, doc } => self.create_record(RecordKind::Event, source, doc),
+            DeviceOp::Alarm { source, doc } => self.alarm(source, doc),
+            DeviceOp::AlarmChange {
+                source,
+                kind,
+                severity,
+                status,
+                remove,
+            } => {
+                let src = tri!(self.resolve(source)?);
+                let ok = open_alarm_key(self.t(), src.id, kind)?;
+                let Some(id) = self.ov.get(&ok)?.and_then(|v| keys::read_u64(&v)) else {
+                    return Ok(Outcome::NotFound(format!("No open alarm of type {kind}")));
+                };
+                let Some(mut a) = self.record(RecordKind::Alarm, id)? else {
+                    return Ok(Outcome::NotFound(format!("Alarm {id} not found")));
+                };
+                if let Some(s) = severity {
+                    a.body.insert("severity".into(), json!(s));
+                }
+                if let Some(s) = status {
+                    a.body.insert("status".into(), json!(s));
+                    if s == "CLEARED" {
+                        self.ov.del(ok);
+                    }
+                }
+                for f in remove {
+                    a.body.remove(f);
+                }
+                self.touch(&mut a);
+                self.put_record(RecordKind::Alarm, &a)?;
+                Ok(Outcome::Done(doc_json(&a)))
+            }
+            DeviceOp::EventClear {
+                source,
+                kind,
+                remove,
+            } => {
+                let src = tri!(self.resolve(source)?);
+                let p = bysrc_prefix(RecordKind::Event, self.t(), src.id)?;
+                for k in self.ov.keys_with_prefix(&p)?.into_iter().rev() {
+                    let Some(id) = trailing_id(&k) else { continue };
+                    let Some(mut e) = self.record(RecordKind::Event, id)? else {
+                        continue;
+                    };
+                    if e.str("type") == Some(kind.as_str()) {
+                        for f in remove {
+                            e.body.remove(f);
+                        }
+                        self.touch(&mut e);
+                        self.put_record(RecordKind::Event, &e)?;
+                        return Ok(Outcome::Done(doc_json(&e)));
+                    }
+                }
+                Ok(Outcome::NotFound(format!("No event of type {kind}")))
+            }
+            DeviceOp::RecordUpdate { kind, id, set } => {
+                let set = tri!(parse_object(set));
+                let Some(mut r) = self.record(*kind, *id)? else {
+                    return Ok(Outcome::NotFound(format!("{kind:?} {id} not found")));
+                };
+                if *kind == RecordKind::Alarm {
+                    if let Some(Value::String(s)) = set.get("status") {
+                        if s == "CLEARED" {
+                            if let (Some(src), Some(ty)) = (r.parent, r.str("type")) {
+                                let ok = open_alarm_key(self.t(), src, ty)?;
+                                if self.ov.get(&ok)?.and_then(|v| keys::read_u64(&v)) == Some(*id) {
+                                    self.ov.del(ok);
+                                }
+                            }
+                        }
+                    }
+                }
+                for (k, v) in set {
+                    if matches!(k.as_str(), "id" | "self" | "source" | "creationTime") {
+                        continue;
+                    }
+                    if v.is_null() {
+                        r.body.remove(&k);
+                    } else {
+                        r.body.insert(k, v);
+                    }
+                }
+                self.touch(&mut r);
+                self.put_record(*kind, &r)?;
+                Ok(Outcome::Done(doc_json(&r)))
+            }
+            DeviceOp::RecordDelete { kind, id } => {
+                let Some(r) = self.record(*kind, *id)? else {
+                    return Ok(Outcome::NotFound(format!("{kind:?} {id} not found")));
+                };
+                self.drop_record(*kind, &r)?;
+                Ok(Outcome::Done(doc_json(&r)))
+            }
+            DeviceOp::CreateObject { doc } => {
+                let set = tri!(parse_object(doc));
+                let id = self.next_id()?;
+                let mut body = Map::new();
+                body.insert("id".into(), json!(id.to_string()));
+                body.insert("owner".into(), json!(self.b.owner));
+                body.insert("creationTime".into(), json!(self.b.now));
+                body.insert("lastUpdated".into(), json!(self.b.now));
+                merge(&mut body, set, false);
+                let d = Doc {
+                    id,
+                    body,
+                    created_ms: self.b.now_ms,
+                    ..Doc::default()
+                };
+                self.put_object(&d)?;
+                Ok(Outcome::Done(doc_json(&d)))
+            }
+            DeviceOp::DeleteObject { id } => {
+                let Some(d) = self.object(*id)? else {
+                    return Ok(Outcome::NotFound(format!("Managed object {id} not found")));
+                };
+                for (ty, x) in &d.external {
+                    let k = xid_key(self.t(), ty, x)?;
+                    self.ov.del(k);
+                }
+                if let Some(p) = d.parent {
+                    if let Some(mut pd) = self.object(p)? {
+                        pd.children.retain(|c| c != id);
+                        pd.additions.retain(|c| c != id);
+                        self.put_object(&pd)?;
+                    }
+                }
+                let k = obj_key(self.t(), *id)?;
+                self.ov.del(k);
+                Ok(Outcome::Done(doc_json(&d)))
+            }
+            DeviceOp::AddExternalId { id, kind, external } => {
+                let Some(mut d) = self.object(*id)? else {
+                    return Ok(Outcome::NotFound(format!("Managed object {id} not found")));
+                };
+                if let Some(other) = self.lookup(kind, external)? {
+                    return Ok(if other == *id {
+                        Outcome::Done(doc_json(&d))
+                    } else {
+                        Outcome::Exists
+                    });
+                }
+                let xk = xid_key(self.t(), kind, external)?;
+                self.ov.put(xk, id.to_be_bytes().to_vec());
+                d.external.push((kind.clone(), external.clone()));
+                self.put_object(&d)?;
+                Ok(Outcome::Done(doc_json(&d)))
+            }
+            DeviceOp::DeleteExternalId { kind, external } => {
+                let Some(id) = self.lookup(kind, external)? else {
+                    return Ok(Outcome::NotFound(format!(
+                        "External id {kind}/{external} not found"
+                    )));
+                };
+                let xk = xid_key(self.t(), kind, external)?;
+                self.ov.del(xk);
+                if let Some(mut d) = self.object(id)? {
+                    d.external.retain(|(t, x)| !(t == kind && x == external));
+                    self.put_object(&d)?;
+                }
+                Ok(Outcome::Done(String::new()))
+            }
+            DeviceOp::AddChild { parent, child } => {
+                let (Some(mut p), Some(mut c)) = (self.object(*parent)?, self.object(*child)?)
+                else {
+                    return Ok(Outcome::NotFound("Managed object not found".into()));
+                };
+                if !p.children.contains(child) {
+                    p.children.push(*child);
+                }
+                c.parent = Some(*parent);
+                self.put_object(&p)?;
+                self.put_object(&c)?;
+                Ok(Outcome::Done(doc_json(&c)))
+            }
+            DeviceOp::Operation { device, doc } => self.create_operation(*device, doc),
+            DeviceOp::OperationStatus {
+                source,
+                select,
+                to,
+                reason,
+                params,
+                set,
+            } => self.operation_status(source, select, to, reason.as_deref(), params, set),
+            DeviceOp::Describe { source } => {
+                let d = tri!(self.resolve(source)?);
+                Ok(Outcome::Done(doc_json(&d)))
+            }
+            DeviceOp::Pending { source } => {
+                let d = tri!(self.resolve(source)?);
+                let agent = self.agent_of(&d)?.map(|(id, _)| id).unwrap_or(d.id);
+                let p = agent_ops_prefix(self.t(), agent)?;
+                let mut out = Vec::new();
+                for k in self.ov.keys_with_prefix(&p)? {
+                    let Some(id) = trailing_id(&k) else { continue };
+                    if let Some(o) = self.record(RecordKind::Operation, id)? {
+                        if o.str("status") == Some("PENDING") {
+                            out.push(doc_json(&o));
+                        }
+                    }
+                }
+                Ok(Outcome::Many(out))
+            }
+            DeviceOp::Prune { before_ms, limit } => {
+                let mut removed = 0u32;
+                for kind in [RecordKind::Measurement, RecordKind::Event] {
+                    let start = vec![BYTIME, kind.tag()];
+                    let mut end = start.clone();
+                    end.extend_from_slice(&before_ms.to_be_bytes());
+                    for k in self
+                        .ov
+                        .keys_in_range(&start, &end, (*limit - removed) as usize)?
+                    {
+                        let rest = &k[10..];
+                        let Some((tenant, rest)) = keys::take_str(rest) else {
+                            continue;
+                        };
+                        let Some(id) = keys::read_u64(rest) else {
+                            continue;
+                        };
+                        let rk = rec_key(kind, &tenant, id)?;
+                        match self.ov.get(&rk)? {
+                            Some(v) => {
+                                let r = parse_doc(&v)?;
+                                let b = DeviceBatch {
+                                    tenant,
+                                    ..self.b.clone()
+                                };
+                                let mut other = Ctx {
+                                    ov: &mut *self.ov,
+                                    b: &b,
+                                };
+                                other.drop_record(kind, &r)?;
+                            }
+                            None => self.ov.del(k),
+                        }
+                        removed += 1;
+                    }
+                }
+                Ok(Outcome::Done(removed.to_string()))
+            }
+        }
+    }
+
+    fn drop_record(&mut self, kind: RecordKind, r: &Doc) -> Result<()> {
+        let k = rec_key(kind, self.t(), r.id)?;
+        self.ov.del(k);
+        if let Some(src) = r.parent {
+            let mut ik = bysrc_prefix(kind, self.t(), src)?;
+            ik.extend_from_slice(&r.id.to_be_bytes());
+            self.ov.del(ik);
+        }
+        let tk = bytime_key(kind, r.created_ms, self.t(), r.id)?;
+        self.ov.del(tk);
+        Ok(())
+    }
+
+    fn index(&mut self, kind: RecordKind, source: u64, id: u64) -> Result<()> {
+        let mut ik = bysrc_prefix(kind, self.t(), source)?;
+        ik.extend_from_slice(&id.to_be_bytes());
+        self.ov.put_fresh(ik, Vec::new());
+        if matches!(kind, RecordKind::Measurement | RecordKind::Event) {
+            let tk = bytime_key(kind, self.b.now_ms, self.t(), id)?;
+            self.ov.put_fresh(tk, Vec::new());
+        }
+        Ok(())
+    }
+
+    fn new_record(&mut self, src: &Doc, mut body: Map<String, Value>) -> Result<Doc> {
+        let id = self.next_id()?;
+        body.insert("id".into(), json!(id.to_string()));
+        body.insert("source".into(), json!({"id": src.id.to_string()}));
+        body.insert("creationTime".into(), json!(self.b.now));
+        if !body.contains_key("time") {
+            body.insert("time".into(), json!(self.b.now));
+        }
+        Ok(Doc {
+            id,
+            body,
+            parent: Some(src.id),
+            created_ms: self.b.now_ms,
+            ..Doc::default()
+        })
+    }
+
+    fn create_record(&mut self, kind: RecordKind, source: &Source, doc: &str) -> Result<Outcome> {
+        let body = tri!(parse_object(doc));
+        let src = tri!(self.resolve(source)?);
+        let mut r = self.new_record(&src, body)?;
+        if kind == RecordKind::Event {
+            r.body.insert("lastUpdated".into(), json!(self.b.now));
+        }
+        let k = rec_key(kind, self.t(), r.id)?;
+        self.ov.put_fresh(k, doc_json(&r).into_bytes());
+        self.index(kind, src.id, r.id)?;
+        self.heartbeat(src.id)?;
+        Ok(Outcome::Done(doc_json(&r)))
+    }
+
+    fn alarm(&mut self, source: &Source, doc: &str) -> Result<Outcome> {
+        let mut body = tri!(parse_object(doc));
+        let src = tri!(self.resolve(source)?);
+        let Some(kind) = body.get("type").and_then(Value::as_str).map(str::to_string) else {
+            return Ok(Outcome::Invalid("alarm without type".into()));
+        };
+        let status = body
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("ACTIVE")
+            .to_string();
+        self.heartbeat(src.id)?;
+        let ok = open_alarm_key(self.t(), src.id, &kind)?;
+        if status != "CLEARED" {
+            if let Some(id) = self.ov.get(&ok)?.and_then(|v| keys::read_u64(&v)) {
+                if let Some(mut a) = self.record(RecordKind::Alarm, id)? {
+                    // A duplicate: count it, keep the first occurrence (§11.4).
+                    let count = a.body.get("count").and_then(Value::as_u64).unwrap_or(1);
+                    a.body.insert("count".into(), json!(count + 1));
+                    for f in ["text", "severity", "time"] {
+                        if let Some(v) = body.remove(f) {
+                            a.body.insert(f.into(), v);
+                        }
+                    }
+                    self.touch(&mut a);
+                    self.put_record(RecordKind::Alarm, &a)?;
+                    return Ok(Outcome::Done(doc_json(&a)));
+                }
+            }
+        }
+        body.insert("status".into(), json!(status));
+        body.insert("count".into(), json!(1));
+        let mut a = self.new_record(&src, body)?;
+        let first = a.body.get("time").cloned().unwrap_or(json!(self.b.now));
+        a.body.insert("firstOccurrenceTime".into(), first);
+        a.body.insert("lastUpdated".into(), json!(self.b.now));
+        let k = rec_key(RecordKind::Alarm, self.t(), a.id)?;
+        self.ov.put_fresh(k, doc_json(&a).into_bytes());
+        self.index(RecordKind::Alarm, src.id, a.id)?;
+        if status != "CLEARED" {
+            self.ov.put(ok, a.id.to_be_bytes().to_vec());
+        }
+        Ok(Outcome::Done(doc_json(&a)))
+    }
+
+    /// The agent that receives `d`'s operations: `d` or its nearest ancestor with the agent
+    /// fragment (§2.3), with that agent's `c8y_Serial`.
+    fn agent_of(&self, d: &Doc) -> Result<Option<(u64, String)>> {
+        let mut cur = Some(d.clone());
+        let mut hops = 0;
+        while let Some(x) = cur {
+            if x.body.contains_key(AGENT) {
+                let serial = x
+                    .external
+                    .iter()
+                    .find(|(t, _)| t == SERIAL)
+                    .map(|(_, s)| s.clone());
+                return Ok(serial.map(|s| (x.id, s)));
+            }
+            hops += 1;
+            if hops > 16 {
+                break;
+            }
+            cur = match x.parent {
+                Some(p) => self.object(p)?,
+                None => None,
+            };
+        }
+        Ok(None)
+    }
+
+    fn create_operation(&mut self, device: u64, doc: &str) -> Result<Outcome> {
+        let mut body = tri!(parse_object(doc));
+        let Some(d) = self.object(device)? else {
+            return Ok(Outcome::NotFound(format!(
+                "Managed object {device} not found"
+            )));
+        };
+        let agent = self.agent_of(&d)?;
+        for k in [
+            "id",
+            "self",
+            "status",
+            "creationTime",
+            "failureReason",
+            "deviceId",
+        ] {
+            body.remove(k);
+        }
+        let id = self.next_id()?;
+        body.insert("id".into(), json!(id.to_string()));
+        body.insert("deviceId".into(), json!(device.to_string()));
+        if let Some(n) = d.str("name") {
+            body.insert("deviceName".into(), json!(n));
+        }
+        body.insert("status".into(), json!("PENDING"));
+        body.insert("creationTime".into(), json!(self.b.now));
+        if let Some((aid, _)) = &agent {
+            body.insert("agentId".into(), json!(aid.to_string()));
+        }
+        let target = d
+            .external
+            .iter()
+            .find(|(t, _)| t == SERIAL)
+            .map(|(_, s)| s.clone());
+        let o = Doc {
+            id,
+            body,
+            parent: Some(device),
+            agent: agent.clone(),
+            target,
+            created_ms: self.b.now_ms,
+            ..Doc::default()
+        };
+        let k = rec_key(RecordKind::Operation, self.t(), id)?;
+        self.ov.put_fresh(k, doc_json(&o).into_bytes());
+        self.index(RecordKind::Operation, device, id)?;
+        if let Some((aid, _)) = agent {
+            let mut ak = agent_ops_prefix(self.t(), aid)?;
+            ak.extend_from_slice(&id.to_be_bytes());
+            self.ov.put_fresh(ak, Vec::new());
+        }
+        Ok(Outcome::Done(doc_json(&o)))
+    }
+
+    fn operation_status(
+        &mut self,
+        source: &Source,
+        select: &OpSelect,
+        to: &str,
+        reason: Option<&str>,
+        params: &[String],
+        set: &Option<String>,
+    ) -> Result<Outcome> {
+        if !matches!(to, "PENDING" | "EXECUTING" | "SUCCESSFUL" | "FAILED") {
+            return Ok(Outcome::Invalid(format!("Unknown operation status {to}")));
+        }
+        let set = match set {
+            Some(s) => Some(tri!(parse_object(s))),
+            None => None,
+        };
+        // REST selects by id alone; the device's own status updates also name the device.
+        let dev = match (source, select) {
+            (Source::Id(0), OpSelect::Id(_)) => None,
+            _ => Some(tri!(self.resolve(source)?)),
+        };
+        let mut chosen: Vec<Doc> = Vec::new();
+        match select {
+            OpSelect::Id(id) => {
+                let Some(o) = self.record(RecordKind::Operation, *id)? else {
+                    return Ok(Outcome::NotFound(format!("Operation {id} not found")));
+                };
+                if let Some(d) = &dev {
+                    if o.parent != Some(d.id) {
+                        return Ok(Outcome::NotFound(format!(
+                            "Operation {id} is not an operation of this device"
+                        )));
+                    }
+                }
+                let now = o.str("status").unwrap_or("PENDING");
+                if is_final(now) && now != to {
+                    return Ok(Outcome::Invalid(format!("Operation {id} is already {now}")));
+                }
+                chosen.push(o);
+            }
+            OpSelect::Oldest { fragment, from } => {
+                let Some(d) = &dev else {
+                    return Ok(Outcome::Invalid("no device".into()));
+                };
+                let p = bysrc_prefix(RecordKind::Operation, self.t(), d.id)?;
+                for k in self.ov.keys_with_prefix(&p)? {
+                    let Some(id) = trailing_id(&k) else { continue };
+                    if let Some(o) = self.record(RecordKind::Operation, id)? {
+                        if o.str("status") == Some(from.as_str()) && o.body.contains_key(fragment) {
+                            chosen.push(o);
+                            break;
+                        }
+                    }
+                }
+                if chosen.is_empty() {
+                    return Ok(Outcome::NotFound(format!(
+                        "No {from} operation with fragment {fragment}"
+                    )));
+                }
+            }
+            OpSelect::AllExecuting { fragment } => {
+                let Some(d) = &dev else {
+                    return Ok(Outcome::Invalid("no device".into()));
+                };
+                let p = bysrc_prefix(RecordKind::Operation, self.t(), d.id)?;
+                for k in self.ov.keys_with_prefix(&p)? {
+                    let Some(id) = trailing_id(&k) else { continue };
+                    if let Some(o) = self.record(RecordKind::Operation, id)? {
+                        let frag_ok = fragment
+                            .as_deref()
+                            .is_none_or(|f| f.is_empty() || o.body.contains_key(f));
+                        if o.str("status") == Some("EXECUTING") && frag_ok {
+                            chosen.push(o);
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for mut o in chosen {
+            o.body.insert("status".into(), json!(to));
+            if to == "FAILED" {
+                o.body
+                    .insert("failureReason".into(), json!(reason.unwrap_or("")));
+            } else {
+                o.body.remove("failureReason");
+            }
+            if let Some(s) = &set {
+                for (k, v) in s.clone() {
+                    if matches!(
+                        k.as_str(),
+                        "id" | "self" | "status" | "deviceId" | "creationTime" | "failureReason"
+                    ) {
+                        continue;
+                    }
+                    o.body.insert(k, v);
+                }
+            }
+            if to == "SUCCESSFUL" && !params.is_empty() {
+                self.side_effects(&mut o, params)?;
+            }
+            self.put_record(RecordKind::Operation, &o)?;
+            if is_final(to) {
+                if let Some((aid, _)) = &o.agent {
+                    let mut ak = agent_ops_prefix(self.t(), *aid)?;
+                    ak.extend_from_slice(&o.id.to_be_bytes());
+                    // Finished operations are never sent again: out of the agent's index.
+                    self.ov.del(ak);
+                }
+            }
+            out.push(doc_json(&o));
+        }
+        Ok(Outcome::Many(out))
+    }
+
+    /// 503/506 parameters (§4.8).
+    fn side_effects(&mut self, o: &mut Doc, params: &[String]) -> Result<()> {
+        let first = params[0].clone();
+        if let Some(Value::Object(c)) = o.body.get_mut("c8y_Command") {
+            c.insert("result".into(), json!(first));
+        } else if let Some(Value::Object(c)) = o.body.get_mut("c8y_LogfileRequest") {
+            c.insert("file".into(), json!(first));
+        } else if o.body.contains_key("c8y_RelayArray")
+            || o.body.contains_key("c8y_CommunicationMode")
+        {
+            if let Some(dev) = o.parent {
+                if let Some(mut d) = self.object(dev)? {
+                    if o.body.contains_key("c8y_RelayArray") {
+                        d.body.insert("c8y_RelayArray".into(), json!(params));
+                    } else {
+                        d.body
+                            .insert("c8y_CommunicationMode".into(), json!({"mode": first}));
+                    }
+                    self.touch(&mut d);
+                    self.put_object(&d)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,235 @@
+//! The Cumulocity device data model (§9, §11): managed objects with their external IDs,
+//! measurements, events, alarms and operations, kept in the state machine of the group that
+//! holds the device (its shard), so that a device's data changes commit with one Raft round in
+//! one group and every replica applies them identically.
+//!
+//! The node turns SmartREST lines, JSON via MQTT and REST calls into [`DeviceOp`]s; applying
+//! them here is deterministic: ids come from a counter in the state machine, times from the
+//! command. Documents are Cumulocity-shaped JSON (`serde_json`), carried in commands as text
+//! because commands are encoded with bincode, which cannot decode a `serde_json::Value`.
+//!
+//! Ids are `counter << 8 | group`, so the group holding a record follows from its id: REST
+//! reads and writes by id go straight to the right shard on any node.
+
+pub(crate) mod apply;
+pub mod read;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// External ID type of a device's serial (§9).
+pub const SERIAL: &str = "c8y_Serial";
+/// The fragment that makes a managed object receive operations (§11.2).
+pub const AGENT: &str = "com_cumulocity_model_Agent";
+
+/// The group a record with this id lives in.
+pub fn group_of_id(id: u64) -> u64 {
+    id & 0xff
+}
+
+/// Which managed object a device operation is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    /// The device with external ID `c8y_Serial` = `serial` (the connection's device); created
+    /// when it does not exist yet (§3.3).
+    Device { serial: String },
+    /// The device `child` (its own `c8y_Serial`), created as a first-level child of `serial`
+    /// when it does not exist yet (§2.3).
+    Child { serial: String, child: String },
+    /// A managed object by id; it must exist.
+    Id(u64),
+}
+
+/// Which operation(s) a status change is for (§4.5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpSelect {
+    /// The oldest operation of the device in status `from` carrying `fragment` (501–503).
+    Oldest { fragment: String, from: String },
+    /// One operation by id; it must belong to the device (504–506, REST).
+    Id(u64),
+    /// Every EXECUTING operation of the device, with `fragment` if given (507).
+    AllExecuting { fragment: Option<String> },
+}
+
+/// One change (or read) of a tenant's device data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceOp {
+    /// `100`: create the device if absent (`Exists` otherwise).
+    CreateDevice {
+        source: Source,
+        name: Option<String>,
+        kind: Option<String>,
+    },
+    /// `101`: create a child device of `parent` if absent.
+    CreateChild {
+        parent: Source,
+        child: String,
+        name: Option<String>,
+        kind: Option<String>,
+        is_device: bool,
+    },
+    /// `102`: create (or update) a service of `parent`.
+    CreateService {
+        parent: Source,
+        xid: String,
+        service_type: String,
+        name: String,
+        status: String,
+    },
+    /// Merge fragments (JSON object text; a `null` value removes the fragment), remove the
+    /// named fragments; with `if_absent`, only fragments not yet present are set (117).
+    Update {
+        source: Source,
+        set: String,
+        remove: Vec<String>,
+        if_absent: bool,
+    },
+    /// A measurement (JSON object text without `source`).
+    Measurement { source: Source, doc: String },
+    /// An event.
+    Event { source: Source, doc: String },
+    /// An alarm; an open alarm of the same source and type counts up instead (§11.4).
+    Alarm { source: Source, doc: String },
+    /// Change the open alarm of a type (305–307).
+    AlarmChange {
+        source: Source,
+        kind: String,
+        severity: Option<String>,
+        status: Option<String>,
+        remove: Vec<String>,
+    },
+    /// Remove fragments from the newest event of a type (407).
+    EventClear {
+        source: Source,
+        kind: String,
+        remove: Vec<String>,
+    },
+    /// REST `PUT /alarm/alarms/{id}` / `PUT /event/events/{id}`: merge fields.
+    RecordUpdate {
+        kind: RecordKind,
+        id: u64,
+        set: String,
+    },
+    /// REST `DELETE` of an event or measurement.
+    RecordDelete { kind: RecordKind, id: u64 },
+    /// REST `POST /inventory/managedObjects`.
+    CreateObject { doc: String },
+    /// REST `DELETE /inventory/managedObjects/{id}`.
+    DeleteObject { id: u64 },
+    /// REST `POST /identity/globalIds/{id}/externalIds`.
+    AddExternalId {
+        id: u64,
+        kind: String,
+        external: String,
+    },
+    /// REST `DELETE /identity/externalIds/{type}/{id}`.
+    DeleteExternalId { kind: String, external: String },
+    /// REST `POST .../childDevices`: link two objects of this group.
+    AddChild { parent: u64, child: u64 },
+    /// REST `POST /devicecontrol/operations`: a PENDING operation for `device`.
+    Operation { device: u64, doc: String },
+    /// A status change of operations (501–507, REST `PUT`); `set` merges fragments.
+    OperationStatus {
+        source: Source,
+        select: OpSelect,
+        to: String,
+        reason: Option<String>,
+        params: Vec<String>,
+        set: Option<String>,
+    },
+    /// The managed object (resolving, and creating the device when absent, like any data).
+    Describe { source: Source },
+    /// The PENDING operations of the agent (500, a downstream subscribe).
+    Pending { source: Source },
+    /// Remove measurements and events created before `before_ms` (retention), at most `limit`.
+    Prune { before_ms: u64, limit: u32 },
+}
+
+/// Kinds of records attached to a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum RecordKind {
+    Measurement = 1,
+    Event = 2,
+    Alarm = 3,
+    Operation = 4,
+}
+
+impl RecordKind {
+    /// Its tag byte in keys.
+    pub fn tag(self) -> u8 {
+        self as u8
+    }
+}
+
+/// What applying one [`DeviceOp`] gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Created or changed: the stored document (JSON text of [`Doc`]).
+    Done(String),
+    /// Several documents (alarms counted up, operations changed or pending).
+    Many(Vec<String>),
+    /// `CreateDevice` of an existing device, `AddExternalId` of a taken one.
+    Exists,
+    /// The addressed thing is not there (the text says what).
+    NotFound(String),
+    /// The request does not fit the data (a bad status change, a document that is not an
+    /// object); the text says why.
+    Invalid(String),
+}
+
+/// A stored record: the Cumulocity JSON body (with `id`, without `self` links) and the
+/// relations fleetmq keeps beside it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Doc {
+    pub id: u64,
+    pub body: Map<String, Value>,
+    /// Managed object: its parent device. Record: its source.
+    #[serde(default)]
+    pub parent: Option<u64>,
+    #[serde(default)]
+    pub children: Vec<u64>,
+    #[serde(default)]
+    pub additions: Vec<u64>,
+    /// Managed object: its external IDs `(type, externalId)`.
+    #[serde(default)]
+    pub external: Vec<(String, String)>,
+    /// Operation: the agent it is delivered to `(id, c8y_Serial)`.
+    #[serde(default)]
+    pub agent: Option<(u64, String)>,
+    /// Operation: the `c8y_Serial` of the device it is for.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Creation time in ms (retention).
+    #[serde(default)]
+    pub created_ms: u64,
+}
+
+impl Doc {
+    /// Parses a stored document.
+    pub fn from_json(s: &str) -> Option<Doc> {
+        serde_json::from_str(s).ok()
+    }
+
+    /// A string field of the body.
+    pub fn str(&self, k: &str) -> Option<&str> {
+        self.body.get(k).and_then(Value::as_str)
+    }
+}
+
+/// A batch of device operations of one tenant in one group, as proposed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceBatch {
+    pub tenant: String,
+    /// The group this batch is for (ids are made from it).
+    pub group: u64,
+    /// Server time of the proposal: ISO 8601 text and ms since the epoch.
+    pub now: String,
+    pub now_ms: u64,
+    /// The user the created objects belong to (`device_<id>` for devices).
+    pub owner: String,
+    pub ops: Vec<DeviceOp>,
+}
+
+#[cfg(test)]
+mod tests;

@@ -333,6 +333,26 @@ impl Durable {
         self.propose_routed(routed).await.map(|(r, _)| r)
     }
 
+    /// Proposes a single-group command now (it is queued before this returns, so commands
+    /// proposed one after another are applied in that order) and returns the wait for it.
+    pub fn propose_sent(
+        &self,
+        cmd: Command,
+    ) -> Result<
+        impl std::future::Future<Output = Result<Response, ClusterError>> + Send + 'static,
+        ClusterError,
+    > {
+        match self.route(cmd)? {
+            shard::Routed::One(g, cmd) => {
+                let f = self.propose_in(g, cmd)?;
+                Ok(async move { f.await.map(|(r, _)| r) })
+            }
+            _ => Err(ClusterError::InvalidCommand(
+                "not a single-group command".into(),
+            )),
+        }
+    }
+
     /// Validates `cmd` and decides its group(s).
     fn route(&self, cmd: Command) -> Result<shard::Routed, ClusterError> {
         fleetmq_storage::validate(&cmd).map_err(|e| ClusterError::InvalidCommand(e.to_string()))?;

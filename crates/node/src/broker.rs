@@ -1445,6 +1445,31 @@ impl Broker {
 
     // ----- wills ----------------------------------------------------------------------------
 
+    /// A will on `s/us` goes into the device's SmartREST pipeline (§1.10: e.g. a
+    /// `400,c8y_ConnectionEvent,...` raises an event); any other is published.
+    fn publish_will(
+        self: &Arc<Self>,
+        tenant: Arc<Tenant>,
+        session: &Arc<Session>,
+        msg: Arc<Message>,
+    ) {
+        if acl::classify_topic(&msg.topic) == TopicClass::Upstream(acl::Upstream::Static) {
+            let owner = format!("device_{}", session.key.client_id);
+            if let Some(work) =
+                crate::device::static_publish(self, session, &owner, &msg.topic, &msg.payload)
+            {
+                let client = session.key.client_id.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = work.await {
+                        tracing::warn!(error = %e, client = %client, "will into the device API failed");
+                    }
+                });
+            }
+            return;
+        }
+        self.publish_detached(tenant, msg);
+    }
+
     /// Publishes a will now (`session_ends`, or no delay) or after its delay, which the session
     /// expiry bounds: the pending will is published by whichever of the delay timer or the end
     /// of the session comes first, and dropped if the client resumes the session before.
@@ -1457,7 +1482,7 @@ impl Broker {
     ) {
         let msg = Message::new(will.topic, will.payload, will.qos, will.retain, will.props);
         if session_ends || will.delay_secs == 0 {
-            self.publish_detached(tenant, msg);
+            self.publish_will(tenant, &session, msg);
             return;
         }
         let generation = {
@@ -1480,7 +1505,7 @@ impl Broker {
                 }
             };
             if let Some(msg) = due {
-                broker.publish_detached(tenant, msg);
+                broker.publish_will(tenant, &session, msg);
             }
         });
         if let Some(old) = session

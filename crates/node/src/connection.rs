@@ -1115,9 +1115,6 @@ where
             metrics::quota_exceeded(&a.who.identity.tenant.id, "rate");
             a.who.paused_until = Some(Instant::now() + wait);
         }
-        if let TopicClass::Upstream(kind) = class {
-            self.device_upstream(a, kind, &p.payload);
-        }
         if p.qos == 2 {
             let known = {
                 let mut st = a.session.state.lock();
@@ -1153,6 +1150,31 @@ where
         let retain_cmd =
             (p.retain && class == TopicClass::Free).then(|| broker.retain(&a.who.tenant, &msg));
         let mut prepared = broker.route(&a.who.tenant, &msg, Some(a.session.id));
+        if let TopicClass::Upstream(kind) = class {
+            // After the QoS 2 duplicate check: a retransmission is never processed twice.
+            if let Some(work) =
+                self.device_upstream(a, kind, &prepared.msg.topic, &prepared.msg.payload)
+            {
+                // Acknowledged once the device's data is committed, in the order sent.
+                let ack = match p.qos {
+                    0 => Ack::Nothing,
+                    1 => Ack::Puback(p.pkid),
+                    _ => Ack::Pubrec(p.pkid),
+                };
+                if p.qos > 0 {
+                    a.inbound_unacked += 1;
+                }
+                a.pending.push_back(Box::pin(async move {
+                    let result = work.await;
+                    Done::Publish {
+                        prepared,
+                        ack,
+                        result,
+                    }
+                }));
+                return Ok(());
+            }
+        }
         if !p.retain && prepared.needs_commit() {
             // Queued for persistent sessions, possibly for a long time (offline devices): own
             // the payload instead of pinning the publisher's read buffer. Messages to
@@ -1310,7 +1332,13 @@ where
     /// Device-interface requests this layer answers itself: the bootstrap poll (`s/ucr`) and
     /// the token request (`s/uat`). The rest of the device API (SmartREST, JSON via MQTT) is
     /// counted here and processed by the device pipeline.
-    fn device_upstream(&mut self, a: &Active, kind: Upstream, _payload: &bytes::Bytes) {
+    fn device_upstream(
+        &mut self,
+        a: &Active,
+        kind: Upstream,
+        topic: &str,
+        payload: &bytes::Bytes,
+    ) -> Option<crate::device::Work> {
         metrics::device_api(match kind {
             Upstream::Static => "static",
             Upstream::Custom => "custom",
@@ -1323,7 +1351,19 @@ where
         });
         let broker = self.broker.clone();
         let session = a.session.clone();
+        if a.who.identity.role == Role::Bootstrap && kind != Upstream::Credentials {
+            return None;
+        }
         match kind {
+            Upstream::Static => {
+                return crate::device::static_publish(
+                    &broker,
+                    &session,
+                    &a.who.identity.user,
+                    topic,
+                    payload,
+                );
+            }
             Upstream::Credentials if a.who.identity.role == Role::Bootstrap => {
                 tokio::spawn(async move {
                     match bootstrap::poll(&broker.auth.dir, &session.key.client_id).await {
@@ -1357,6 +1397,7 @@ where
             }
             _ => {}
         }
+        None
     }
 
     /// MQTT 5 topic aliases from the client: set or use the mapping; errors per spec 3.3.2.3.4.
@@ -1412,7 +1453,7 @@ where
                 )
             }
             Ok(Response::DuplicateInbound) => (rc::SUCCESS, true),
-            Ok(Response::Ok | Response::Exists | Response::Kept) => {
+            Ok(Response::Ok | Response::Exists | Response::Kept | Response::Device(_)) => {
                 let matched =
                     !prepared.matches.is_empty() || prepared.device_api || prepared.remote;
                 self.broker.deliver(prepared, &[]);
@@ -1595,6 +1636,7 @@ where
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut cmds = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        let mut wants_operations = false;
         for f in s.filters {
             let (shared, inner) = match parse_shared(&f.filter) {
                 Ok(Some((_, inner))) => (true, inner.to_string()),
@@ -1697,9 +1739,25 @@ where
                     sub: opts,
                 });
             }
+            if class == FilterClass::Downstream
+                && ["s/ds", crate::device::deliver::NOTIFICATIONS]
+                    .iter()
+                    .any(|t| fleetmq_protocol::topic::matches(&inner, t))
+            {
+                wants_operations = true;
+            }
             codes.push(granted);
         }
         let pkid = s.pkid;
+        if wants_operations && a.who.identity.role != Role::Bootstrap {
+            // §2.4: pending operations go out again on every downstream subscription. They
+            // usually follow the SUBACK (a Raft round later); MQTT allows them before it too.
+            tokio::spawn(crate::device::resend_pending(
+                broker.clone(),
+                a.session.clone(),
+                a.who.identity.user.clone(),
+            ));
+        }
         // A new route must be known to every node before SUBACK, so that no publish made
         // after the SUBACK anywhere in the cluster misses this subscription.
         let routes = broker.cluster.routes_pending();
@@ -2028,7 +2086,9 @@ where
                 let seqs = match resp {
                     Response::Published { seqs } | Response::Outboxed { seqs, .. } => seqs,
                     Response::DuplicateInbound => continue,
-                    Response::Ok | Response::Exists | Response::Kept => Vec::new(),
+                    Response::Ok | Response::Exists | Response::Kept | Response::Device(_) => {
+                        Vec::new()
+                    }
                 };
                 self.broker.deliver(prepared, &seqs);
             }

@@ -5,6 +5,7 @@ pub mod broker;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod device;
 pub mod http;
 pub mod identity;
 pub mod listeners;
@@ -215,6 +216,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let rest_state = Arc::new(rest::RestState {
         auth: auth.clone(),
         cluster: cluster.clone(),
+        durable: broker.durable.clone(),
     });
     let http_task = tokio::spawn(async move {
         // One fallback for the merged router (only one router may have one): unknown paths

@@ -25,6 +25,11 @@ pub enum Api {
     General,
     Security,
     Cluster,
+    Inventory,
+    Identity,
+    Measurement,
+    Event,
+    Alarm,
 }
 
 impl Api {
@@ -36,6 +41,11 @@ impl Api {
             Api::General => "general",
             Api::Security => "security",
             Api::Cluster => "cluster",
+            Api::Inventory => "inventory",
+            Api::Identity => "identity",
+            Api::Measurement => "measurement",
+            Api::Event => "event",
+            Api::Alarm => "alarm",
         }
     }
 }

@@ -19,10 +19,14 @@
 pub mod basic;
 pub mod certs;
 pub mod cluster;
+pub mod data;
 pub mod devices;
 pub mod error;
+pub mod inventory;
 pub mod model;
+pub mod operations;
 pub mod push;
+pub mod records;
 pub mod tenants;
 pub mod users;
 
@@ -52,6 +56,8 @@ pub struct RestState {
     pub auth: Arc<Auth>,
     /// The cluster services, for the operators' endpoints.
     pub cluster: Arc<crate::cluster::Cluster>,
+    /// Durable state: the device data of every shard.
+    pub durable: fleetmq_cluster::Durable,
 }
 
 /// The REST routes, state applied.
@@ -119,7 +125,63 @@ pub fn routes(state: Arc<RestState>) -> Router {
         .route_layer(middleware::from_fn(|req: Request, next: Next| {
             counted("cluster", req, next)
         }));
+    use records::{alarms, events, measurements};
+    let data = Router::new()
+        .route(
+            "/inventory/managedObjects",
+            get(inventory::list).post(inventory::create),
+        )
+        .route(
+            "/inventory/managedObjects/{id}",
+            get(inventory::get_one)
+                .put(inventory::update)
+                .delete(inventory::delete),
+        )
+        .route(
+            "/inventory/managedObjects/{id}/childDevices",
+            get(inventory::children).post(inventory::add_child),
+        )
+        .route(
+            "/identity/externalIds/{type}/{external}",
+            get(inventory::external).delete(inventory::delete_external),
+        )
+        .route(
+            "/identity/globalIds/{id}/externalIds",
+            get(inventory::externals_of).post(inventory::add_external),
+        )
+        .route(
+            "/measurement/measurements",
+            get(measurements::list).post(measurements::create),
+        )
+        .route(
+            "/measurement/measurements/{id}",
+            get(measurements::get_one).delete(measurements::delete),
+        )
+        .route("/event/events", get(events::list).post(events::create))
+        .route(
+            "/event/events/{id}",
+            get(events::get_one)
+                .put(events::update)
+                .delete(events::delete),
+        )
+        .route("/alarm/alarms", get(alarms::list).post(alarms::create))
+        .route(
+            "/alarm/alarms/{id}",
+            get(alarms::get_one).put(alarms::update),
+        )
+        .route(
+            "/devicecontrol/operations",
+            get(operations::list).post(operations::create),
+        )
+        .route(
+            "/devicecontrol/operations/{id}",
+            get(operations::get_one).put(operations::update),
+        )
+        .route_layer(middleware::from_fn(|req: Request, next: Next| {
+            counted("device_data", req, next)
+        }));
     Router::new()
+        .merge(data)
         .merge(tenant)
         .merge(cluster)
         .merge(certs)

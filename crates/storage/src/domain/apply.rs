@@ -615,9 +615,48 @@ impl Ctx<'_, '_> {
             } => self.operation_status(source, select, to, reason.as_deref(), params, set),
             DeviceOp::Describe { source } => {
                 let d = tri!(self.resolve(source)?);
+                let mut out = vec![doc_json(&d)];
+                for c in &d.children {
+                    if let Some(cd) = self.object(*c)? {
+                        out.push(doc_json(&cd));
+                    }
+                }
+                Ok(Outcome::Many(out))
+            }
+            DeviceOp::ListEdit {
+                source,
+                fragment,
+                items,
+                remove,
+            } => {
+                let Ok(Value::Array(items)) = serde_json::from_str::<Value>(items) else {
+                    return Ok(Outcome::Invalid("items are not a JSON array".into()));
+                };
+                let mut d = tri!(self.resolve(source)?);
+                let mut list = match d.body.remove(fragment) {
+                    Some(Value::Array(l)) => l,
+                    _ => Vec::new(),
+                };
+                if *remove {
+                    let key = |v: &Value| (v.get("name").cloned(), v.get("version").cloned());
+                    list.retain(|x| !items.iter().any(|i| key(i) == key(x)));
+                } else {
+                    list.extend(items);
+                }
+                d.body.insert(fragment.clone(), Value::Array(list));
+                self.touch(&mut d);
+                self.put_object(&d)?;
                 Ok(Outcome::Done(doc_json(&d)))
             }
             DeviceOp::Pending { source } => {
+                let known = match source {
+                    Source::Device { serial } => self.lookup(SERIAL, serial)?.is_some(),
+                    Source::Child { child, .. } => self.lookup(SERIAL, child)?.is_some(),
+                    Source::Id(_) => true,
+                };
+                if !known {
+                    return Ok(Outcome::Many(Vec::new()));
+                }
                 let d = tri!(self.resolve(source)?);
                 let agent = self.agent_of(&d)?.map(|(id, _)| id).unwrap_or(d.id);
                 let p = agent_ops_prefix(self.t(), agent)?;

@@ -84,6 +84,14 @@ pub enum DeviceOp {
         remove: Vec<String>,
         if_absent: bool,
     },
+    /// Append items (JSON array text) to a list fragment, or remove the items whose `name`
+    /// and `version` match (140–142's software list).
+    ListEdit {
+        source: Source,
+        fragment: String,
+        items: String,
+        remove: bool,
+    },
     /// A measurement (JSON object text without `source`).
     Measurement { source: Source, doc: String },
     /// An event.
@@ -137,9 +145,11 @@ pub enum DeviceOp {
         params: Vec<String>,
         set: Option<String>,
     },
-    /// The managed object (resolving, and creating the device when absent, like any data).
+    /// The managed object (resolving, and creating the device when absent, like any data),
+    /// followed by its child devices: `Many([object, children...])`.
     Describe { source: Source },
-    /// The PENDING operations of the agent (500, a downstream subscribe).
+    /// The PENDING operations of the agent (500, a downstream subscribe). A device that does
+    /// not exist yet has none (and is not created by asking).
     Pending { source: Source },
     /// Remove measurements and events created before `before_ms` (retention), at most `limit`.
     Prune { before_ms: u64, limit: u32 },

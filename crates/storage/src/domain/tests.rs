@@ -253,7 +253,7 @@ fn an_operation_for_a_child_goes_to_the_agent_and_moves_through_its_states() {
 #[test]
 fn by_id_status_changes_only_touch_the_devices_own_operations() {
     let mut t = T::new();
-    let d1 = done(&t.one(DeviceOp::Describe { source: dev("d1") }));
+    let d1 = many(&t.one(DeviceOp::Describe { source: dev("d1") })).remove(0);
     t.one(DeviceOp::Describe { source: dev("d2") });
     let op = done(&t.one(DeviceOp::Operation {
         device: d1.id,

@@ -1,0 +1,696 @@
+//! The Cumulocity device API end to end: a real MQTT client (rumqttc) speaks SmartREST on
+//! `s/us` as a device would, and the platform side reads and writes over the REST API
+//! (c8y-mqtt.md §3–§5, §11).
+mod common;
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::*;
+use rumqttc::{Client, Event, LastWill, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+
+const T_ADMIN_PW: &str = "acme-admin-pw";
+const DEV_PW: &str = "dev-secret-1";
+
+/// One REST call as `user`; returns status and JSON body.
+fn rest(
+    node: &Node,
+    method: &str,
+    path: &str,
+    user: &str,
+    pw: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+    );
+    let req = ureq::request(method, &format!("http://{}{path}", node.http))
+        .set("Authorization", &auth)
+        .timeout(Duration::from_secs(30));
+    let result = match body {
+        Some(b) => req
+            .set(
+                "Content-Type",
+                "application/vnd.com.nsn.cumulocity.operation+json",
+            )
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let resp = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// A tenant `acme` with device users `device_<id>` for `devices`; returns the tenant id.
+fn tenant(node: &Node, devices: &[&str]) -> String {
+    let (s, v) = rest(
+        node,
+        "POST",
+        "/tenant/tenants",
+        "management/admin",
+        ADMIN_PW,
+        Some(
+            json!({"company": "Acme", "domain": "acme", "adminName": "admin", "adminPass": T_ADMIN_PW}),
+        ),
+    );
+    assert_eq!(s, 201, "{v}");
+    let tid = v["id"].as_str().expect("tenant id").to_string();
+    for d in devices {
+        let (s, v) = rest(
+            node,
+            "POST",
+            &format!("/user/{tid}/users"),
+            &format!("{tid}/admin"),
+            T_ADMIN_PW,
+            Some(json!({"userName": format!("device_{d}"), "password": DEV_PW})),
+        );
+        assert_eq!(s, 201, "{v}");
+    }
+    tid
+}
+
+/// The platform side: the tenant administrator over REST.
+struct Api<'a> {
+    node: &'a Node,
+    user: String,
+}
+
+impl Api<'_> {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        rest(self.node, method, path, &self.user, T_ADMIN_PW, body)
+    }
+    fn get(&self, path: &str) -> Value {
+        let (s, v) = self.call("GET", path, None);
+        assert_eq!(s, 200, "GET {path}: {v}");
+        v
+    }
+    fn post(&self, path: &str, body: Value) -> Value {
+        let (s, v) = self.call("POST", path, Some(body));
+        assert_eq!(s, 201, "POST {path}: {v}");
+        v
+    }
+    /// The managed object id of a device by its serial.
+    fn id_of(&self, serial: &str) -> String {
+        let v = self.get(&format!("/identity/externalIds/c8y_Serial/{serial}"));
+        v["managedObject"]["id"].as_str().expect("id").to_string()
+    }
+    fn list(&self, path: &str) -> Vec<Value> {
+        let v = self.get(path);
+        let key = path
+            .split('?')
+            .next()
+            .and_then(|p| p.rsplit('/').next())
+            .unwrap_or_default()
+            .to_string();
+        v[key].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// A device: one MQTT connection (client id = its serial), what it receives in a channel.
+struct Device {
+    client: Client,
+    rx: mpsc::Receiver<(String, String)>,
+}
+
+impl Device {
+    fn opts(node: &Node, serial: &str, tid: &str) -> MqttOptions {
+        let mut o = MqttOptions::new(serial, "127.0.0.1", node.mqtt.port());
+        o.set_credentials(format!("{tid}/device_{serial}"), DEV_PW);
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    fn connect(node: &Node, serial: &str, tid: &str) -> Device {
+        Device::connect_with(Device::opts(node, serial, tid))
+    }
+
+    fn connect_with(o: MqttOptions) -> Device {
+        let (client, mut conn) = Client::new(o, 64);
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let text = String::from_utf8_lossy(&p.payload).into_owned();
+                        if tx.send((p.topic.clone(), text)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("CONNACK");
+        Device { client, rx }
+    }
+
+    fn subscribe_downstream(&self) {
+        for t in ["s/e", "s/ds", "devicecontrol/notifications"] {
+            self.client
+                .subscribe(t, QoS::AtLeastOnce)
+                .expect("subscribe");
+        }
+        // The SUBACKs are not surfaced here; give them a moment.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    fn send(&self, topic: &str, payload: &str) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+            .expect("publish");
+    }
+
+    /// The next message on `topic` whose payload satisfies `f` (others are skipped).
+    fn expect(&self, topic: &str, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.rx.recv_timeout(left) {
+                Ok((t, p)) if t == topic && f(&p) => return p,
+                Ok(other) => seen.push(other),
+                Err(_) => break,
+            }
+        }
+        panic!("no {what} on {topic}; got {seen:?}");
+    }
+
+    /// Everything received within `d`.
+    fn drain(&self, d: Duration) -> Vec<(String, String)> {
+        let end = Instant::now() + d;
+        let mut out = Vec::new();
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.rx.recv_timeout(left) {
+                Ok(m) => out.push(m),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+/// Polls until `f` gives `Some`.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_device_creates_itself_sends_data_and_reads_its_errors() {
+    let node = Node::start_secure();
+    let tid = tenant(&node, &["dev1"]);
+    let api = Api {
+        node: &node,
+        user: format!("{tid}/admin"),
+    };
+    let dev = Device::connect(&node, "dev1", &tid);
+    dev.subscribe_downstream();
+
+    dev.send("s/us", "100,Pump 1,c8y_Pump");
+    let id = eventually("device dev1", || {
+        let (s, v) = api.call("GET", "/identity/externalIds/c8y_Serial/dev1", None);
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
+    let mo = api.get(&format!("/inventory/managedObjects/{id}"));
+    assert_eq!(mo["name"], "Pump 1");
+    assert_eq!(mo["type"], "c8y_Pump");
+    assert!(mo["c8y_IsDevice"].is_object() && mo["com_cumulocity_model_Agent"].is_object());
+    assert_eq!(mo["owner"], "device_dev1");
+
+    // A second 100 is refused the way thin-edge's connection check expects.
+    dev.send("s/us", "100,Other name");
+    dev.expect("s/e", "41 for an existing device", |p| {
+        p == "41,100,Device already existing"
+    });
+    assert_eq!(
+        api.get(&format!("/inventory/managedObjects/{id}"))["name"],
+        "Pump 1"
+    );
+
+    // Several records in one message; inventory fragments; measurements.
+    dev.send(
+        "s/us",
+        "114,c8y_Restart,c8y_Command\n110,SN-1,M1,r2\n200,c8y_Temperature,T,21.5,C\n201,c8y_Multi,2026-11-30T10:00:00.000Z,c8y_A,x,1,u1,c8y_B,y,2.5,",
+    );
+    let ms = eventually("two measurements", || {
+        let l = api.list(&format!(
+            "/measurement/measurements?source={id}&pageSize=100"
+        ));
+        (l.len() == 2).then_some(l)
+    });
+    let temp = ms
+        .iter()
+        .find(|m| m["type"] == "c8y_Temperature")
+        .expect("200");
+    assert_eq!(temp["c8y_Temperature"]["T"]["value"], 21.5);
+    assert_eq!(temp["c8y_Temperature"]["T"]["unit"], "C");
+    assert_eq!(temp["source"]["id"], id.as_str());
+    let multi = ms.iter().find(|m| m["type"] == "c8y_Multi").expect("201");
+    assert_eq!(multi["time"], "2026-11-30T10:00:00.000Z");
+    assert_eq!(multi["c8y_A"]["x"]["value"], 1);
+    assert_eq!(multi["c8y_B"]["y"]["value"], 2.5);
+    let mo = api.get(&format!("/inventory/managedObjects/{id}"));
+    assert_eq!(
+        mo["c8y_SupportedOperations"],
+        json!(["c8y_Restart", "c8y_Command"])
+    );
+    assert_eq!(
+        mo["c8y_Hardware"],
+        json!({"serialNumber": "SN-1", "model": "M1", "revision": "r2"})
+    );
+    assert!(mo["c8y_Availability"]["lastMessage"].is_string(), "{mo}");
+
+    // Alarms: a repeated one counts up; severity change; clear.
+    dev.send("s/us", "301,c8y_Hot,Too hot\n301,c8y_Hot,Still too hot");
+    let a = eventually("a counted alarm", || {
+        let l = api.list(&format!("/alarm/alarms?source={id}"));
+        l.into_iter().find(|a| a["count"] == 2)
+    });
+    assert_eq!(a["severity"], "CRITICAL");
+    assert_eq!(a["status"], "ACTIVE");
+    assert_eq!(a["text"], "Still too hot");
+    dev.send("s/us", "305,c8y_Hot,MINOR");
+    eventually("severity MINOR", || {
+        let v = api.get(&format!("/alarm/alarms/{}", a["id"].as_str().unwrap()));
+        (v["severity"] == "MINOR").then_some(())
+    });
+    dev.send("s/us", "306,c8y_Hot");
+    eventually("alarm cleared", || {
+        let l = api.list(&format!("/alarm/alarms?source={id}&status=CLEARED"));
+        (l.len() == 1).then_some(())
+    });
+    dev.send("s/us", "303,c8y_Hot");
+    let fresh = eventually("a new alarm after clearing", || {
+        let l = api.list(&format!("/alarm/alarms?source={id}&status=ACTIVE"));
+        l.into_iter().next()
+    });
+    assert_eq!(fresh["count"], 1);
+    assert_eq!(fresh["text"], "Alarm of type c8y_Hot raised");
+
+    // Events.
+    dev.send("s/us", "400,c8y_Boot,\"Booted, \"\"fast\"\"\"");
+    let ev = eventually("event", || {
+        api.list(&format!("/event/events?source={id}&type=c8y_Boot"))
+            .into_iter()
+            .next()
+    });
+    assert_eq!(ev["text"], "Booted, \"fast\"");
+
+    // Child devices: 101, then data on s/us/<child> (and an unknown child is created).
+    dev.send("s/us", "101,child1,Child One");
+    dev.send("s/us/child1", "211,25.5");
+    dev.send("s/us/child2", "212,80");
+    let child = eventually("child1", || {
+        let (s, v) = api.call("GET", "/identity/externalIds/c8y_Serial/child1", None);
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
+    let c = api.get(&format!("/inventory/managedObjects/{child}"));
+    assert_eq!(c["name"], "Child One");
+    assert_eq!(c["type"], "c8y_MQTTChildDevice");
+    let m = eventually("child measurement", || {
+        api.list(&format!("/measurement/measurements?source={child}"))
+            .into_iter()
+            .next()
+    });
+    assert_eq!(m["c8y_TemperatureMeasurement"]["T"]["value"], 25.5);
+    let child2 = eventually("child2", || {
+        let (s, v) = api.call("GET", "/identity/externalIds/c8y_Serial/child2", None);
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
+    let kids = api.get(&format!(
+        "/inventory/managedObjects/{id}/childDevices?pageSize=10"
+    ));
+    let kid_ids: Vec<&str> = kids["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["managedObject"]["id"].as_str())
+        .collect();
+    assert_eq!(kid_ids, vec![child.as_str(), child2.as_str()]);
+
+    // Answers on s/ds.
+    dev.send("s/us", "123\n105\n600\n602");
+    dev.expect("s/ds", "124", |p| p == format!("124,{id}"));
+    dev.expect("s/ds", "106", |p| p == "106,child1,child2");
+    dev.expect("s/ds", "601", |p| p.starts_with("601,"));
+    dev.expect("s/ds", "603", |p| {
+        p.starts_with("603,100,101,") && p.contains(",511,")
+    });
+
+    // Errors: each answered on s/e, nothing stored.
+    let before = api
+        .list(&format!(
+            "/measurement/measurements?source={id}&pageSize=100"
+        ))
+        .len();
+    dev.send("s/us", "999,foo");
+    dev.expect("s/e", "40", |p| {
+        p == "40,999,No static template for this message id"
+    });
+    dev.send("s/us", "200,c8y_T,T,warm");
+    dev.expect("s/e", "45 not a number", |p| {
+        p.starts_with("45,200,") && p.contains("NUMBER")
+    });
+    dev.send("s/us", "200,c8y_T");
+    dev.expect("s/e", "45 missing", |p| {
+        p == "45,200,Mandatory field series is missing" || p.starts_with("45,200,Mandatory field")
+    });
+    dev.send("s/us", "301,\"unterminated");
+    dev.expect("s/e", "42", |p| p.starts_with("42,"));
+    dev.send("s/us", "306,c8y_NoSuchAlarm");
+    dev.expect("s/e", "50 for no open alarm", |p| p.starts_with("50,306,"));
+    // A good line after bad ones in the same message still counts.
+    dev.send("s/us", "999\n200,c8y_T,T,1");
+    dev.expect("s/e", "40", |p| p.starts_with("40,999"));
+    let after = eventually("only the good measurement", || {
+        let n = api
+            .list(&format!(
+                "/measurement/measurements?source={id}&pageSize=100"
+            ))
+            .len();
+        (n == before + 1).then_some(n)
+    });
+    assert_eq!(after, before + 1);
+    // Device users cannot read the platform API.
+    let (s, _) = rest(
+        &node,
+        "GET",
+        "/inventory/managedObjects",
+        &format!("{tid}/device_dev1"),
+        DEV_PW,
+        None,
+    );
+    assert_eq!(s, 403);
+}
+
+#[test]
+fn an_operation_created_over_rest_reaches_the_device_and_its_status_comes_back() {
+    let node = Node::start_secure();
+    let tid = tenant(&node, &["dev2"]);
+    let api = Api {
+        node: &node,
+        user: format!("{tid}/admin"),
+    };
+    let dev = Device::connect(&node, "dev2", &tid);
+    dev.send("s/us", "100\n101,kid");
+    dev.subscribe_downstream();
+    let id = eventually("dev2", || {
+        let (s, v) = api.call("GET", "/identity/externalIds/c8y_Serial/dev2", None);
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
+    let kid = eventually("kid", || {
+        let (s, v) = api.call("GET", "/identity/externalIds/c8y_Serial/kid", None);
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
+
+    let cmd = api.post(
+        "/devicecontrol/operations",
+        json!({"deviceId": id, "description": "list", "c8y_Command": {"text": "ls -l"}}),
+    );
+    assert_eq!(cmd["status"], "PENDING");
+    let cmd_id = cmd["id"].as_str().unwrap().to_string();
+    dev.expect("s/ds", "511", |p| p == "511,dev2,ls -l");
+    let j = dev.expect("devicecontrol/notifications", "JSON operation", |p| {
+        p.contains(&cmd_id)
+    });
+    let j: Value = serde_json::from_str(&j).unwrap();
+    assert_eq!(j["externalSource"]["externalId"], "dev2");
+    assert_eq!(j["c8y_Command"]["text"], "ls -l");
+
+    dev.send("s/us", "501,c8y_Command");
+    eventually("EXECUTING", || {
+        let v = api.get(&format!("/devicecontrol/operations/{cmd_id}"));
+        (v["status"] == "EXECUTING").then_some(())
+    });
+    dev.send("s/us", "503,c8y_Command,\"total 0\"");
+    let done = eventually("SUCCESSFUL", || {
+        let v = api.get(&format!("/devicecontrol/operations/{cmd_id}"));
+        (v["status"] == "SUCCESSFUL").then_some(v)
+    });
+    assert_eq!(done["c8y_Command"]["result"], "total 0");
+
+    // An operation for the child goes to the agent's connection, addressed to the child.
+    let restart = api.post(
+        "/devicecontrol/operations",
+        json!({"deviceId": kid, "c8y_Restart": {}}),
+    );
+    let rid = restart["id"].as_str().unwrap().to_string();
+    assert_eq!(restart["agentId"], id.as_str());
+    dev.expect("s/ds", "510 for the child", |p| p == "510,kid");
+    // By id, on the child's topic (as thin-edge does).
+    dev.send("s/us/kid", &format!("504,{rid}"));
+    dev.send("s/us/kid", &format!("505,{rid},\"disk full\""));
+    let failed = eventually("FAILED", || {
+        let v = api.get(&format!("/devicecontrol/operations/{rid}"));
+        (v["status"] == "FAILED").then_some(v)
+    });
+    assert_eq!(failed["failureReason"], "disk full");
+    // A finished operation stays finished; the device is told why.
+    dev.send("s/us/kid", &format!("506,{rid}"));
+    dev.expect("s/e", "45 for a finished operation", |p| {
+        p.starts_with("45,506,")
+    });
+    assert_eq!(
+        api.get(&format!("/devicecontrol/operations/{rid}"))["status"],
+        "FAILED"
+    );
+
+    // Operations created while the device is away arrive when it subscribes again, and on 500.
+    drop(dev);
+    std::thread::sleep(Duration::from_millis(300));
+    let later = api.post(
+        "/devicecontrol/operations",
+        json!({"deviceId": id, "c8y_Restart": {}}),
+    );
+    let dev = Device::connect(&node, "dev2", &tid);
+    dev.subscribe_downstream();
+    dev.expect("s/ds", "510 after resubscribing", |p| p == "510,dev2");
+    dev.send("s/us", "500");
+    dev.expect("s/ds", "510 again on 500", |p| p == "510,dev2");
+    let listed = api.list(&format!(
+        "/devicecontrol/operations?deviceId={id}&status=PENDING"
+    ));
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], later["id"]);
+    let by_agent = api.list(&format!(
+        "/devicecontrol/operations?agentId={id}&pageSize=10"
+    ));
+    assert_eq!(by_agent.len(), 3, "{by_agent:?}");
+}
+
+#[test]
+fn processing_modes_store_or_not_as_documented() {
+    let node = Node::start_secure();
+    let tid = tenant(&node, &["dev3"]);
+    let api = Api {
+        node: &node,
+        user: format!("{tid}/admin"),
+    };
+    let dev = Device::connect(&node, "dev3", &tid);
+    dev.subscribe_downstream();
+    dev.send("s/us", "100");
+    let id = eventually("dev3", || {
+        let (s, v) = api.call("GET", "/identity/externalIds/c8y_Serial/dev3", None);
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
+    dev.send("t/us", "200,c8y_Mode,transient,1");
+    dev.send("c/us", "200,c8y_Mode,cep,1\n400,c8y_Mode,cep");
+    dev.send("q/us", "200,c8y_Mode,quiescent,1");
+    dev.send("s/us", "200,c8y_Mode,persistent,1");
+    let l = eventually("two stored measurements", || {
+        let l = api.list(&format!(
+            "/measurement/measurements?source={id}&type=c8y_Mode&pageSize=10"
+        ));
+        (l.len() >= 2).then_some(l)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let l2 = api.list(&format!(
+        "/measurement/measurements?source={id}&type=c8y_Mode&pageSize=10"
+    ));
+    assert_eq!(l.len(), 2, "{l:?}");
+    assert_eq!(l2.len(), 2, "{l2:?}");
+    let series: Vec<bool> = ["quiescent", "persistent"]
+        .iter()
+        .map(|s| l2.iter().any(|m| m["c8y_Mode"].get(*s).is_some()))
+        .collect();
+    assert_eq!(series, vec![true, true]);
+    assert!(api
+        .list(&format!("/event/events?source={id}&type=c8y_Mode"))
+        .is_empty());
+    assert!(dev
+        .drain(Duration::from_millis(300))
+        .iter()
+        .all(|(t, _)| t != "s/e"));
+    assert!(node.metric("fleetmq_device_api_unstored_total") >= 3.0);
+}
+
+#[test]
+fn a_last_will_on_s_us_raises_an_event() {
+    let node = Node::start_secure();
+    let tid = tenant(&node, &["dev4"]);
+    let api = Api {
+        node: &node,
+        user: format!("{tid}/admin"),
+    };
+    let mut o = Device::opts(&node, "dev4", &tid);
+    o.set_last_will(LastWill::new(
+        "s/us",
+        "400,c8y_ConnectionEvent,\"Device connection was lost.\"",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    o.set_keep_alive(Duration::from_secs(5));
+    let dev = Device::connect_with(o);
+    dev.send("s/us", "100");
+    let id = eventually("dev4", || {
+        let (s, v) = api.call("GET", "/identity/externalIds/c8y_Serial/dev4", None);
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
+    // A second connection with the same identifier takes over: the first one's will fires.
+    let _other = Device::connect(&node, "dev4", &tid);
+    let ev = eventually("connection event", || {
+        api.list(&format!(
+            "/event/events?source={id}&type=c8y_ConnectionEvent"
+        ))
+        .into_iter()
+        .next()
+    });
+    assert_eq!(ev["text"], "Device connection was lost.");
+    drop(dev);
+}
+
+#[test]
+fn bad_rest_input_gets_clear_errors_and_stores_nothing() {
+    let node = Node::start_secure();
+    let tid = tenant(&node, &[]);
+    let api = Api {
+        node: &node,
+        user: format!("{tid}/admin"),
+    };
+    let mo = api.post(
+        "/inventory/managedObjects",
+        json!({"name": "Gateway", "type": "acme_Gateway", "c8y_IsDevice": {}}),
+    );
+    let id = mo["id"].as_str().unwrap().to_string();
+    let x = api.post(
+        &format!("/identity/globalIds/{id}/externalIds"),
+        json!({"type": "c8y_Serial", "externalId": "gw-1"}),
+    );
+    assert_eq!(x["managedObject"]["id"], id.as_str());
+    assert_eq!(api.id_of("gw-1"), id);
+    // Missing mandatory fields, unknown sources, bad severities, bad ids.
+    let cases = [
+        ("/measurement/measurements", json!({"type": "m"}), 422),
+        (
+            "/measurement/measurements",
+            json!({"source": {"id": id}}),
+            422,
+        ),
+        (
+            "/event/events",
+            json!({"source": {"id": id}, "type": "e"}),
+            422,
+        ),
+        (
+            "/alarm/alarms",
+            json!({"source": {"id": id}, "type": "a", "text": "t", "severity": "BAD"}),
+            422,
+        ),
+        (
+            "/alarm/alarms",
+            json!({"source": {"id": "999999999"}, "type": "a", "text": "t", "severity": "MAJOR"}),
+            422,
+        ),
+        ("/devicecontrol/operations", json!({"c8y_Restart": {}}), 422),
+        (
+            "/devicecontrol/operations",
+            json!({"deviceId": "1", "c8y_Restart": {}}),
+            404,
+        ),
+    ];
+    for (path, body, want) in cases {
+        let (s, v) = api.call("POST", path, Some(body.clone()));
+        assert_eq!(s, want, "POST {path} {body}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| e.contains('/')), "{v}");
+    }
+    // A bulk with one bad item stores none of it.
+    let (s, _) = api.call(
+        "POST",
+        "/measurement/measurements",
+        Some(json!({"measurements": [
+            {"source": {"id": id}, "type": "ok", "ok": {"v": {"value": 1}}},
+            {"source": {"id": id}}
+        ]})),
+    );
+    assert_eq!(s, 422);
+    assert!(api
+        .list(&format!("/measurement/measurements?source={id}"))
+        .is_empty());
+    // A good bulk stores all.
+    let (s, v) = api.call(
+        "POST",
+        "/measurement/measurements",
+        Some(json!({"measurements": [
+            {"source": {"id": id}, "type": "ok", "time": "2026-01-01T00:00:00+0100", "ok": {"v": {"value": 1}}},
+            {"source": {"id": id}, "type": "ok", "time": "2026-01-02T00:00:00.000Z", "ok": {"v": {"value": 2}}}
+        ]})),
+    );
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["measurements"].as_array().map(Vec::len), Some(2));
+    let jan1 = api.list(&format!(
+        "/measurement/measurements?source={id}&dateFrom=2025-12-31T00:00:00Z&dateTo=2026-01-01T12:00:00Z"
+    ));
+    assert_eq!(jan1.len(), 1);
+    assert_eq!(jan1[0]["ok"]["v"]["value"], 1);
+    let newest = api.list(&format!(
+        "/measurement/measurements?source={id}&revert=true&pageSize=1"
+    ));
+    assert_eq!(newest[0]["ok"]["v"]["value"], 2);
+    // The same external id cannot go to a second object.
+    let other = api.post("/inventory/managedObjects", json!({"name": "Other"}));
+    let (s, _) = api.call(
+        "POST",
+        &format!(
+            "/identity/globalIds/{}/externalIds",
+            other["id"].as_str().unwrap()
+        ),
+        Some(json!({"type": "c8y_Serial", "externalId": "gw-1"})),
+    );
+    assert_eq!(s, 409);
+    let (s, _) = api.call("GET", "/inventory/managedObjects/notanid", None);
+    assert_eq!(s, 404);
+}

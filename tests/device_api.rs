@@ -694,3 +694,58 @@ fn bad_rest_input_gets_clear_errors_and_stores_nothing() {
     let (s, _) = api.call("GET", "/inventory/managedObjects/notanid", None);
     assert_eq!(s, 404);
 }
+
+/// Three nodes: a device connected to C gets an operation created over REST on A; its data
+/// and the operation's status read the same on every node.
+#[test]
+fn a_device_on_one_node_receives_an_operation_created_on_another() {
+    let a = Node::start_cluster_secure(1, free_port(), &[], &[]);
+    let b = Node::start_cluster_secure(2, free_port(), &[a.grpc_addr()], &[]);
+    let c = Node::start_cluster_secure(3, free_port(), &[a.grpc_addr(), b.grpc_addr()], &[]);
+    let tid = tenant(&a, &["edge7"]);
+    let on = |n| Api {
+        node: n,
+        user: format!("{tid}/admin"),
+    };
+    // The new device user must have reached C before it can log in there.
+    eventually("the device user on C", || {
+        let (s, _) = rest(
+            &c,
+            "GET",
+            "/user/currentUser",
+            &format!("{tid}/device_edge7"),
+            DEV_PW,
+            None,
+        );
+        (s == 200).then_some(())
+    });
+    let dev = Device::connect(&c, "edge7", &tid);
+    dev.send("s/us", "100,Edge 7\n200,c8y_T,T,7");
+    dev.subscribe_downstream();
+    let id = eventually("edge7 on B", || {
+        let (s, v) = on(&b).call("GET", "/identity/externalIds/c8y_Serial/edge7", None);
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
+    assert_eq!(
+        on(&b)
+            .list(&format!("/measurement/measurements?source={id}"))
+            .len(),
+        1
+    );
+    let op = on(&a).post(
+        "/devicecontrol/operations",
+        json!({"deviceId": id, "c8y_Command": {"text": "uptime"}}),
+    );
+    let op_id = op["id"].as_str().unwrap().to_string();
+    dev.expect("s/ds", "511 from A", |p| p == "511,edge7,uptime");
+    dev.send("s/us", "501,c8y_Command\n503,c8y_Command,up 3 days");
+    for n in [&a, &b, &c] {
+        let v = eventually("SUCCESSFUL everywhere", || {
+            let v = on(n).get(&format!("/devicecontrol/operations/{op_id}"));
+            (v["status"] == "SUCCESSFUL").then_some(v)
+        });
+        assert_eq!(v["c8y_Command"]["result"], "up 3 days");
+    }
+}

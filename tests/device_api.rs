@@ -749,3 +749,113 @@ fn a_device_on_one_node_receives_an_operation_created_on_another() {
         assert_eq!(v["c8y_Command"]["result"], "up 3 days");
     }
 }
+
+/// JSON via MQTT (§8): creates (one and bulk) with `externalSource` children, inventory
+/// updates by external ID (`null` removes a fragment), updates by id with the documented
+/// leading `/`, transient mode, and errors on `error`.
+#[test]
+fn json_via_mqtt_both_ways() {
+    let node = Node::start_secure();
+    let tid = tenant(&node, &["jdev"]);
+    let api = Api {
+        node: &node,
+        user: format!("{tid}/admin"),
+    };
+    let dev = Device::connect(&node, "jdev", &tid);
+    dev.client
+        .subscribe("error", QoS::AtLeastOnce)
+        .expect("subscribe");
+    dev.send("s/us", "100");
+    dev.subscribe_downstream();
+    let id = eventually("jdev", || {
+        let (s, v) = api.call("GET", "/identity/externalIds/c8y_Serial/jdev", None);
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
+    dev.send(
+        "measurement/measurements/create",
+        r#"{"type":"c8y_Env","time":"2026-11-30T12:00:00.000Z","c8y_Env":{"T":{"value":20.5,"unit":"C"}}}"#,
+    );
+    dev.send(
+        "measurement/measurements/create",
+        r#"{"externalSource":{"externalId":"jdev:device:kid","type":"c8y_Serial"},"type":"c8y_Env","c8y_Env":{"T":{"value":1.0}}}"#,
+    );
+    dev.send(
+        "event/events/createBulk",
+        r#"{"events":[{"type":"e1","text":"one"},{"type":"e2","text":"two"}]}"#,
+    );
+    dev.send(
+        "t/measurement/measurements/create",
+        r#"{"type":"c8y_Transient","c8y_Transient":{"x":{"value":1}}}"#,
+    );
+    dev.send(
+        "inventory/managedObjects/update/jdev",
+        r#"{"c8y_Firmware":{"name":"fw","version":"1.2"},"c8y_Agent":{"name":"x"}}"#,
+    );
+    let m = eventually("device measurement", || {
+        api.list(&format!("/measurement/measurements?source={id}"))
+            .into_iter()
+            .next()
+    });
+    assert_eq!(m["c8y_Env"]["T"]["value"], 20.5);
+    assert_eq!(m["time"], "2026-11-30T12:00:00.000Z");
+    let kid = api.id_of("jdev:device:kid");
+    assert_eq!(
+        api.list(&format!("/measurement/measurements?source={kid}"))
+            .len(),
+        1
+    );
+    let evs = eventually("two events", || {
+        let l = api.list(&format!("/event/events?source={id}&pageSize=10"));
+        (l.len() == 2).then_some(l)
+    });
+    assert!(api
+        .list("/measurement/measurements?type=c8y_Transient")
+        .is_empty());
+    let mo = eventually("firmware", || {
+        let v = api.get(&format!("/inventory/managedObjects/{id}"));
+        v["c8y_Firmware"].is_object().then_some(v)
+    });
+    assert_eq!(mo["c8y_Firmware"]["version"], "1.2");
+    dev.send(
+        "inventory/managedObjects/update/jdev",
+        r#"{"c8y_Agent":null}"#,
+    );
+    eventually("fragment removed", || {
+        let v = api.get(&format!("/inventory/managedObjects/{id}"));
+        v.get("c8y_Agent").is_none().then_some(())
+    });
+    let e1 = evs.iter().find(|e| e["type"] == "e1").unwrap();
+    let e1_id = e1["id"].as_str().unwrap();
+    dev.send(
+        &format!("/event/events/update/{e1_id}"),
+        r#"{"text":"changed"}"#,
+    );
+    eventually("event updated", || {
+        let v = api.get(&format!("/event/events/{e1_id}"));
+        (v["text"] == "changed").then_some(())
+    });
+
+    // Errors: a missing field, bad JSON, an unknown id; nothing stored.
+    dev.send("alarm/alarms/create", r#"{"type":"a","text":"t"}"#);
+    let e = dev.expect("error", "validation error", |p| {
+        p.contains("alarm/validationError")
+    });
+    let e: Value = serde_json::from_str(&e).unwrap();
+    assert_eq!(
+        e["message"],
+        "Following mandatory fields should be included: severity"
+    );
+    assert!(e["messageId"].is_u64());
+    dev.send("event/events/create", "{nope");
+    dev.expect("error", "bad JSON", |p| p.contains("event/validationError"));
+    dev.send("event/events/update/999999999", r#"{"text":"x"}"#);
+    dev.expect("error", "unknown id", |p| p.contains("event/Not Found"));
+    assert!(api.list(&format!("/alarm/alarms?source={id}")).is_empty());
+    assert_eq!(
+        api.list(&format!("/event/events?source={id}&pageSize=10"))
+            .len(),
+        2
+    );
+}

@@ -1453,10 +1453,13 @@ impl Broker {
         session: &Arc<Session>,
         msg: Arc<Message>,
     ) {
-        if acl::classify_topic(&msg.topic) == TopicClass::Upstream(acl::Upstream::Static) {
+        if matches!(
+            acl::classify_topic(&msg.topic),
+            TopicClass::Upstream(acl::Upstream::Static | acl::Upstream::Json)
+        ) {
             let owner = format!("device_{}", session.key.client_id);
             if let Some(work) =
-                crate::device::static_publish(self, session, &owner, &msg.topic, &msg.payload)
+                crate::device::publish(self, session, &owner, &msg.topic, &msg.payload, 0)
             {
                 let client = session.key.client_id.clone();
                 tokio::spawn(async move {

@@ -1153,7 +1153,7 @@ where
         if let TopicClass::Upstream(kind) = class {
             // After the QoS 2 duplicate check: a retransmission is never processed twice.
             if let Some(work) =
-                self.device_upstream(a, kind, &prepared.msg.topic, &prepared.msg.payload)
+                self.device_upstream(a, kind, &prepared.msg.topic, &prepared.msg.payload, p.pkid)
             {
                 // Acknowledged once the device's data is committed, in the order sent.
                 let ack = match p.qos {
@@ -1338,6 +1338,7 @@ where
         kind: Upstream,
         topic: &str,
         payload: &bytes::Bytes,
+        pkid: u16,
     ) -> Option<crate::device::Work> {
         metrics::device_api(match kind {
             Upstream::Static => "static",
@@ -1355,13 +1356,14 @@ where
             return None;
         }
         match kind {
-            Upstream::Static => {
-                return crate::device::static_publish(
+            Upstream::Static | Upstream::Json => {
+                return crate::device::publish(
                     &broker,
                     &session,
                     &a.who.identity.user,
                     topic,
                     payload,
+                    pkid,
                 );
             }
             Upstream::Credentials if a.who.identity.role == Role::Bootstrap => {

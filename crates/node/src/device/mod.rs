@@ -6,6 +6,7 @@
 //! so a device's messages are applied in the order it sent them.
 
 pub mod deliver;
+pub mod json;
 pub mod plan;
 
 use std::future::Future;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use fleetmq_cluster::ClusterError;
 use fleetmq_smartrest::{encode_line, parse_records, Mode, SmartTopic};
-use fleetmq_storage::domain::{DeviceBatch, Doc, Outcome, Source};
+use fleetmq_storage::domain::{group_of_id, DeviceBatch, DeviceOp, Doc, Outcome, Source, SERIAL};
 use fleetmq_storage::{Command, Response, SessionKey};
 
 use crate::broker::Broker;
@@ -48,26 +49,44 @@ fn mode_label(m: Mode) -> &'static str {
     }
 }
 
-/// Starts the work of a static-template PUBLISH: answers what needs no data at once and
-/// proposes the rest as one batch. `None`: nothing to commit (the PUBLISH can be acknowledged
-/// now).
-pub fn static_publish(
+/// Starts the work of a device-API PUBLISH (static templates on `<mode>/us[/<child>]`, JSON
+/// via MQTT): answers what needs no data at once and proposes the rest. `None`: nothing to
+/// commit (the PUBLISH can be acknowledged now).
+pub fn publish(
     broker: &Arc<Broker>,
     session: &Arc<Session>,
     owner: &str,
     topic: &str,
     payload: &[u8],
+    pkid: u16,
 ) -> Option<Work> {
-    let st = SmartTopic::parse(topic)?;
-    let key = &session.key;
-    let serial = key.client_id.clone();
+    let serial = session.key.client_id.to_string();
+    let steps = if let Some(st) = SmartTopic::parse(topic) {
+        static_steps(broker, session, &st, &serial, payload)?
+    } else {
+        let jt = json::JsonTopic::parse(topic)?;
+        metrics::counter!("fleetmq_device_api_lines_total", "mode" => mode_label(jt.mode))
+            .increment(1);
+        json::steps(&jt, payload, &serial, pkid)
+    };
+    run(broker, session, owner, steps)
+}
+
+/// A static-template message as steps (`None` when it cannot be read at all: answered).
+fn static_steps(
+    broker: &Arc<Broker>,
+    session: &Arc<Session>,
+    st: &SmartTopic,
+    serial: &str,
+    payload: &[u8],
+) -> Option<Vec<Step>> {
     let source = match &st.child {
         Some(c) => Source::Child {
-            serial: serial.clone(),
+            serial: serial.to_string(),
             child: c.clone(),
         },
         None => Source::Device {
-            serial: serial.clone(),
+            serial: serial.to_string(),
         },
     };
     let text = match std::str::from_utf8(payload) {
@@ -91,68 +110,138 @@ pub fn static_publish(
             return None;
         }
     };
-    let steps = plan::steps(&records, &source, &serial, st.mode);
-    let mut ops = Vec::new();
-    for s in &steps {
-        if let Step::Op { op, .. } = s {
-            ops.push(op.clone());
-        }
-    }
     metrics::counter!("fleetmq_device_api_lines_total", "mode" => mode_label(st.mode))
         .increment(records.len() as u64);
-    if ops.is_empty() {
+    Some(plan::steps(&records, &source, serial, st.mode))
+}
+
+/// The group holding the device's data: its shard, unless its identity was bound over REST
+/// to an object in another group (then that group, so the device is not created twice).
+fn device_group(broker: &Broker, key: &SessionKey) -> u64 {
+    let d = &broker.durable;
+    let home = d.group_of(key);
+    let found = |g: u64| {
+        d.device_store(g).is_some_and(|st| {
+            st.device_external(&key.tenant, SERIAL, &key.client_id)
+                .ok()
+                .flatten()
+                .is_some()
+        })
+    };
+    if found(home) {
+        return home;
+    }
+    d.device_groups()
+        .into_iter()
+        .find(|g| *g != home && found(*g))
+        .unwrap_or(home)
+}
+
+/// The group an op must run in: by-id ops in the id's group, the rest in the device's.
+fn op_group(op: &DeviceOp, device: u64) -> u64 {
+    match op {
+        DeviceOp::RecordUpdate { id, .. } | DeviceOp::RecordDelete { id, .. } => group_of_id(*id),
+        _ => device,
+    }
+}
+
+/// Proposes the steps' ops (one batch per group, in order, now) and returns the work that
+/// answers their outcomes.
+fn run(
+    broker: &Arc<Broker>,
+    session: &Arc<Session>,
+    owner: &str,
+    steps: Vec<Step>,
+) -> Option<Work> {
+    let device = if steps.iter().any(|s| matches!(s, Step::Op { .. })) {
+        device_group(broker, &session.key)
+    } else {
         answer_now(broker, session, &steps);
         return None;
+    };
+    let mut batches: Vec<(u64, Vec<DeviceOp>)> = Vec::new();
+    // Where each op's outcome will be: (batch, position).
+    let mut at: Vec<(usize, usize)> = Vec::new();
+    for s in &steps {
+        if let Step::Op { op, .. } = s {
+            let g = op_group(op, device);
+            let b = match batches.iter().position(|(x, _)| *x == g) {
+                Some(b) => b,
+                None => {
+                    batches.push((g, Vec::new()));
+                    batches.len() - 1
+                }
+            };
+            at.push((b, batches[b].1.len()));
+            batches[b].1.push(op.clone());
+        }
     }
     let (now, now_ms) = now();
-    let group = broker
-        .durable
-        .group_of(&SessionKey::new(key.tenant.clone(), serial));
-    let cmd = Command::Device(DeviceBatch {
-        tenant: key.tenant.to_string(),
-        group,
-        now,
-        now_ms,
-        owner: owner.to_string(),
-        ops,
-    });
-    let sent = broker.durable.propose_sent(cmd);
+    let tenant = session.key.tenant.to_string();
+    let sent: Vec<_> = batches
+        .into_iter()
+        .map(|(group, ops)| {
+            let valid = broker.durable.device_store(group).is_some();
+            let cmd = Command::Device(DeviceBatch {
+                tenant: tenant.clone(),
+                group,
+                now: now.clone(),
+                now_ms,
+                owner: owner.to_string(),
+                ops,
+            });
+            if valid {
+                broker.durable.propose_sent(cmd)
+            } else {
+                Err(ClusterError::InvalidCommand("no such group".into()))
+            }
+        })
+        .collect();
     let broker = broker.clone();
     let session = session.clone();
     Some(Box::pin(async move {
-        let result = match sent {
-            Ok(f) => f.await,
-            Err(e) => Err(e),
-        };
-        let outcomes = match &result {
-            Ok(Response::Device(o)) => o.clone(),
-            Ok(_) => Vec::new(),
-            Err(e) => {
-                tracing::warn!(error = %e, client = %session.key.client_id, "device data not committed");
-                for s in &steps {
-                    if let Step::Op { template, .. } = s {
-                        error_metric("50");
-                        broker.send_downstream(
-                            &session,
-                            "s/e",
-                            encode_line(&["50", template, &format!("Server error: {e}")]).into(),
-                        );
+        let mut results: Vec<Result<Vec<Outcome>, String>> = Vec::new();
+        let mut failure = None;
+        for f in sent {
+            let r = match f {
+                Ok(f) => f.await,
+                Err(e) => Err(e),
+            };
+            results.push(match r {
+                Ok(Response::Device(o)) => Ok(o),
+                Ok(_) => Ok(Vec::new()),
+                Err(e) => {
+                    tracing::warn!(error = %e, client = %session.key.client_id, "device data not committed");
+                    let text = e.to_string();
+                    // An id of no group here is the caller's mistake, not the storage's.
+                    if !matches!(e, ClusterError::InvalidCommand(_)) {
+                        failure = Some(e);
                     }
+                    Err(text)
                 }
-                return result;
-            }
-        };
-        let mut outcomes = outcomes.into_iter();
+            });
+        }
+        let mut ops = at.into_iter();
         for s in &steps {
             match s {
                 Step::Op { then, template, .. } => {
-                    let Some(o) = outcomes.next() else { break };
+                    let Some((b, i)) = ops.next() else { break };
+                    let o = match &results[b] {
+                        Ok(v) => v
+                            .get(i)
+                            .cloned()
+                            .unwrap_or(Outcome::NotFound("no outcome".into())),
+                        Err(text) => Outcome::NotFound(format!("Server error: {text}")),
+                    };
                     answer(&broker, &session, *then, template, o);
                 }
                 other => answer_now(&broker, &session, std::slice::from_ref(other)),
             }
         }
-        result
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(Response::Ok),
+        }
     }))
 }
 
@@ -166,6 +255,10 @@ fn answer_now(broker: &Arc<Broker>, session: &Arc<Session>, steps: &[Step]) {
             Step::Error(line) => {
                 error_metric("40-45");
                 broker.send_downstream(session, "s/e", line.clone().into());
+            }
+            Step::JsonError(payload) => {
+                error_metric("json");
+                broker.send_downstream(session, "error", payload.clone().into());
             }
             Step::Unstored { kind } => {
                 metrics::counter!("fleetmq_device_api_unstored_total", "kind" => *kind)
@@ -186,6 +279,20 @@ fn answer(broker: &Arc<Broker>, session: &Arc<Session>, then: Then, template: &s
         broker.send_downstream(session, topic, line.into());
     };
     match (then, o) {
+        (Then::Json { mid }, Outcome::NotFound(text)) => {
+            error_metric("json");
+            send(
+                "error",
+                json::error_payload(template, "Not Found", &text, mid),
+            );
+        }
+        (Then::Json { mid }, Outcome::Invalid(text)) => {
+            error_metric("json");
+            send(
+                "error",
+                json::error_payload(template, "validationError", &text, mid),
+            );
+        }
         (Then::Created, Outcome::Exists) => {
             error_metric("41");
             send(
@@ -232,14 +339,14 @@ fn answer(broker: &Arc<Broker>, session: &Arc<Session>, then: Then, template: &s
 pub async fn resend_pending(broker: Arc<Broker>, session: Arc<Session>, owner: String) {
     let key = session.key.clone();
     let (now, now_ms) = now();
-    let group = broker.durable.group_of(&key);
+    let group = device_group(&broker, &key);
     let cmd = Command::Device(DeviceBatch {
         tenant: key.tenant.to_string(),
         group,
         now,
         now_ms,
         owner,
-        ops: vec![fleetmq_storage::domain::DeviceOp::Pending {
+        ops: vec![DeviceOp::Pending {
             source: Source::Device {
                 serial: key.client_id.to_string(),
             },

@@ -20,6 +20,8 @@ pub enum Then {
     Children,
     /// `500`: the PENDING operations again.
     Deliver,
+    /// JSON via MQTT: failures on `error` with this message id.
+    Json { mid: u16 },
 }
 
 /// One step of a SmartREST message.
@@ -38,6 +40,8 @@ pub enum Step {
     },
     /// Send this `s/e` line.
     Error(String),
+    /// Send this JSON error on `error` (JSON via MQTT).
+    JsonError(String),
     /// A measurement, event or alarm in a mode that does not store it (`t/`, `c/`): passed on
     /// to real-time processing only.
     Unstored { kind: &'static str },

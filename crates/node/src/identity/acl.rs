@@ -103,6 +103,10 @@ pub fn classify_topic(topic: &str) -> TopicClass {
     match (first, second) {
         ("error", None) => TopicClass::Downstream,
         ("devicecontrol", Some("notifications")) if rest.is_empty() => TopicClass::Downstream,
+        // The docs print update/delete topics with a leading `/` (§8).
+        ("", Some(api)) if rest.len() >= 2 && is_json_api(api, rest[0]) => {
+            TopicClass::Upstream(Upstream::Json)
+        }
         (api, Some(resource)) if is_json_api(api, resource) => {
             if rest.is_empty() {
                 TopicClass::Unknown
@@ -181,6 +185,10 @@ mod tests {
             Upstream(super::Upstream::Credentials)
         );
         assert_eq!(classify_topic("s/uat"), Upstream(super::Upstream::Token));
+        assert_eq!(
+            classify_topic("/event/events/update/42"),
+            Upstream(super::Upstream::Json)
+        );
         for d in [
             "s/ds",
             "s/dcr",

@@ -3,6 +3,7 @@
 //! ([`templates`]) and the topic grammar ([`topic`]). Plain values
 //! in and out, no I/O: the node's device API builds on this.
 
+pub mod custom;
 pub mod downstream;
 pub mod record;
 pub mod templates;

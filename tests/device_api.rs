@@ -128,6 +128,14 @@ impl Device {
         o
     }
 
+    /// Options with a full ClientId (`d:<serial>:<X-ID>`) for device user `device_<serial>`.
+    fn opts_with_id(node: &Node, client_id: &str, serial: &str, tid: &str) -> MqttOptions {
+        let mut o = MqttOptions::new(client_id, "127.0.0.1", node.mqtt.port());
+        o.set_credentials(format!("{tid}/device_{serial}"), DEV_PW);
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
     fn connect(node: &Node, serial: &str, tid: &str) -> Device {
         Device::connect_with(Device::opts(node, serial, tid))
     }
@@ -858,4 +866,144 @@ fn json_via_mqtt_both_ways() {
             .len(),
         2
     );
+}
+
+/// Custom templates both ways (§7): a collection created over MQTT (`s/ut`, answered on
+/// `s/dt`), request templates on `s/uc`, response templates for GET answers and operations on
+/// `s/dc`; a collection created over REST the way c8ydm does, used as the ClientId's default
+/// collection on `s/ud`.
+#[test]
+fn custom_templates_both_ways() {
+    let node = Node::start_secure();
+    let tid = tenant(&node, &["cdev"]);
+    let api = Api {
+        node: &node,
+        user: format!("{tid}/admin"),
+    };
+    let dev = Device::connect(&node, "cdev", &tid);
+    for t in ["s/dt", "s/dc/acme-v1"] {
+        dev.client
+            .subscribe(t, QoS::AtLeastOnce)
+            .expect("subscribe");
+    }
+    dev.subscribe_downstream();
+    dev.send("s/ut/nope", "");
+    dev.expect("s/dt", "41 for a missing collection", |p| p == "41,nope");
+    dev.send(
+        "s/ut/acme-v1",
+        "10,m1,POST,MEASUREMENT,,c8y_Custom,,c8y_Custom.v.value,NUMBER,\n\
+         10,g1,GET,INVENTORY,,true\n\
+         10,op1,PUT,OPERATION,,c8y_Command,status,OPERATIONSTATUS,SUCCESSFUL,c8y_Command.result,STRING,\n\
+         11,r1,,c8y_Command,c8y_Command.text\n\
+         11,r2,,c8y_Hardware,c8y_Hardware.model",
+    );
+    let created = dev.expect("s/dt", "20 for the new collection", |p| {
+        p.starts_with("20,acme-v1,")
+    });
+    dev.send("s/ut/acme-v1", "");
+    dev.expect("s/dt", "20 on the existence query", |p| p == created);
+    dev.send("s/ut/acme-v1", "10,x,POST,EVENT,,t,x,");
+    dev.expect("s/e", "41 for a second creation", |p| {
+        p == "41,acme-v1,Cannot create templates for already existing template object"
+    });
+    let coll_id = created.rsplit(',').next().unwrap().to_string();
+    let coll = api.get(&format!("/inventory/managedObjects/{coll_id}"));
+    assert_eq!(coll["type"], "c8y_SmartRest2Template");
+    assert_eq!(
+        coll["com_cumulocity_model_smartrest_csv_CsvSmartRestTemplate"]["requestTemplates"][0]
+            ["msgId"],
+        "m1"
+    );
+
+    dev.send("s/us", "100\n110,SN9,ModelX,1");
+    let id = eventually("cdev", || {
+        let (s, v) = api.call("GET", "/identity/externalIds/c8y_Serial/cdev", None);
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
+    dev.send("s/uc/acme-v1", "m1,,42.5");
+    let m = eventually("custom measurement", || {
+        api.list(&format!(
+            "/measurement/measurements?source={id}&type=c8y_Custom"
+        ))
+        .into_iter()
+        .next()
+    });
+    assert_eq!(m["c8y_Custom"]["v"]["value"], 42.5);
+    dev.send("s/uc/acme-v1", &format!("g1,{id}"));
+    dev.expect("s/dc/acme-v1", "r2 for the GET", |p| p == "r2,ModelX");
+
+    let op = api.post(
+        "/devicecontrol/operations",
+        json!({"deviceId": id, "c8y_Command": {"text": "echo hi"}}),
+    );
+    dev.expect("s/dc/acme-v1", "r1 for the operation", |p| {
+        p == "r1,cdev,echo hi"
+    });
+    dev.send("s/uc/acme-v1", "op1,hi");
+    let done = eventually("SUCCESSFUL via the template", || {
+        let v = api.get(&format!(
+            "/devicecontrol/operations/{}",
+            op["id"].as_str().unwrap()
+        ));
+        (v["status"] == "SUCCESSFUL").then_some(v)
+    });
+    assert_eq!(done["c8y_Command"]["result"], "hi");
+
+    // Errors: unknown collection, unknown message id, a value of the wrong type.
+    dev.send("s/uc/unknown-v9", "m1,,1");
+    dev.expect("s/e", "41 unknown collection", |p| {
+        p.starts_with("41,unknown-v9,")
+    });
+    dev.send("s/uc/acme-v1", "zz,1");
+    dev.expect("s/e", "40 unknown message id", |p| p.starts_with("40,zz,"));
+    dev.send("s/uc/acme-v1", "m1,,warm");
+    dev.expect("s/e", "45 not a number", |p| {
+        p == "45,m1,Value is not a NUMBER: warm"
+    });
+    assert_eq!(
+        api.list(&format!(
+            "/measurement/measurements?source={id}&type=c8y_Custom"
+        ))
+        .len(),
+        1
+    );
+
+    // A collection created over REST (as c8ydm does), as the default collection of a ClientId.
+    let mo = api.post(
+        "/inventory/managedObjects",
+        json!({"name": "rest-v1", "type": "c8y_SmartRest2Template",
+            "com_cumulocity_model_smartrest_csv_CsvSmartRestTemplate": {
+                "requestTemplates": [{"msgId": "e1", "method": "POST", "api": "EVENT",
+                    "response": false, "mandatoryValues": ["c8y_Note", "", ""],
+                    "customValues": []}],
+                "responseTemplates": [{"msgId": "n1", "base": "", "condition": "c8y_Restart",
+                    "pattern": ["deviceId"]}]}}),
+    );
+    api.post(
+        &format!(
+            "/identity/globalIds/{}/externalIds",
+            mo["id"].as_str().unwrap()
+        ),
+        json!({"type": "c8y_SmartRest2DeviceIdentifier", "externalId": "rest-v1"}),
+    );
+    drop(dev);
+    let dev = Device::connect_with(Device::opts_with_id(&node, "d:cdev:rest-v1", "cdev", &tid));
+    dev.client
+        .subscribe("s/dd", QoS::AtLeastOnce)
+        .expect("subscribe");
+    dev.subscribe_downstream();
+    dev.send("s/ud", "e1,\"a note\"");
+    let ev = eventually("event from the default collection", || {
+        api.list(&format!("/event/events?source={id}&type=c8y_Note"))
+            .into_iter()
+            .next()
+    });
+    assert_eq!(ev["text"], "a note");
+    api.post(
+        "/devicecontrol/operations",
+        json!({"deviceId": id, "c8y_Restart": {}}),
+    );
+    dev.expect("s/dd", "n1 on s/dd", |p| p == format!("n1,cdev,{id}"));
 }

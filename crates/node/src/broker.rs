@@ -1232,10 +1232,17 @@ impl Broker {
     /// plain subscription matching the topic: at the highest QoS granted, with every matching
     /// subscription id. In memory only (a persistent session gets its QoS 1/2 copy through
     /// Raft instead: `Cluster::push_to_device`). True when queued for the client.
-    pub fn deliver_to_session(&self, key: &SessionKey, msg: &Arc<Message>) -> bool {
+    pub fn deliver_to_session(self: &Arc<Self>, key: &SessionKey, msg: &Arc<Message>) -> bool {
         let Some(session) = self.sessions.lock().get(key).map(|b| b.0.clone()) else {
             return false;
         };
+        if msg.topic == crate::device::deliver::OPERATION_TOPIC {
+            // An operation for the device: expanded here, where its subscriptions are known.
+            return match serde_json::from_slice(&msg.payload) {
+                Ok(op) => crate::device::deliver::to_session(self, &session, &op),
+                Err(_) => false,
+            };
+        }
         let (qos, retain, sub_ids) = {
             let st = session.state.lock();
             if st.conn.is_none() {

@@ -504,11 +504,15 @@ where
             return None;
         }
         // `[d:]<device id>[:<template>]`: the device identifier alone names the session.
+        let mut default_xid = None;
         let device_id = if assigned.is_some() {
             client_id.clone()
         } else {
             match client_id::parse(&client_id) {
-                Ok(id) => id.device_id,
+                Ok(id) => {
+                    default_xid = id.default_template;
+                    id.device_id
+                }
                 Err(e) => {
                     tracing::info!(peer = %self.peer, error = %e, "malformed ClientId");
                     self.connack_error(rc::CLIENT_ID_NOT_VALID, "bad_client_id");
@@ -649,6 +653,7 @@ where
         metrics::connect_result("accepted");
         tracing::debug!(peer = %self.peer, client = %client_id, present = attached.session_present, "connected");
         let window = c.receive_maximum.unwrap_or(u16::MAX).min(cfg.max_inflight) as usize;
+        attached.session.state.lock().default_xid = default_xid;
         let mut active = Active {
             session: attached.session,
             who: Box::new(Who {
@@ -1356,7 +1361,11 @@ where
             return None;
         }
         match kind {
-            Upstream::Static | Upstream::Json => {
+            Upstream::Static
+            | Upstream::Json
+            | Upstream::Custom
+            | Upstream::Default
+            | Upstream::Template => {
                 return crate::device::publish(
                     &broker,
                     &session,

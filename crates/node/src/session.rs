@@ -133,6 +133,9 @@ pub struct SessionState {
     /// The Raft index this session's in-memory state reflects: deliveries queued through Raft
     /// for it at a later index (`Enqueue`, by another node) are added when applied here.
     pub durable_from: u64,
+    /// The default template collection of the attached connection's ClientId
+    /// (`d:<id>:<X-ID>`, §7.3): its responses go to `s/dd`.
+    pub default_xid: Option<String>,
     next_pid: u16,
     next_order: u64,
 }
@@ -147,6 +150,7 @@ impl SessionState {
             queue: VecDeque::new(),
             inflight: SmallMap::default(),
             inbound_qos2: SmallMap::default(),
+            default_xid: None,
             conn: None,
             newest_conn: 0,
             home: 0,

@@ -127,7 +127,10 @@ impl Collection {
                     let method = a.get(1).map(|s| s.to_ascii_uppercase()).unwrap_or_default();
                     let api = a.get(2).map(|s| s.to_ascii_uppercase()).unwrap_or_default();
                     if id.is_empty() {
-                        return Err(bad(&id, "Not a valid message identifier for template creation"));
+                        return Err(bad(
+                            &id,
+                            "Not a valid message identifier for template creation",
+                        ));
                     }
                     let Some(n) = mandatory_count(&method, &api) else {
                         return Err(bad(&id, "Bad request template definition"));
@@ -168,7 +171,10 @@ impl Collection {
                 }
                 "11" => {
                     if id.is_empty() {
-                        return Err(bad(&id, "Not a valid message identifier for template creation"));
+                        return Err(bad(
+                            &id,
+                            "Not a valid message identifier for template creation",
+                        ));
                     }
                     if c.responses.iter().any(|t| t.msg_id == id) {
                         return Err(bad(&id, "Duplicate message identifiers are not allowed"));
@@ -250,7 +256,11 @@ impl Collection {
             let mut mandatory: Vec<String> = t
                 .get("mandatoryValues")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().map(|x| x.as_str().unwrap_or_default().to_string()).collect())
+                .map(|a| {
+                    a.iter()
+                        .map(|x| x.as_str().unwrap_or_default().to_string())
+                        .collect()
+                })
                 .unwrap_or_default();
             mandatory.resize(n, String::new());
             let custom = t
@@ -297,7 +307,11 @@ impl Collection {
                 pattern: t
                     .get("pattern")
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|p| p.as_str().map(str::to_string))
+                            .collect()
+                    })
                     .unwrap_or_default(),
             });
         }
@@ -321,7 +335,10 @@ pub enum Target {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     /// POST MEASUREMENT / EVENT / ALARM: a new record of the addressed device.
-    Create { api: String, doc: Map<String, Value> },
+    Create {
+        api: String,
+        doc: Map<String, Value>,
+    },
     /// POST INVENTORY: a new managed object, with an external ID unless it was left empty.
     CreateObject {
         doc: Map<String, Value>,
@@ -367,7 +384,9 @@ pub fn set_path(doc: &mut Map<String, Value>, path: &str, value: Value) {
         if !next.is_object() {
             *next = Value::Object(Map::new());
         }
-        let Some(m) = next.as_object_mut() else { return };
+        let Some(m) = next.as_object_mut() else {
+            return;
+        };
         cur = m;
     }
     cur.insert(last.to_string(), value);
@@ -444,7 +463,16 @@ pub fn apply_request(t: &RequestTemplate, r: &Record, now: &str) -> Result<Reque
         } else {
             t.external_id_type.clone()
         };
-        (!x.is_empty()).then(|| (if kind.is_empty() { "c8y_Serial".to_string() } else { kind }, x))
+        (!x.is_empty()).then(|| {
+            (
+                if kind.is_empty() {
+                    "c8y_Serial".to_string()
+                } else {
+                    kind
+                },
+                x,
+            )
+        })
     } else {
         None
     };
@@ -466,7 +494,13 @@ pub fn apply_request(t: &RequestTemplate, r: &Record, now: &str) -> Result<Reque
             .ok_or_else(|| args_err(id, format!("Value is not a {}: {raw}", c.ty)))?;
         set_path(&mut doc, &c.path, v);
     }
-    let time = |v: &str| if v.is_empty() { now.to_string() } else { v.to_string() };
+    let time = |v: &str| {
+        if v.is_empty() {
+            now.to_string()
+        } else {
+            v.to_string()
+        }
+    };
     let need = |v: &str, what: &str| -> Result<String, SmartError> {
         if v.is_empty() {
             Err(args_err(id, format!("Mandatory field {what} is missing")))
@@ -495,7 +529,11 @@ pub fn apply_request(t: &RequestTemplate, r: &Record, now: &str) -> Result<Reque
         ("POST", "ALARM") => {
             doc.insert("type".into(), json!(need(&fixed[0], "type")?));
             doc.insert("text".into(), json!(need(&fixed[1], "text")?));
-            let status = if fixed[2].is_empty() { "ACTIVE" } else { &fixed[2] };
+            let status = if fixed[2].is_empty() {
+                "ACTIVE"
+            } else {
+                &fixed[2]
+            };
             doc.insert(
                 "status".into(),
                 typed("ALARMSTATUS", status, now)
@@ -547,7 +585,10 @@ pub fn json_path<'a>(v: &'a Value, path: &str) -> Vec<&'a Value> {
     }
     for seg in p.split('.') {
         let (key, index) = match seg.find('[') {
-            Some(i) => (&seg[..i], Some(seg[i..].trim_start_matches('[').trim_end_matches(']'))),
+            Some(i) => (
+                &seg[..i],
+                Some(seg[i..].trim_start_matches('[').trim_end_matches(']')),
+            ),
             None => (seg, None),
         };
         let mut next = Vec::new();
@@ -593,7 +634,11 @@ fn join(base: &str, path: &str) -> String {
 
 /// The lines of every response template whose condition holds in `v`:
 /// `<msgId>[,<target>],<values...>` (the target for operations, none for request answers).
-pub fn response_lines(responses: &[ResponseTemplate], v: &Value, target: Option<&str>) -> Vec<String> {
+pub fn response_lines(
+    responses: &[ResponseTemplate],
+    v: &Value,
+    target: Option<&str>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for t in responses {
         if !t.condition.is_empty() && json_path(v, &join(&t.base, &t.condition)).is_empty() {
@@ -633,10 +678,14 @@ mod tests {
 
     #[test]
     fn the_documented_measurement_template_with_and_without_time() {
-        let c = coll("10,999,POST,MEASUREMENT,,c8y_MyMeasurement,,c8y_MyMeasurement.M.value,NUMBER,");
+        let c =
+            coll("10,999,POST,MEASUREMENT,,c8y_MyMeasurement,,c8y_MyMeasurement.M.value,NUMBER,");
         let t = c.request("999").unwrap();
         for (line, time) in [
-            ("999,2016-06-22T17:03:14.000+02:00,25", "2016-06-22T17:03:14.000+02:00"),
+            (
+                "999,2016-06-22T17:03:14.000+02:00,25",
+                "2016-06-22T17:03:14.000+02:00",
+            ),
             ("999,,25", "NOW"),
         ] {
             let r = &parse_records(line).unwrap()[0];
@@ -671,15 +720,38 @@ mod tests {
     fn inventory_targets_by_id_by_fixed_type_and_by_given_type() {
         let c = coll("10,1,GET,INVENTORY,,true\n10,2,GET,INVENTORY,,false,c8y_Serial\n10,3,PUT,INVENTORY,,false,,c8y_Note,STRING,");
         let get = |id: &str, line: &str| {
-            apply_request(c.request(id).unwrap(), &parse_records(line).unwrap()[0], "NOW").unwrap()
+            apply_request(
+                c.request(id).unwrap(),
+                &parse_records(line).unwrap()[0],
+                "NOW",
+            )
+            .unwrap()
         };
-        assert_eq!(get("1", "1,42"), Request::Get { target: Target::Id("42".into()) });
+        assert_eq!(
+            get("1", "1,42"),
+            Request::Get {
+                target: Target::Id("42".into())
+            }
+        );
         assert_eq!(
             get("2", "2,dev1"),
-            Request::Get { target: Target::External { kind: "c8y_Serial".into(), id: "dev1".into() } }
+            Request::Get {
+                target: Target::External {
+                    kind: "c8y_Serial".into(),
+                    id: "dev1".into()
+                }
+            }
         );
-        let Request::Update { target, set } = get("3", "3,c8y_Serial,dev1,hello") else { panic!() };
-        assert_eq!(target, Target::External { kind: "c8y_Serial".into(), id: "dev1".into() });
+        let Request::Update { target, set } = get("3", "3,c8y_Serial,dev1,hello") else {
+            panic!()
+        };
+        assert_eq!(
+            target,
+            Target::External {
+                kind: "c8y_Serial".into(),
+                id: "dev1".into()
+            }
+        );
         assert_eq!(set["c8y_Note"], "hello");
         assert!(c.request("1").unwrap().response, "GET answers by default");
     }
@@ -688,17 +760,29 @@ mod tests {
     fn response_templates_match_operations_and_expand_lists() {
         let c = coll("11,111,,c8y_Command,c8y_Command.text\n11,112,,c8y_Restart,c8y_Restart\n11,113,$.c8y_Soft,,list[*].name");
         let op = json!({"id": "5", "c8y_Command": {"text": "ls, -l"}});
-        assert_eq!(response_lines(&c.responses, &op, Some("dev1")), vec!["111,dev1,\"ls, -l\""]);
+        assert_eq!(
+            response_lines(&c.responses, &op, Some("dev1")),
+            vec!["111,dev1,\"ls, -l\""]
+        );
         let soft = json!({"c8y_Soft": {"list": [{"name": "a"}, {"name": "b"}]}});
-        assert_eq!(response_lines(&c.responses, &soft, Some("d")), vec!["113,d,a,b"]);
+        assert_eq!(
+            response_lines(&c.responses, &soft, Some("d")),
+            vec!["113,d,a,b"]
+        );
     }
 
     #[test]
     fn bad_definitions_are_refused_with_41() {
         for (text, want) in [
             ("10,1,POST,NOPE,,x", "41,1,Bad request template definition"),
-            ("10,1,POST,EVENT,,t,x,,a.b,WEIRD,", "41,1,Bad value type: WEIRD"),
-            ("10,1,POST,EVENT,,t,x\n10,1,POST,EVENT,,t,y", "41,1,Duplicate message identifiers are not allowed"),
+            (
+                "10,1,POST,EVENT,,t,x,,a.b,WEIRD,",
+                "41,1,Bad value type: WEIRD",
+            ),
+            (
+                "10,1,POST,EVENT,,t,x\n10,1,POST,EVENT,,t,y",
+                "41,1,Duplicate message identifiers are not allowed",
+            ),
             ("11,5,,c", "41,5,Bad response template definition"),
         ] {
             let e = Collection::from_lines(&parse_records(text).unwrap()).unwrap_err();

@@ -5,12 +5,15 @@
 
 use std::sync::Arc;
 
+use fleetmq_smartrest::custom::response_lines;
 use fleetmq_smartrest::operation_lines;
 use fleetmq_storage::domain::{Doc, SERIAL};
 use serde_json::{json, Value};
 
+use crate::broker::Broker;
 use crate::cluster::Cluster;
 use crate::message::Message;
+use crate::session::Session;
 
 /// JSON operations' topic (§8).
 pub const NOTIFICATIONS: &str = "devicecontrol/notifications";
@@ -37,29 +40,77 @@ pub fn operation_messages(op: &Doc) -> Vec<(&'static str, String)> {
     out
 }
 
+/// The internal topic an operation travels under to the node holding its agent's
+/// connection, which expands it into the downstream messages that connection subscribed to
+/// (only it knows which `s/dc/<X-ID>` those are). Never a topic a client can use: `$` topics
+/// are not matched by client filters.
+pub const OPERATION_TOPIC: &str = "$fleetmq/operation";
+
 /// Pushes a new operation to its agent, wherever in the cluster the agent is connected. A
 /// device that is not connected gets it when it subscribes again or asks (`500`).
-pub async fn push_operation(cluster: &Arc<Cluster>, tenant: &str, op: &Doc) -> usize {
+pub async fn push_operation(cluster: &Arc<Cluster>, tenant: &str, op: &Doc) -> bool {
     let Some((_, agent)) = &op.agent else {
-        return 0;
+        return false;
     };
-    let mut delivered = 0;
-    for (topic, payload) in operation_messages(op) {
-        // QoS 2 here means "at the QoS the device subscribed with" (the lower one wins).
-        let msg = Message::new(
-            topic.to_string(),
-            bytes::Bytes::from(payload),
-            2,
-            false,
-            fleetmq_protocol::PublishProps::default(),
-        );
-        match cluster.push_to_device(tenant, agent, msg).await {
-            Ok(crate::cluster::Pushed::NotDelivered) => {}
-            Ok(_) => delivered += 1,
-            Err(e) => tracing::warn!(error = %e, op = op.id, "pushing an operation failed"),
+    let Ok(doc) = serde_json::to_vec(op) else {
+        return false;
+    };
+    let msg = Message::new(
+        OPERATION_TOPIC.to_string(),
+        bytes::Bytes::from(doc),
+        2,
+        false,
+        fleetmq_protocol::PublishProps::default(),
+    );
+    match cluster.push_to_device(tenant, agent, msg).await {
+        Ok(crate::cluster::Pushed::NotDelivered) => false,
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, op = op.id, "pushing an operation failed");
+            false
         }
     }
-    delivered
+}
+
+/// Sends an operation to a session held here on every downstream channel it subscribed to:
+/// `s/ds`, `devicecontrol/notifications`, and the response templates of each subscribed
+/// `s/dc/<X-ID>` (and `s/dd` for the ClientId's default collection). Returns whether the
+/// session is connected.
+pub fn to_session(broker: &Arc<Broker>, session: &Arc<Session>, op: &Doc) -> bool {
+    let (xids, default, connected) = {
+        let st = session.state.lock();
+        let xids: Vec<String> = st
+            .subscriptions
+            .keys()
+            .filter_map(|f| f.strip_prefix("s/dc/"))
+            .filter(|x| !x.contains(['+', '#', '/']))
+            .map(str::to_string)
+            .collect();
+        let default = st
+            .default_xid
+            .clone()
+            .filter(|_| st.subscriptions.contains_key("s/dd"));
+        (xids, default, st.conn.is_some())
+    };
+    for (topic, payload) in operation_messages(op) {
+        broker.send_downstream(session, topic, payload.into());
+    }
+    let target = op.target.as_deref().unwrap_or_default();
+    let body = Value::Object(op.body.clone());
+    let mut custom: Vec<(String, String)> =
+        xids.into_iter().map(|x| (format!("s/dc/{x}"), x)).collect();
+    if let Some(x) = default {
+        custom.push(("s/dd".to_string(), x));
+    }
+    for (topic, xid) in custom {
+        if let Some((_, c)) = super::custom::load(broker, &session.key.tenant, &xid) {
+            let lines = response_lines(&c.responses, &body, Some(target));
+            if !lines.is_empty() {
+                broker.send_downstream(session, &topic, lines.join("\n").into());
+            }
+        }
+    }
+    connected
 }
 
 #[cfg(test)]

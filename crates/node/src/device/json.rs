@@ -165,6 +165,7 @@ pub fn steps(topic: &JsonTopic, payload: &[u8], serial: &str, mid: u16) -> Vec<S
         }
         (None, "create", None, Some(Value::Object(m))) => {
             vec![op(DeviceOp::CreateObject {
+                external: None,
                 doc: Value::Object(m).to_string(),
             })]
         }

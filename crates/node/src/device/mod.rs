@@ -5,6 +5,7 @@
 //! The batch is proposed while the connection reads the PUBLISH (`Durable::propose_sent`),
 //! so a device's messages are applied in the order it sent them.
 
+pub mod custom;
 pub mod deliver;
 pub mod json;
 pub mod plan;
@@ -14,7 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use fleetmq_cluster::ClusterError;
-use fleetmq_smartrest::{encode_line, parse_records, Mode, SmartTopic};
+use fleetmq_smartrest::{encode_line, parse_records, Kind, Mode, SmartTopic};
 use fleetmq_storage::domain::{group_of_id, DeviceBatch, DeviceOp, Doc, Outcome, Source, SERIAL};
 use fleetmq_storage::{Command, Response, SessionKey};
 
@@ -62,7 +63,28 @@ pub fn publish(
 ) -> Option<Work> {
     let serial = session.key.client_id.to_string();
     let steps = if let Some(st) = SmartTopic::parse(topic) {
-        static_steps(broker, session, &st, &serial, payload)?
+        match &st.kind {
+            Kind::Static => static_steps(broker, session, &st, &serial, payload)?,
+            Kind::Custom(xid) => {
+                let topic = format!("s/dc/{xid}");
+                custom_steps(broker, session, &st, xid, payload, &topic)?
+            }
+            Kind::Default => {
+                let xid = session.state.lock().default_xid.clone();
+                let Some(xid) = xid else {
+                    error_metric("41");
+                    broker.send_downstream(
+                        session,
+                        "s/e",
+                        "41,,No default template collection in the ClientId (d:<id>:<X-ID>)".into(),
+                    );
+                    return None;
+                };
+                custom_steps(broker, session, &st, &xid, payload, "s/dd")?
+            }
+            Kind::Templates(Some(xid)) => template_steps(broker, session, xid, payload)?,
+            _ => return None,
+        }
     } else {
         let jt = json::JsonTopic::parse(topic)?;
         metrics::counter!("fleetmq_device_api_lines_total", "mode" => mode_label(jt.mode))
@@ -89,6 +111,18 @@ fn static_steps(
             serial: serial.to_string(),
         },
     };
+    let records = records(broker, session, payload)?;
+    metrics::counter!("fleetmq_device_api_lines_total", "mode" => mode_label(st.mode))
+        .increment(records.len() as u64);
+    Some(plan::steps(&records, &source, serial, st.mode))
+}
+
+/// Parses a payload as SmartREST records, answering `42` on `s/e` when it cannot be read.
+fn records(
+    broker: &Arc<Broker>,
+    session: &Arc<Session>,
+    payload: &[u8],
+) -> Option<Vec<fleetmq_smartrest::Record>> {
     let text = match std::str::from_utf8(payload) {
         Ok(t) => t,
         Err(_) => {
@@ -97,22 +131,89 @@ fn static_steps(
             return None;
         }
     };
-    let records = match parse_records(text) {
-        Ok(r) => r,
+    match parse_records(text) {
+        Ok(r) => Some(r),
         Err(e) => {
             error_metric("42");
-            tracing::info!(client = %serial, error = %e, "malformed SmartREST payload");
+            tracing::info!(client = %session.key.client_id, error = %e, "malformed SmartREST payload");
             broker.send_downstream(
                 session,
                 "s/e",
                 encode_line(&["42", "", &format!("Malformed Request: {e}")]).into(),
             );
-            return None;
+            None
         }
+    }
+}
+
+/// Usage lines of a custom collection (`s/uc/<X-ID>`, `s/ud`).
+fn custom_steps(
+    broker: &Arc<Broker>,
+    session: &Arc<Session>,
+    st: &SmartTopic,
+    xid: &str,
+    payload: &[u8],
+    answer_topic: &str,
+) -> Option<Vec<Step>> {
+    let Some((_, c)) = custom::load(broker, &session.key.tenant, xid) else {
+        error_metric("41");
+        broker.send_downstream(
+            session,
+            "s/e",
+            encode_line(&["41", xid, "Template collection not found"]).into(),
+        );
+        return None;
     };
+    let records = records(broker, session, payload)?;
     metrics::counter!("fleetmq_device_api_lines_total", "mode" => mode_label(st.mode))
         .increment(records.len() as u64);
-    Some(plan::steps(&records, &source, serial, st.mode))
+    let serial = session.key.client_id.to_string();
+    let source = match &st.child {
+        Some(ch) => Source::Child {
+            serial,
+            child: ch.clone(),
+        },
+        None => Source::Device { serial },
+    };
+    Some(custom::steps(
+        &c,
+        &records,
+        &source,
+        st.mode,
+        &now().0,
+        answer_topic,
+    ))
+}
+
+/// `s/ut/<X-ID>`: an empty payload asks whether the collection exists (`20`/`41` on
+/// `s/dt`); template lines create it, once.
+fn template_steps(
+    broker: &Arc<Broker>,
+    session: &Arc<Session>,
+    xid: &str,
+    payload: &[u8],
+) -> Option<Vec<Step>> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        let line = match custom::load(broker, &session.key.tenant, xid) {
+            Some((id, _)) => encode_line(&["20", xid, &id.to_string()]),
+            None => encode_line(&["41", xid]),
+        };
+        return Some(vec![Step::Reply {
+            topic: "s/dt",
+            payload: line,
+        }]);
+    }
+    let records = records(broker, session, payload)?;
+    match fleetmq_smartrest::custom::Collection::from_lines(&records) {
+        Ok(c) => Some(vec![Step::Op {
+            op: custom::create_op(xid, &c),
+            then: Then::TemplatesCreated {
+                xid: xid.to_string(),
+            },
+            template: xid.to_string(),
+        }]),
+        Err(e) => Some(vec![Step::Error(e.line())]),
+    }
 }
 
 /// The group holding the device's data: its shard, unless its identity was bound over REST
@@ -137,10 +238,25 @@ fn device_group(broker: &Broker, key: &SessionKey) -> u64 {
         .unwrap_or(home)
 }
 
-/// The group an op must run in: by-id ops in the id's group, the rest in the device's.
-fn op_group(op: &DeviceOp, device: u64) -> u64 {
+/// The group an op must run in: by-id ops in the id's group, new collections in their
+/// X-ID's, the rest in the device's.
+fn op_group(broker: &Broker, tenant: &str, op: &DeviceOp, device: u64) -> u64 {
     match op {
-        DeviceOp::RecordUpdate { id, .. } | DeviceOp::RecordDelete { id, .. } => group_of_id(*id),
+        DeviceOp::RecordUpdate { id, .. }
+        | DeviceOp::RecordDelete { id, .. }
+        | DeviceOp::Describe {
+            source: Source::Id(id),
+        }
+        | DeviceOp::Update {
+            source: Source::Id(id),
+            ..
+        } => group_of_id(*id),
+        DeviceOp::CreateObject {
+            external: Some((kind, xid)),
+            ..
+        } if kind == fleetmq_smartrest::custom::XID_TYPE => {
+            custom::group_of_xid(broker, tenant, xid)
+        }
         _ => device,
     }
 }
@@ -164,7 +280,7 @@ fn run(
     let mut at: Vec<(usize, usize)> = Vec::new();
     for s in &steps {
         if let Step::Op { op, .. } = s {
-            let g = op_group(op, device);
+            let g = op_group(broker, &session.key.tenant, op, device);
             let b = match batches.iter().position(|(x, _)| *x == g) {
                 Some(b) => b,
                 None => {
@@ -233,7 +349,7 @@ fn run(
                             .unwrap_or(Outcome::NotFound("no outcome".into())),
                         Err(text) => Outcome::NotFound(format!("Server error: {text}")),
                     };
-                    answer(&broker, &session, *then, template, o);
+                    answer(&broker, &session, then, template, o);
                 }
                 other => answer_now(&broker, &session, std::slice::from_ref(other)),
             }
@@ -274,7 +390,7 @@ fn docs(v: &[String]) -> Vec<Doc> {
 }
 
 /// Answers one op's outcome to the device.
-fn answer(broker: &Arc<Broker>, session: &Arc<Session>, then: Then, template: &str, o: Outcome) {
+fn answer(broker: &Arc<Broker>, session: &Arc<Session>, then: &Then, template: &str, o: Outcome) {
     let send = |topic: &str, line: String| {
         broker.send_downstream(session, topic, line.into());
     };
@@ -283,15 +399,46 @@ fn answer(broker: &Arc<Broker>, session: &Arc<Session>, then: Then, template: &s
             error_metric("json");
             send(
                 "error",
-                json::error_payload(template, "Not Found", &text, mid),
+                json::error_payload(template, "Not Found", &text, *mid),
             );
         }
         (Then::Json { mid }, Outcome::Invalid(text)) => {
             error_metric("json");
             send(
                 "error",
-                json::error_payload(template, "validationError", &text, mid),
+                json::error_payload(template, "validationError", &text, *mid),
             );
+        }
+        (Then::TemplatesCreated { xid }, Outcome::Exists) => {
+            error_metric("41");
+            send(
+                "s/e",
+                encode_line(&[
+                    "41",
+                    xid,
+                    "Cannot create templates for already existing template object",
+                ]),
+            );
+        }
+        (Then::TemplatesCreated { xid }, Outcome::Done(j)) => {
+            if let Some(d) = Doc::from_json(&j) {
+                send("s/dt", encode_line(&["20", xid, &d.id.to_string()]));
+            }
+        }
+        (Then::Respond { topic, collection }, o @ (Outcome::Done(_) | Outcome::Many(_))) => {
+            let doc = match o {
+                Outcome::Done(j) => Doc::from_json(&j),
+                Outcome::Many(v) => v.first().and_then(|j| Doc::from_json(j)),
+                _ => None,
+            };
+            if let Some(d) = doc {
+                let v = serde_json::Value::Object(d.body);
+                let lines =
+                    fleetmq_smartrest::custom::response_lines(&collection.responses, &v, None);
+                if !lines.is_empty() {
+                    send(topic, lines.join("\n"));
+                }
+            }
         }
         (Then::Created, Outcome::Exists) => {
             error_metric("41");
@@ -324,9 +471,7 @@ fn answer(broker: &Arc<Broker>, session: &Arc<Session>, then: Then, template: &s
         }
         (Then::Deliver, Outcome::Many(v)) => {
             for op in docs(&v) {
-                for (topic, payload) in deliver::operation_messages(&op) {
-                    send(topic, payload);
-                }
+                deliver::to_session(broker, session, &op);
             }
         }
         _ => {}
@@ -355,7 +500,7 @@ pub async fn resend_pending(broker: Arc<Broker>, session: Arc<Session>, owner: S
     match broker.durable.propose(cmd).await {
         Ok(Response::Device(mut o)) => {
             if let Some(o) = o.pop() {
-                answer(&broker, &session, Then::Deliver, "500", o);
+                answer(&broker, &session, &Then::Deliver, "500", o);
             }
         }
         Ok(_) => {}

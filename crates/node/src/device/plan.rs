@@ -8,7 +8,7 @@ use fleetmq_storage::domain::{DeviceOp, OpSelect, Source};
 use serde_json::{json, Map, Value};
 
 /// How the outcome of an op is answered to the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Then {
     /// Errors only (`s/e`).
     Quiet,
@@ -22,10 +22,20 @@ pub enum Then {
     Deliver,
     /// JSON via MQTT: failures on `error` with this message id.
     Json { mid: u16 },
+    /// `s/ut/<X-ID>`: `20,<X-ID>,<id>` on `s/dt` when created, `41` on `s/e` when it
+    /// existed.
+    TemplatesCreated { xid: String },
+    /// A custom request template with `response=true`: the collection's response templates
+    /// over the resulting object, on `topic`.
+    Respond {
+        topic: String,
+        collection: std::sync::Arc<fleetmq_smartrest::custom::Collection>,
+    },
 }
 
 /// One step of a SmartREST message.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // a few per message, short-lived
 pub enum Step {
     /// Commit `op`; answer its outcome as `then` says, errors naming `template`.
     Op {
@@ -480,6 +490,7 @@ fn step(r: &Record, source: &Source, serial: &str, mode: Mode) -> Step {
             } else {
                 Vec::new()
             },
+            set: None,
         }),
         400 => {
             let mut doc = Map::new();

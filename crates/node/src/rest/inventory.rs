@@ -54,7 +54,16 @@ pub async fn create(State(s): St, c: Caller, raw: Bytes) -> R {
         .durable
         .group_of(&SessionKey::new(c.tenant().id.clone(), seed));
     let doc = Value::Object(body).to_string();
-    let mut o = commit(&s, &c, g, vec![DeviceOp::CreateObject { doc }]).await?;
+    let mut o = commit(
+        &s,
+        &c,
+        g,
+        vec![DeviceOp::CreateObject {
+            doc,
+            external: None,
+        }],
+    )
+    .await?;
     let d = doc_of(Api::Inventory, o.remove(0))?;
     Ok(json(
         StatusCode::CREATED,

@@ -266,6 +266,14 @@ impl Ctx<'_, '_> {
             Source::Id(id) => Ok(self
                 .object(*id)?
                 .ok_or_else(|| Outcome::NotFound(format!("Managed object {id} not found")))),
+            Source::External { kind, external } => match self.lookup(kind, external)? {
+                Some(id) => Ok(self
+                    .object(id)?
+                    .ok_or_else(|| Outcome::NotFound(format!("Managed object {id} not found")))),
+                None => Ok(Err(Outcome::NotFound(format!(
+                    "External id {kind}/{external} not found"
+                )))),
+            },
             Source::Device { serial } => match self.lookup(SERIAL, serial)? {
                 Some(id) => Ok(self
                     .object(id)?
@@ -437,7 +445,12 @@ impl Ctx<'_, '_> {
                 severity,
                 status,
                 remove,
+                set,
             } => {
+                let set = match set {
+                    Some(t) => Some(tri!(parse_object(t))),
+                    None => None,
+                };
                 let src = tri!(self.resolve(source)?);
                 let ok = open_alarm_key(self.t(), src.id, kind)?;
                 let Some(id) = self.ov.get(&ok)?.and_then(|v| keys::read_u64(&v)) else {
@@ -452,11 +465,30 @@ impl Ctx<'_, '_> {
                 if let Some(s) = status {
                     a.body.insert("status".into(), json!(s));
                     if s == "CLEARED" {
-                        self.ov.del(ok);
+                        self.ov.del(ok.clone());
                     }
                 }
                 for f in remove {
                     a.body.remove(f);
+                }
+                if let Some(set) = set {
+                    let cleared = set.get("status").and_then(Value::as_str) == Some("CLEARED");
+                    for (k, v) in set {
+                        if matches!(
+                            k.as_str(),
+                            "id" | "self" | "source" | "type" | "creationTime"
+                        ) {
+                            continue;
+                        }
+                        if v.is_null() {
+                            a.body.remove(&k);
+                        } else {
+                            a.body.insert(k, v);
+                        }
+                    }
+                    if cleared {
+                        self.ov.del(ok);
+                    }
                 }
                 self.touch(&mut a);
                 self.put_record(RecordKind::Alarm, &a)?;
@@ -523,8 +555,13 @@ impl Ctx<'_, '_> {
                 self.drop_record(*kind, &r)?;
                 Ok(Outcome::Done(doc_json(&r)))
             }
-            DeviceOp::CreateObject { doc } => {
+            DeviceOp::CreateObject { doc, external } => {
                 let set = tri!(parse_object(doc));
+                if let Some((kind, x)) = external {
+                    if self.lookup(kind, x)?.is_some() {
+                        return Ok(Outcome::Exists);
+                    }
+                }
                 let id = self.next_id()?;
                 let mut body = Map::new();
                 body.insert("id".into(), json!(id.to_string()));
@@ -535,10 +572,15 @@ impl Ctx<'_, '_> {
                 let d = Doc {
                     id,
                     body,
+                    external: external.iter().cloned().collect(),
                     created_ms: self.b.now_ms,
                     ..Doc::default()
                 };
                 self.put_object(&d)?;
+                if let Some((kind, x)) = external {
+                    let xk = xid_key(self.t(), kind, x)?;
+                    self.ov.put(xk, id.to_be_bytes().to_vec());
+                }
                 Ok(Outcome::Done(doc_json(&d)))
             }
             DeviceOp::DeleteObject { id } => {
@@ -652,7 +694,7 @@ impl Ctx<'_, '_> {
                 let known = match source {
                     Source::Device { serial } => self.lookup(SERIAL, serial)?.is_some(),
                     Source::Child { child, .. } => self.lookup(SERIAL, child)?.is_some(),
-                    Source::Id(_) => true,
+                    Source::Id(_) | Source::External { .. } => true,
                 };
                 if !known {
                     return Ok(Outcome::Many(Vec::new()));
@@ -901,7 +943,7 @@ impl Ctx<'_, '_> {
         params: &[String],
         set: &Option<String>,
     ) -> Result<Outcome> {
-        if !matches!(to, "PENDING" | "EXECUTING" | "SUCCESSFUL" | "FAILED") {
+        if !matches!(to, "" | "PENDING" | "EXECUTING" | "SUCCESSFUL" | "FAILED") {
             return Ok(Outcome::Invalid(format!("Unknown operation status {to}")));
         }
         let set = match set {
@@ -952,6 +994,37 @@ impl Ctx<'_, '_> {
                     )));
                 }
             }
+            OpSelect::OldestOpen { fragment } => {
+                let Some(d) = &dev else {
+                    return Ok(Outcome::Invalid("no device".into()));
+                };
+                let p = bysrc_prefix(RecordKind::Operation, self.t(), d.id)?;
+                let mut pending = None;
+                for k in self.ov.keys_with_prefix(&p)? {
+                    let Some(id) = trailing_id(&k) else { continue };
+                    if let Some(o) = self.record(RecordKind::Operation, id)? {
+                        if !o.body.contains_key(fragment) {
+                            continue;
+                        }
+                        match o.str("status") {
+                            Some("EXECUTING") => {
+                                chosen.push(o);
+                                break;
+                            }
+                            Some("PENDING") if pending.is_none() => pending = Some(o),
+                            _ => {}
+                        }
+                    }
+                }
+                if chosen.is_empty() {
+                    chosen.extend(pending);
+                }
+                if chosen.is_empty() {
+                    return Ok(Outcome::NotFound(format!(
+                        "No EXECUTING or PENDING operation with fragment {fragment}"
+                    )));
+                }
+            }
             OpSelect::AllExecuting { fragment } => {
                 let Some(d) = &dev else {
                     return Ok(Outcome::Invalid("no device".into()));
@@ -972,6 +1045,24 @@ impl Ctx<'_, '_> {
         }
         let mut out = Vec::new();
         for mut o in chosen {
+            // A custom template may set the status among its fragments; empty keeps it.
+            let to = match set
+                .as_ref()
+                .and_then(|m| m.get("status"))
+                .and_then(Value::as_str)
+            {
+                Some(s) if to.is_empty() => s.to_string(),
+                _ if to.is_empty() => o.str("status").unwrap_or("PENDING").to_string(),
+                _ => to.to_string(),
+            };
+            let to = to.as_str();
+            let now = o.str("status").unwrap_or("PENDING").to_string();
+            if is_final(&now) && now != to {
+                return Ok(Outcome::Invalid(format!(
+                    "Operation {} is already {now}",
+                    o.id
+                )));
+            }
             o.body.insert("status".into(), json!(to));
             if to == "FAILED" {
                 o.body

@@ -38,6 +38,8 @@ pub enum Source {
     Child { serial: String, child: String },
     /// A managed object by id; it must exist.
     Id(u64),
+    /// A managed object by an external ID of any type; it must exist.
+    External { kind: String, external: String },
 }
 
 /// Which operation(s) a status change is for (§4.5).
@@ -49,6 +51,9 @@ pub enum OpSelect {
     Id(u64),
     /// Every EXECUTING operation of the device, with `fragment` if given (507).
     AllExecuting { fragment: Option<String> },
+    /// The oldest EXECUTING operation with `fragment`, else the oldest PENDING one (a custom
+    /// PUT OPERATION template, §7.2).
+    OldestOpen { fragment: String },
 }
 
 /// One change (or read) of a tenant's device data.
@@ -105,6 +110,8 @@ pub enum DeviceOp {
         severity: Option<String>,
         status: Option<String>,
         remove: Vec<String>,
+        /// Fragments to merge (JSON object text), from a custom PUT ALARM template.
+        set: Option<String>,
     },
     /// Remove fragments from the newest event of a type (407).
     EventClear {
@@ -120,8 +127,13 @@ pub enum DeviceOp {
     },
     /// REST `DELETE` of an event or measurement.
     RecordDelete { kind: RecordKind, id: u64 },
-    /// REST `POST /inventory/managedObjects`.
-    CreateObject { doc: String },
+    /// REST `POST /inventory/managedObjects`, a custom POST INVENTORY template, an `s/ut`
+    /// collection: a new object, with an external ID `(type, id)` in the same step
+    /// (`Exists` if that ID is taken).
+    CreateObject {
+        doc: String,
+        external: Option<(String, String)>,
+    },
     /// REST `DELETE /inventory/managedObjects/{id}`.
     DeleteObject { id: u64 },
     /// REST `POST /identity/globalIds/{id}/externalIds`.
@@ -136,7 +148,8 @@ pub enum DeviceOp {
     AddChild { parent: u64, child: u64 },
     /// REST `POST /devicecontrol/operations`: a PENDING operation for `device`.
     Operation { device: u64, doc: String },
-    /// A status change of operations (501–507, REST `PUT`); `set` merges fragments.
+    /// A status change of operations (501–507, REST `PUT`); `set` merges fragments; an empty
+    /// `to` keeps the status.
     OperationStatus {
         source: Source,
         select: OpSelect,

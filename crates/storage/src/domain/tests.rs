@@ -158,6 +158,7 @@ fn a_repeated_active_alarm_counts_up_and_a_cleared_one_starts_over() {
         severity: None,
         status: Some("CLEARED".into()),
         remove: vec![],
+        set: None,
     }));
     assert_eq!(cleared.str("status"), Some("CLEARED"));
     let a3 = done(&t.one(raise("three")));
@@ -170,6 +171,7 @@ fn a_repeated_active_alarm_counts_up_and_a_cleared_one_starts_over() {
             severity: Some("MINOR".into()),
             status: None,
             remove: vec![],
+            set: None,
         }),
         Outcome::NotFound(_)
     ));

@@ -1007,3 +1007,41 @@ fn custom_templates_both_ways() {
     );
     dev.expect("s/dd", "n1 on s/dd", |p| p == format!("n1,cdev,{id}"));
 }
+
+/// Measurements and events older than `--retention-secs` go; alarms, operations and the
+/// inventory stay.
+#[test]
+fn old_measurements_and_events_are_removed_by_retention() {
+    let node = Node::start_secure_with(&["--retention-secs", "2", "--retention-sweep-secs", "1"]);
+    let tid = tenant(&node, &["rdev"]);
+    let api = Api {
+        node: &node,
+        user: format!("{tid}/admin"),
+    };
+    let dev = Device::connect(&node, "rdev", &tid);
+    dev.send("s/us", "100\n200,c8y_T,T,1\n400,c8y_E,old\n301,c8y_A");
+    let id = eventually("rdev", || {
+        let (s, v) = api.call("GET", "/identity/externalIds/c8y_Serial/rdev", None);
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
+    assert_eq!(
+        eventually("the measurement", || {
+            let l = api.list(&format!("/measurement/measurements?source={id}"));
+            (!l.is_empty()).then_some(l.len())
+        }),
+        1
+    );
+    eventually("the measurement and event to expire", || {
+        let m = api.list(&format!("/measurement/measurements?source={id}"));
+        let e = api.list(&format!("/event/events?source={id}"));
+        (m.is_empty() && e.is_empty()).then_some(())
+    });
+    assert_eq!(api.list(&format!("/alarm/alarms?source={id}")).len(), 1);
+    assert_eq!(
+        api.get(&format!("/inventory/managedObjects/{id}"))["id"],
+        id.as_str()
+    );
+    assert!(node.metric("fleetmq_device_data_pruned_total") >= 2.0);
+}

@@ -85,6 +85,13 @@ pub struct Cli {
     /// Session shards (Raft groups besides the meta group) when this node creates the cluster; fixed from then on (joining nodes take the cluster's).
     #[arg(long, env = "FLEETMQ_SHARDS")]
     pub shards: Option<u32>,
+    /// Measurements and events older than this many seconds are removed (0: kept for ever).
+    /// Default 90 days.
+    #[arg(long, env = "FLEETMQ_RETENTION_SECS")]
+    pub retention_secs: Option<u64>,
+    /// How often the retention sweep runs, in seconds.
+    #[arg(long, env = "FLEETMQ_RETENTION_SWEEP_SECS")]
+    pub retention_sweep_secs: Option<u64>,
     /// Admit clients that send no credentials into this tenant (created if missing). Off by default.
     #[arg(long, env = "FLEETMQ_ANONYMOUS_TENANT")]
     pub anonymous_tenant: Option<String>,
@@ -197,6 +204,8 @@ pub struct FileConfig {
     pub connect_timeout_secs: Option<u64>,
     pub raft_max_batch: Option<usize>,
     pub shards: Option<u32>,
+    pub retention_secs: Option<u64>,
+    pub retention_sweep_secs: Option<u64>,
     pub anonymous_tenant: Option<String>,
     pub admin_password: Option<String>,
     pub bootstrap_password: Option<String>,
@@ -253,6 +262,10 @@ pub struct Config {
     pub raft_max_batch: usize,
     /// Session shards of a cluster this node creates.
     pub shards: u32,
+    /// Age in seconds after which measurements and events go (0: never).
+    pub retention_secs: u64,
+    /// Seconds between retention sweeps.
+    pub retention_sweep_secs: u64,
     pub anonymous_tenant: Option<String>,
     pub admin_password: Option<String>,
     pub bootstrap_password: Option<String>,
@@ -332,6 +345,8 @@ impl Default for Config {
             connect_timeout_secs: 10,
             raft_max_batch: 4_096,
             shards: fleetmq_cluster::durable::DEFAULT_SHARDS,
+            retention_secs: 90 * 86_400,
+            retention_sweep_secs: 60,
             anonymous_tenant: None,
             admin_password: None,
             bootstrap_password: None,
@@ -461,6 +476,15 @@ impl Config {
                     .or(file.raft_max_batch)
                     .unwrap_or(d.raft_max_batch),
                 shards: cli.shards.or(file.shards).unwrap_or(d.shards),
+                retention_secs: cli
+                    .retention_secs
+                    .or(file.retention_secs)
+                    .unwrap_or(d.retention_secs),
+                retention_sweep_secs: cli
+                    .retention_sweep_secs
+                    .or(file.retention_sweep_secs)
+                    .unwrap_or(d.retention_sweep_secs)
+                    .max(1),
                 anonymous_tenant: cli.anonymous_tenant.or(file.anonymous_tenant),
                 admin_password: cli.admin_password.or(file.admin_password),
                 bootstrap_password: cli.bootstrap_password.or(file.bootstrap_password),

@@ -176,6 +176,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(rx) = applied {
         tokio::spawn(observe_applied(rx, dir.clone(), broker.clone()));
     }
+    tokio::spawn(device::retention_loop(broker.clone()));
 
     let bound = listeners::bind(&cfg, &dir).await?;
     let http = TcpListener::bind(cfg.http_addr)

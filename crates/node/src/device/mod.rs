@@ -509,3 +509,59 @@ pub async fn resend_pending(broker: Arc<Broker>, session: Arc<Session>, owner: S
         }
     }
 }
+
+/// Removes measurements and events older than the retention from the groups this node leads,
+/// every `retention_sweep_secs` (so disks do not fill). Each round removes at most
+/// `PRUNE_BATCH` records per command, so a large backlog never makes one huge Raft entry.
+pub async fn retention_loop(broker: Arc<Broker>) {
+    const PRUNE_BATCH: u32 = 1000;
+    const ROUNDS: usize = 50;
+    let retention_ms = broker.cfg.retention_secs.saturating_mul(1000);
+    if retention_ms == 0 {
+        return;
+    }
+    let every = std::time::Duration::from_secs(broker.cfg.retention_sweep_secs);
+    let mut shutdown = broker.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let me = broker.durable.node_id();
+        let groups = broker.durable.device_groups();
+        for (g, _, leader) in broker.durable.layout() {
+            if leader != Some(me) || !groups.contains(&g) {
+                continue;
+            }
+            for _ in 0..ROUNDS {
+                let (now, now_ms) = now();
+                let cmd = Command::Device(DeviceBatch {
+                    tenant: String::new(),
+                    group: g,
+                    now,
+                    now_ms,
+                    owner: String::new(),
+                    ops: vec![DeviceOp::Prune {
+                        before_ms: now_ms.saturating_sub(retention_ms),
+                        limit: PRUNE_BATCH,
+                    }],
+                });
+                let removed = match broker.durable.propose(cmd).await {
+                    Ok(Response::Device(o)) => match o.first() {
+                        Some(Outcome::Done(n)) => n.parse::<u32>().unwrap_or(0),
+                        _ => 0,
+                    },
+                    Ok(_) => 0,
+                    Err(e) => {
+                        tracing::warn!(error = %e, group = g, "retention sweep failed");
+                        0
+                    }
+                };
+                metrics::counter!("fleetmq_device_data_pruned_total").increment(u64::from(removed));
+                if removed < PRUNE_BATCH {
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -561,7 +561,8 @@ fn processing_modes_store_or_not_as_documented() {
         .drain(Duration::from_millis(300))
         .iter()
         .all(|(t, _)| t != "s/e"));
-    assert!(node.metric("fleetmq_device_api_unstored_total") >= 3.0);
+    // c/ twice (CEP: neither stored nor notified); t/ goes to notifications only.
+    assert!(node.metric("fleetmq_device_api_unstored_total") >= 2.0);
 }
 
 #[test]
@@ -1044,4 +1045,169 @@ fn old_measurements_and_events_are_removed_by_retention() {
         id.as_str()
     );
     assert!(node.metric("fleetmq_device_data_pruned_total") >= 2.0);
+}
+
+/// A Bayeux (CometD) client over the real-time WebSocket.
+struct Realtime {
+    ws: tokio_tungstenite::tungstenite::WebSocket<std::net::TcpStream>,
+    next_id: u64,
+}
+
+impl Realtime {
+    fn open(node: &Node, auth: Option<(&str, &str)>) -> Realtime {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{}/notification/realtime", node.http)
+            .into_client_request()
+            .expect("request");
+        if let Some((u, p)) = auth {
+            let v = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            );
+            req.headers_mut()
+                .insert("Authorization", v.parse().expect("header"));
+        }
+        let stream = std::net::TcpStream::connect(node.http).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let (ws, _) = tokio_tungstenite::tungstenite::client::client(req, stream)
+            .unwrap_or_else(|e| panic!("websocket handshake: {e}"));
+        Realtime { ws, next_id: 1 }
+    }
+
+    fn send(&mut self, mut m: Value) {
+        m["id"] = json!(self.next_id.to_string());
+        self.next_id += 1;
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::Text(
+                json!([m]).to_string().into(),
+            ))
+            .expect("send");
+    }
+
+    /// Every message received within `d`.
+    fn read_for(&mut self, d: Duration) -> Vec<Value> {
+        let end = Instant::now() + d;
+        let mut out = Vec::new();
+        while Instant::now() < end {
+            match self.ws.read() {
+                Ok(tokio_tungstenite::tungstenite::Message::Text(t)) => {
+                    if let Ok(Value::Array(a)) = serde_json::from_str::<Value>(&t) {
+                        out.extend(a);
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio_tungstenite::tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("websocket: {e}"),
+            }
+        }
+        out
+    }
+
+    fn meta(&mut self, m: Value) -> Value {
+        let channel = m["channel"].clone();
+        self.send(m);
+        self.read_for(Duration::from_millis(500))
+            .into_iter()
+            .find(|r| r["channel"] == channel)
+            .unwrap_or_else(|| panic!("no answer on {channel}"))
+    }
+}
+
+/// Applications see device data as it is processed (§2.1): persistent and transient data are
+/// notified, quiescent and CEP data are not; alarms and operations too; a handshake without
+/// valid credentials is refused.
+#[test]
+fn realtime_notifications_follow_the_processing_modes() {
+    let node = Node::start_secure();
+    let tid = tenant(&node, &["rt1"]);
+    let admin = format!("{tid}/admin");
+    let api = Api {
+        node: &node,
+        user: admin.clone(),
+    };
+    let dev = Device::connect(&node, "rt1", &tid);
+    dev.send("s/us", "100");
+    let id = eventually("rt1", || {
+        let (s, v) = api.call("GET", "/identity/externalIds/c8y_Serial/rt1", None);
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
+
+    let mut bad = Realtime::open(&node, None);
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{admin}:wrong"));
+    let r = bad.meta(json!({"channel": "/meta/handshake", "version": "1.0",
+        "ext": {"com.cumulocity.authn": {"token": token}}}));
+    assert_eq!(r["successful"], false, "{r}");
+    assert_eq!(r["error"], "401::Unauthorized");
+
+    // Credentials in the handshake's ext, as the Cumulocity SDKs send them.
+    let mut rt = Realtime::open(&node, None);
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{admin}:{T_ADMIN_PW}"));
+    let h = rt.meta(json!({"channel": "/meta/handshake", "version": "1.0",
+        "supportedConnectionTypes": ["websocket"],
+        "ext": {"com.cumulocity.authn": {"token": token}}}));
+    assert_eq!(h["successful"], true, "{h}");
+    for sub in [
+        format!("/measurements/{id}"),
+        "/alarms/*".into(),
+        "/operations/*".into(),
+    ] {
+        let r = rt.meta(json!({"channel": "/meta/subscribe", "subscription": sub,
+            "clientId": h["clientId"]}));
+        assert_eq!(r["successful"], true, "{r}");
+    }
+    let r = rt.meta(json!({"channel": "/meta/subscribe", "subscription": "/nope/*"}));
+    assert_eq!(r["successful"], false);
+    rt.send(
+        json!({"channel": "/meta/connect", "connectionType": "websocket",
+        "clientId": h["clientId"]}),
+    );
+
+    dev.send("s/us", "200,c8y_Mode,persistent,1");
+    dev.send("t/us", "200,c8y_Mode,transient,2");
+    dev.send("q/us", "200,c8y_Mode,quiescent,3");
+    dev.send("c/us", "200,c8y_Mode,cep,4");
+    dev.send("s/us", "302,c8y_Door,open");
+    let op = api.post(
+        "/devicecontrol/operations",
+        json!({"deviceId": id, "c8y_Restart": {}}),
+    );
+    let got = rt.read_for(Duration::from_secs(2));
+    let on = |prefix: &str| -> Vec<&Value> {
+        got.iter()
+            .filter(|m| m["channel"].as_str().is_some_and(|c| c.starts_with(prefix)))
+            .collect()
+    };
+    let modes: Vec<String> = on("/measurements/")
+        .iter()
+        .filter_map(|m| {
+            m["data"]["data"]["c8y_Mode"]
+                .as_object()
+                .and_then(|o| o.keys().next().cloned())
+        })
+        .collect();
+    assert_eq!(modes, vec!["persistent", "transient"], "{got:?}");
+    assert!(on("/measurements/")
+        .iter()
+        .all(|m| m["channel"] == format!("/measurements/{id}")
+            && m["data"]["realtimeAction"] == "CREATE"));
+    let alarms = on("/alarms/");
+    assert_eq!(alarms.len(), 1, "{got:?}");
+    assert_eq!(alarms[0]["data"]["data"]["type"], "c8y_Door");
+    let ops = on("/operations/");
+    assert_eq!(ops.len(), 1, "{got:?}");
+    assert_eq!(ops[0]["data"]["data"]["id"], op["id"]);
+    assert_eq!(ops[0]["channel"], format!("/operations/{id}"));
+    // Stored: persistent and quiescent only.
+    let stored = api.list(&format!(
+        "/measurement/measurements?source={id}&type=c8y_Mode&pageSize=10"
+    ));
+    assert_eq!(stored.len(), 2, "{stored:?}");
 }

@@ -15,5 +15,5 @@ pub mod type_config;
 
 pub use durable::{Durable, DurableConfig, Progress};
 pub use error::ClusterError;
-pub use sm_adapter::Applied;
+pub use sm_adapter::{Applied, OBSERVE_DEVICE_DATA};
 pub use type_config::{Batch, Raft, TypeConfig};

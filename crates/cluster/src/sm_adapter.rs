@@ -30,9 +30,17 @@ pub enum Applied {
     Snapshot { group: u64 },
 }
 
+/// Set by a node once anyone subscribed to real-time notifications: from then on the
+/// observer also sees device-data commands (off, they cost nothing).
+pub static OBSERVE_DEVICE_DATA: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// True for the commands other nodes' in-memory state mirrors.
 fn observed(cmd: &fleetmq_storage::Command) -> bool {
     use fleetmq_storage::Command as C;
+    if matches!(cmd, C::Device(_)) {
+        return OBSERVE_DEVICE_DATA.load(std::sync::atomic::Ordering::Relaxed);
+    }
     matches!(
         cmd,
         C::PutEntry { .. }

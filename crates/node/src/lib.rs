@@ -12,6 +12,7 @@ pub mod listeners;
 pub mod message;
 pub mod metrics;
 pub mod quota;
+pub mod realtime;
 pub mod rest;
 pub mod session;
 pub mod tenant;
@@ -173,8 +174,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if !cluster.is_alone() {
         cluster.wait_for_routes(Duration::from_secs(3)).await;
     }
+    let hub = Arc::new(realtime::Hub::new());
     if let Some(rx) = applied {
-        tokio::spawn(observe_applied(rx, dir.clone(), broker.clone()));
+        tokio::spawn(observe_applied(
+            rx,
+            dir.clone(),
+            broker.clone(),
+            hub.clone(),
+        ));
     }
     tokio::spawn(device::retention_loop(broker.clone()));
 
@@ -218,6 +225,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         auth: auth.clone(),
         cluster: cluster.clone(),
         durable: broker.durable.clone(),
+        realtime: hub,
     });
     let http_task = tokio::spawn(async move {
         // One fallback for the merged router (only one router may have one): unknown paths
@@ -294,6 +302,7 @@ async fn observe_applied(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<fleetmq_cluster::Applied>,
     dir: Arc<identity::directory::Directory>,
     broker: Arc<broker::Broker>,
+    hub: Arc<realtime::Hub>,
 ) {
     use fleetmq_cluster::Applied;
     while let Some(ev) = rx.recv().await {
@@ -315,6 +324,11 @@ async fn observe_applied(
                         }
                         C::Enqueue { .. } | C::EnqueueOnce { .. } | C::PublishOutbox { .. } => {
                             broker.observe_enqueue(index, c, r)
+                        }
+                        C::Device(batch) => {
+                            if let fleetmq_storage::Response::Device(o) = r {
+                                hub.observe(batch, o);
+                            }
                         }
                         C::PutEntry {
                             space: Space::Holder,

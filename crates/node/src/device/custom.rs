@@ -99,19 +99,26 @@ pub fn steps(
             let op = match req {
                 Request::Create { api, doc } => {
                     let doc = Value::Object(doc).to_string();
-                    if !stored {
-                        return Step::Unstored {
-                            kind: match api.as_str() {
-                                "MEASUREMENT" => "measurement",
-                                "EVENT" => "event",
-                                _ => "alarm",
-                            },
-                        };
-                    }
-                    match api.as_str() {
+                    let op = match api.as_str() {
                         "MEASUREMENT" => DeviceOp::Measurement { source: src, doc },
                         "EVENT" => DeviceOp::Event { source: src, doc },
                         _ => DeviceOp::Alarm { source: src, doc },
+                    };
+                    match mode {
+                        _ if stored => op,
+                        Mode::Transient => match super::plan::transient(op) {
+                            Some(op) => op,
+                            None => return Step::Unstored { kind: "data" },
+                        },
+                        _ => {
+                            return Step::Unstored {
+                                kind: match api.as_str() {
+                                    "MEASUREMENT" => "measurement",
+                                    "EVENT" => "event",
+                                    _ => "alarm",
+                                },
+                            }
+                        }
                     }
                 }
                 Request::CreateObject { doc, external } => DeviceOp::CreateObject {

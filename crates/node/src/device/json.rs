@@ -89,7 +89,6 @@ pub fn steps(topic: &JsonTopic, payload: &[u8], serial: &str, mid: u16) -> Vec<S
     let device = Source::Device {
         serial: serial.to_string(),
     };
-    let stored = matches!(topic.mode, Mode::Persistent | Mode::Quiescent);
     let op = |op: DeviceOp| Step::Op {
         op,
         then: Then::Json { mid },
@@ -98,7 +97,7 @@ pub fn steps(topic: &JsonTopic, payload: &[u8], serial: &str, mid: u16) -> Vec<S
     let action = topic.action.as_str();
     match (kind, action, &topic.id, body) {
         (Some(k), "create", None, Some(Value::Object(m))) => {
-            vec![create(k, m, serial, stored, mid, api)]
+            vec![create(k, m, serial, topic.mode, mid, api)]
         }
         (Some(k), "createBulk", None, Some(Value::Object(mut m))) => {
             let key = match k {
@@ -110,7 +109,7 @@ pub fn steps(topic: &JsonTopic, payload: &[u8], serial: &str, mid: u16) -> Vec<S
                 Some(Value::Array(items)) => items
                     .into_iter()
                     .map(|i| match i {
-                        Value::Object(m) => create(k, m, serial, stored, mid, api),
+                        Value::Object(m) => create(k, m, serial, topic.mode, mid, api),
                         _ => err(
                             api,
                             "validationError",
@@ -199,10 +198,11 @@ fn create(
     kind: RecordKind,
     mut m: Map<String, Value>,
     serial: &str,
-    stored: bool,
+    mode: Mode,
     mid: u16,
     api: &str,
 ) -> Step {
+    let stored = matches!(mode, Mode::Persistent | Mode::Quiescent);
     m.remove("source");
     let source = match m.remove("externalSource") {
         Some(Value::Object(x)) => {
@@ -266,20 +266,27 @@ fn create(
         }
         m.insert("severity".into(), json!(sev));
     }
-    if !stored {
-        return Step::Unstored {
-            kind: match kind {
-                RecordKind::Measurement => "measurement",
-                RecordKind::Event => "event",
-                _ => "alarm",
-            },
-        };
-    }
     let doc = Value::Object(m).to_string();
     let op = match kind {
         RecordKind::Measurement => DeviceOp::Measurement { source, doc },
         RecordKind::Event => DeviceOp::Event { source, doc },
         _ => DeviceOp::Alarm { source, doc },
+    };
+    let op = match (stored, mode) {
+        (true, _) => op,
+        (false, Mode::Transient) => match super::plan::transient(op) {
+            Some(op) => op,
+            None => return Step::Unstored { kind: "data" },
+        },
+        (false, _) => {
+            return Step::Unstored {
+                kind: match kind {
+                    RecordKind::Measurement => "measurement",
+                    RecordKind::Event => "event",
+                    _ => "alarm",
+                },
+            }
+        }
     };
     Step::Op {
         op,

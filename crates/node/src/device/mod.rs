@@ -62,7 +62,9 @@ pub fn publish(
     pkid: u16,
 ) -> Option<Work> {
     let serial = session.key.client_id.to_string();
+    let quiet;
     let steps = if let Some(st) = SmartTopic::parse(topic) {
+        quiet = st.mode == Mode::Quiescent;
         match &st.kind {
             Kind::Static => static_steps(broker, session, &st, &serial, payload)?,
             Kind::Custom(xid) => {
@@ -87,11 +89,12 @@ pub fn publish(
         }
     } else {
         let jt = json::JsonTopic::parse(topic)?;
+        quiet = jt.mode == Mode::Quiescent;
         metrics::counter!("fleetmq_device_api_lines_total", "mode" => mode_label(jt.mode))
             .increment(1);
         json::steps(&jt, payload, &serial, pkid)
     };
-    run(broker, session, owner, steps)
+    run(broker, session, owner, steps, quiet)
 }
 
 /// A static-template message as steps (`None` when it cannot be read at all: answered).
@@ -268,6 +271,7 @@ fn run(
     session: &Arc<Session>,
     owner: &str,
     steps: Vec<Step>,
+    quiet: bool,
 ) -> Option<Work> {
     let device = if steps.iter().any(|s| matches!(s, Step::Op { .. })) {
         device_group(broker, &session.key)
@@ -304,6 +308,7 @@ fn run(
                 now: now.clone(),
                 now_ms,
                 owner: owner.to_string(),
+                quiet,
                 ops,
             });
             if valid {
@@ -491,6 +496,7 @@ pub async fn resend_pending(broker: Arc<Broker>, session: Arc<Session>, owner: S
         now,
         now_ms,
         owner,
+        quiet: true,
         ops: vec![DeviceOp::Pending {
             source: Source::Device {
                 serial: key.client_id.to_string(),
@@ -541,6 +547,7 @@ pub async fn retention_loop(broker: Arc<Broker>) {
                     now,
                     now_ms,
                     owner: String::new(),
+                    quiet: true,
                     ops: vec![DeviceOp::Prune {
                         before_ms: now_ms.saturating_sub(retention_ms),
                         limit: PRUNE_BATCH,

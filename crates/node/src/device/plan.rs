@@ -4,7 +4,7 @@
 
 use fleetmq_smartrest::templates::all_ids;
 use fleetmq_smartrest::{check, encode_line, Mode, Record};
-use fleetmq_storage::domain::{DeviceOp, OpSelect, Source};
+use fleetmq_storage::domain::{DeviceOp, OpSelect, RecordKind, Source};
 use serde_json::{json, Map, Value};
 
 /// How the outcome of an op is answered to the device.
@@ -55,6 +55,17 @@ pub enum Step {
     /// A measurement, event or alarm in a mode that does not store it (`t/`, `c/`): passed on
     /// to real-time processing only.
     Unstored { kind: &'static str },
+}
+
+/// A measurement, event or alarm op as its transient (`t/`) form: notified, not stored.
+pub fn transient(op: DeviceOp) -> Option<DeviceOp> {
+    let (kind, source, doc) = match op {
+        DeviceOp::Measurement { source, doc } => (RecordKind::Measurement, source, doc),
+        DeviceOp::Event { source, doc } => (RecordKind::Event, source, doc),
+        DeviceOp::Alarm { source, doc } => (RecordKind::Alarm, source, doc),
+        _ => return None,
+    };
+    Some(DeviceOp::Transient { kind, source, doc })
 }
 
 /// The version `601` reports.
@@ -197,6 +208,15 @@ fn step(r: &Record, source: &Source, serial: &str, mode: Mode) -> Step {
                 op,
                 then: Then::Quiet,
                 template: id.clone(),
+            }
+        } else if mode == Mode::Transient {
+            match transient(op) {
+                Some(op) => Step::Op {
+                    op,
+                    then: Then::Quiet,
+                    template: id.clone(),
+                },
+                None => Step::Unstored { kind },
             }
         } else {
             Step::Unstored { kind }

@@ -57,6 +57,7 @@ pub async fn commit(
         now,
         now_ms,
         owner: c.id.user.clone(),
+        quiet: false,
         ops,
     });
     match s.durable.propose(cmd).await {

@@ -26,6 +26,7 @@ pub mod inventory;
 pub mod model;
 pub mod operations;
 pub mod push;
+pub mod realtime;
 pub mod records;
 pub mod tenants;
 pub mod users;
@@ -58,6 +59,8 @@ pub struct RestState {
     pub cluster: Arc<crate::cluster::Cluster>,
     /// Durable state: the device data of every shard.
     pub durable: fleetmq_cluster::Durable,
+    /// Real-time notifications of device data.
+    pub realtime: Arc<crate::realtime::Hub>,
 }
 
 /// The REST routes, state applied.
@@ -177,6 +180,8 @@ pub fn routes(state: Arc<RestState>) -> Router {
             "/devicecontrol/operations/{id}",
             get(operations::get_one).put(operations::update),
         )
+        .route("/notification/realtime", get(realtime::upgrade))
+        .route("/cep/realtime", get(realtime::upgrade))
         .route_layer(middleware::from_fn(|req: Request, next: Next| {
             counted("device_data", req, next)
         }));

@@ -713,6 +713,25 @@ impl Ctx<'_, '_> {
                 }
                 Ok(Outcome::Many(out))
             }
+            DeviceOp::Transient { kind, source, doc } => {
+                let body = tri!(parse_object(doc));
+                let src = tri!(self.resolve(source)?);
+                let mut r = Doc {
+                    body,
+                    parent: Some(src.id),
+                    created_ms: self.b.now_ms,
+                    ..Doc::default()
+                };
+                r.body
+                    .insert("source".into(), json!({"id": src.id.to_string()}));
+                if !r.body.contains_key("time") {
+                    r.body.insert("time".into(), json!(self.b.now));
+                }
+                if *kind == RecordKind::Alarm && !r.body.contains_key("status") {
+                    r.body.insert("status".into(), json!("ACTIVE"));
+                }
+                Ok(Outcome::Done(doc_json(&r)))
+            }
             DeviceOp::Prune { before_ms, limit } => {
                 let mut removed = 0u32;
                 for kind in [RecordKind::Measurement, RecordKind::Event] {

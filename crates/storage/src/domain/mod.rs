@@ -164,6 +164,13 @@ pub enum DeviceOp {
     /// The PENDING operations of the agent (500, a downstream subscribe). A device that does
     /// not exist yet has none (and is not created by asking).
     Pending { source: Source },
+    /// A measurement, event or alarm in transient mode (`t/`): not stored, only passed to
+    /// real-time notifications (through the log so that every node's subscribers see it).
+    Transient {
+        kind: RecordKind,
+        source: Source,
+        doc: String,
+    },
     /// Remove measurements and events created before `before_ms` (retention), at most `limit`.
     Prune { before_ms: u64, limit: u32 },
 }
@@ -251,6 +258,8 @@ pub struct DeviceBatch {
     pub now_ms: u64,
     /// The user the created objects belong to (`device_<id>` for devices).
     pub owner: String,
+    /// Quiescent processing (`q/`): stored, but no real-time notifications.
+    pub quiet: bool,
     pub ops: Vec<DeviceOp>,
 }
 

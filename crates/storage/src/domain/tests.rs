@@ -32,6 +32,7 @@ impl T {
             now: format!("2026-11-30T00:00:{:02}.000Z", now_ms / 1000 % 60),
             now_ms,
             owner: "device_d1".into(),
+            quiet: false,
             ops,
         });
         match self

@@ -163,6 +163,21 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         concurrency: usize,
     },
+    /// N devices publish SmartREST `200` measurements on `s/us` at QoS 1 (or, with `--plain`,
+    /// the same payload to `<root>/ingest/<i>`); throughput and publish-to-PUBACK latency.
+    Ingest {
+        #[arg(long, default_value_t = 10)]
+        devices: usize,
+        /// Total messages over all devices.
+        #[arg(long, default_value_t = 100_000)]
+        msgs: u64,
+        /// Max unacknowledged publishes per device.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+        /// Free-form topic instead of `s/us` (the plain QoS 1 reference).
+        #[arg(long)]
+        plain: bool,
+    },
     /// CONNECT + CONNACK + DISCONNECT cycles.
     Connects {
         #[arg(long, default_value_t = 5000)]
@@ -226,6 +241,7 @@ fn main() -> Result<()> {
         Cmd::Latency { .. } => "latency",
         Cmd::Idle { .. } => "idle",
         Cmd::Connects { .. } => "connects",
+        Cmd::Ingest { .. } => "ingest",
     };
     // Fatal errors still produce one JSON line (with "error") so scripts can
     // keep going; the exit code is 1.
@@ -307,6 +323,22 @@ async fn run(cmd: Cmd, c: Common) -> Result<Value> {
             concurrency,
         } => idle(addr, &c, conns, hold_secs, concurrency).await,
         Cmd::Connects { conns, concurrency } => connects(addr, &c, conns, concurrency).await,
+        Cmd::Ingest {
+            devices,
+            msgs,
+            window,
+            plain,
+        } => {
+            ingest(
+                addr,
+                &c,
+                devices.max(1),
+                msgs,
+                window.clamp(1, 60000),
+                plain,
+            )
+            .await
+        }
     }
 }
 
@@ -1401,6 +1433,175 @@ async fn connects(addr: SocketAddr, c: &Common, conns: usize, concurrency: usize
         hist.pct(99.0),
         hist.max
     );
+    Ok(Value::Object(m))
+}
+
+// ---------------------------------------------------------------------------
+// Device ingestion
+// ---------------------------------------------------------------------------
+
+/// A QoS 1 PUBLISH with a text payload.
+fn put_publish_text(buf: &mut BytesMut, topic: &[u8], pkid: u16, payload: &[u8]) {
+    let rem = 2 + topic.len() + 2 + payload.len();
+    buf.reserve(rem + 5);
+    buf.put_u8(0x30 | (1 << 1));
+    put_varint(buf, rem);
+    buf.put_u16(topic.len() as u16);
+    buf.put_slice(topic);
+    buf.put_u16(pkid);
+    buf.put_slice(payload);
+}
+
+struct IngestResult {
+    sent: u64,
+    acked: u64,
+    hist: Hist,
+    error: Option<String>,
+}
+
+async fn ingest_device(
+    mut s: TcpStream,
+    topic: String,
+    msgs: u64,
+    window: usize,
+    deadline: TInstant,
+    start: Arc<Barrier>,
+) -> IngestResult {
+    let mut r = IngestResult {
+        sent: 0,
+        acked: 0,
+        hist: Hist::new(),
+        error: None,
+    };
+    start.wait().await;
+    let mut sent_at = vec![0u64; 65536];
+    let mut in_use = vec![false; 65536];
+    let mut next_pkid: u16 = 1;
+    let mut inflight = 0usize;
+    let mut wbuf = BytesMut::with_capacity(64 * 1024);
+    let mut rbuf = BytesMut::with_capacity(64 * 1024);
+    let res: Result<()> = async {
+        loop {
+            if TInstant::now() >= deadline {
+                bail!("deadline reached (sent {}, acked {})", r.sent, r.acked);
+            }
+            while inflight < window && r.sent < msgs {
+                while in_use[next_pkid as usize] {
+                    next_pkid = next_pkid.checked_add(1).unwrap_or(1);
+                }
+                let p = next_pkid;
+                next_pkid = next_pkid.checked_add(1).unwrap_or(1);
+                in_use[p as usize] = true;
+                sent_at[p as usize] = now_ns();
+                inflight += 1;
+                let line = format!("200,c8y_Bench,T,{}", r.sent);
+                put_publish_text(&mut wbuf, topic.as_bytes(), p, line.as_bytes());
+                r.sent += 1;
+            }
+            if !wbuf.is_empty() {
+                timeout_at(deadline, s.write_all(&wbuf))
+                    .await
+                    .map_err(|_| anyhow!("deadline while writing"))??;
+                wbuf.clear();
+            }
+            if r.sent >= msgs && inflight == 0 {
+                return Ok(());
+            }
+            rbuf.reserve(32 * 1024);
+            match timeout_at(deadline, s.read_buf(&mut rbuf)).await {
+                Err(_) => bail!("deadline while reading"),
+                Ok(Ok(0)) => bail!("broker closed the connection"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+            }
+            while let Some((pkt, len)) = next_packet(&rbuf)? {
+                if let Pkt::Ack(4, pkid) = pkt {
+                    if in_use[pkid as usize] {
+                        in_use[pkid as usize] = false;
+                        inflight -= 1;
+                        r.acked += 1;
+                        r.hist.record((now_ns() - sent_at[pkid as usize]) / 1000);
+                    }
+                }
+                rbuf.advance(len);
+            }
+        }
+    }
+    .await;
+    if let Err(e) = res {
+        r.error = Some(format!("{e:#}"));
+    }
+    mqtt_disconnect(s).await;
+    r
+}
+
+async fn ingest(
+    addr: SocketAddr,
+    c: &Common,
+    devices: usize,
+    msgs: u64,
+    window: usize,
+    plain: bool,
+) -> Result<Value> {
+    let deadline = TInstant::now() + Duration::from_secs(c.timeout_secs);
+    let run_id = format!("{}{}", c.client_prefix, std::process::id());
+    let start = Arc::new(Barrier::new(devices + 1));
+    let mut tasks = Vec::with_capacity(devices);
+    let per = msgs / devices as u64;
+    for i in 0..devices {
+        let id = format!("{run_id}d{i}");
+        let (s, _) = mqtt_connect(addr, &id, true, 600, deadline)
+            .await
+            .with_context(|| format!("connecting device {id}"))?;
+        let topic = if plain {
+            format!("{}/ingest/{i}", c.topic_root)
+        } else {
+            "s/us".to_string()
+        };
+        let n = per + u64::from((i as u64) < msgs % devices as u64);
+        tasks.push(tokio::spawn(ingest_device(
+            s,
+            topic,
+            n,
+            window,
+            deadline,
+            start.clone(),
+        )));
+    }
+    let cpu = CpuMark::take(c);
+    start.wait().await;
+    let t0 = Instant::now();
+    let mut hist = Hist::new();
+    let (mut sent, mut acked) = (0u64, 0u64);
+    let mut errors = Vec::new();
+    for t in tasks {
+        let r = t.await?;
+        sent += r.sent;
+        acked += r.acked;
+        hist.merge(&r.hist);
+        errors.extend(r.error);
+    }
+    let elapsed = t0.elapsed().as_secs_f64().max(1e-9);
+    let mut m = serde_json::Map::new();
+    m.insert(
+        "scenario".into(),
+        json!(if plain {
+            "ingest_plain"
+        } else {
+            "ingest_smartrest"
+        }),
+    );
+    m.insert("devices".into(), json!(devices));
+    m.insert("window".into(), json!(window));
+    m.insert("sent".into(), json!(sent));
+    m.insert("acked".into(), json!(acked));
+    m.insert("elapsed_sec".into(), json!(round3(elapsed)));
+    m.insert("msgs_per_sec".into(), json!(round1(acked as f64 / elapsed)));
+    m.insert("ack_p50_us".into(), json!(hist.pct(50.0)));
+    m.insert("ack_p99_us".into(), json!(hist.pct(99.0)));
+    m.insert("ack_max_us".into(), json!(hist.max));
+    m.insert("errors".into(), json!(errors));
+    cpu.report(c, &mut m, acked as f64, "msgs_per_broker_cpu_sec");
     Ok(Value::Object(m))
 }
 

@@ -47,3 +47,41 @@ proptest! {
         let _ = parse_records(&s);
     }
 }
+
+proptest! {
+    /// Arbitrary bytes as a device might send them: records or an error, and whatever records
+    /// come out, checking them against the static templates, reading them as a template
+    /// collection and applying them as usage lines never panics.
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let text = String::from_utf8_lossy(&bytes);
+        if let Ok(records) = parse_records(&text) {
+            for r in &records {
+                let _ = fleetmq_smartrest::check(r);
+            }
+            if let Ok(c) = fleetmq_smartrest::custom::Collection::from_lines(&records) {
+                for r in &records {
+                    if let Some(t) = c.request(r.template()) {
+                        let _ = fleetmq_smartrest::custom::apply_request(t, r, "now");
+                    }
+                }
+                let _ = fleetmq_smartrest::custom::response_lines(&c.responses, &serde_json::json!({"a": [1, {"b": "c"}]}), Some("x"));
+            }
+        }
+    }
+
+    /// Lines that look like SmartREST (digits, commas, quotes) exercise the templates deeper.
+    #[test]
+    fn smartrest_like_lines_never_panic(s in "([0-9]{1,3}(,[\"a-z0-9.\\\\*\\[\\]$]{0,6}){0,8}\n){1,4}") {
+        if let Ok(records) = parse_records(&s) {
+            for r in &records {
+                let _ = fleetmq_smartrest::check(r);
+            }
+            let mut lines = String::from("10,1,POST,MEASUREMENT,,t,,a.b,NUMBER,\n11,2,,a,a.b,c[*]\n");
+            lines.push_str(&s.replace('\n', "\n10,"));
+            if let Ok(recs) = parse_records(&lines) {
+                let _ = fleetmq_smartrest::custom::Collection::from_lines(&recs);
+            }
+        }
+    }
+}

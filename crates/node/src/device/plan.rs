@@ -668,3 +668,119 @@ fn step(r: &Record, source: &Source, serial: &str, mode: Mode) -> Step {
         ])),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetmq_smartrest::parse_records;
+    use proptest::prelude::*;
+
+    fn dev() -> Source {
+        Source::Device {
+            serial: "d1".into(),
+        }
+    }
+
+    fn plan(text: &str, mode: Mode) -> Vec<Step> {
+        steps(&parse_records(text).unwrap(), &dev(), "d1", mode)
+    }
+
+    fn doc_of(s: &Step) -> serde_json::Value {
+        match s {
+            Step::Op {
+                op: DeviceOp::Measurement { doc, .. } | DeviceOp::Event { doc, .. },
+                ..
+            } => serde_json::from_str(doc).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn measurement_templates_give_cumulocity_series() {
+        let s = plan(
+            "200,c8y_T,T,21.5,C\n211,25\n210,-70,\n212,80,2026-01-01T00:00:00Z",
+            Mode::Persistent,
+        );
+        assert_eq!(
+            doc_of(&s[0])["c8y_T"]["T"],
+            json!({"value": 21.5, "unit": "C"})
+        );
+        assert_eq!(
+            doc_of(&s[1])["c8y_TemperatureMeasurement"]["T"]["value"],
+            25
+        );
+        let sig = doc_of(&s[2]);
+        assert_eq!(sig["c8y_SignalStrength"]["rssi"]["value"], -70);
+        assert!(sig["c8y_SignalStrength"].get("ber").is_none());
+        assert_eq!(doc_of(&s[3])["time"], "2026-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn a_402_moves_the_device_and_records_the_event() {
+        let s = plan("402,52.1,13.4,,,", Mode::Persistent);
+        assert!(
+            matches!(&s[0], Step::Op { op: DeviceOp::Update { set, .. }, .. } if set.contains("c8y_Position"))
+        );
+        assert_eq!(doc_of(&s[1])["type"], "c8y_LocationUpdate");
+    }
+
+    #[test]
+    fn modes_decide_storing() {
+        assert!(matches!(
+            &plan("200,a,b,1", Mode::Transient)[0],
+            Step::Op {
+                op: DeviceOp::Transient { .. },
+                ..
+            }
+        ));
+        assert!(matches!(
+            &plan("200,a,b,1", Mode::Cep)[0],
+            Step::Unstored { .. }
+        ));
+        assert!(matches!(
+            &plan("200,a,b,1", Mode::Quiescent)[0],
+            Step::Op {
+                op: DeviceOp::Measurement { .. },
+                ..
+            }
+        ));
+        // Inventory lines are processed in every mode.
+        assert!(matches!(
+            &plan("114,c8y_Restart", Mode::Cep)[0],
+            Step::Op {
+                op: DeviceOp::Update { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn operation_ids_must_be_numbers() {
+        assert_eq!(
+            plan("504,abc", Mode::Persistent)[0],
+            Step::Error("45,504,Value is not a NUMBER: abc".into())
+        );
+        assert_eq!(
+            plan("999", Mode::Persistent)[0],
+            Step::Error("40,999,No static template for this message id".into())
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_records_plan_without_panicking(s in "([0-9]{3}(,[a-z0-9.\"]{0,5}){0,9}\n){1,4}") {
+            if let Ok(r) = parse_records(&s) {
+                for mode in [Mode::Persistent, Mode::Transient, Mode::Quiescent, Mode::Cep] {
+                    let _ = steps(&r, &dev(), "d1", mode);
+                }
+            }
+        }
+
+        #[test]
+        fn any_json_plans_without_panicking(topic in "(t/)?(measurement/measurements|event/events|alarm/alarms|inventory/managedObjects)/(create|createBulk|update|delete)(/[a-z0-9]{1,3})?", body in "\\PC{0,40}") {
+            if let Some(t) = super::super::json::JsonTopic::parse(&topic) {
+                let _ = super::super::json::steps(&t, body.as_bytes(), "d1", 1);
+            }
+        }
+    }
+}

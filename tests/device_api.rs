@@ -167,6 +167,12 @@ impl Device {
         Device { client, rx }
     }
 
+    /// DISCONNECT and wait for the connection to end.
+    fn close(self) {
+        let _ = self.client.disconnect();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     fn subscribe_downstream(&self) {
         for t in ["s/e", "s/ds", "devicecontrol/notifications"] {
             self.client
@@ -493,9 +499,20 @@ fn an_operation_created_over_rest_reaches_the_device_and_its_status_comes_back()
         "FAILED"
     );
 
+    // The device is CONNECTED while subscribed downstream, DISCONNECTED when it goes.
+    let status = |api: &Api| {
+        api.get(&format!("/inventory/managedObjects/{id}"))["c8y_Connection"]["status"]
+            .as_str()
+            .map(str::to_string)
+    };
+    assert_eq!(status(&api).as_deref(), Some("CONNECTED"));
+    let avail = api.get(&format!("/inventory/managedObjects/{id}"))["c8y_Availability"].clone();
+    assert_eq!(avail["status"], "AVAILABLE", "{avail}");
     // Operations created while the device is away arrive when it subscribes again, and on 500.
-    drop(dev);
-    std::thread::sleep(Duration::from_millis(300));
+    dev.close();
+    eventually("DISCONNECTED", || {
+        (status(&api).as_deref() == Some("DISCONNECTED")).then_some(())
+    });
     let later = api.post(
         "/devicecontrol/operations",
         json!({"deviceId": id, "c8y_Restart": {}}),
@@ -503,6 +520,16 @@ fn an_operation_created_over_rest_reaches_the_device_and_its_status_comes_back()
     let dev = Device::connect(&node, "dev2", &tid);
     dev.subscribe_downstream();
     dev.expect("s/ds", "510 after resubscribing", |p| p == "510,dev2");
+    assert_eq!(status(&api).as_deref(), Some("CONNECTED"));
+    // A takeover: the new connection's CONNECTED is not undone by the old one's end.
+    let dev = {
+        let newer = Device::connect(&node, "dev2", &tid);
+        newer.subscribe_downstream();
+        drop(dev);
+        newer
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(status(&api).as_deref(), Some("CONNECTED"));
     dev.send("s/us", "500");
     dev.expect("s/ds", "510 again on 500", |p| p == "510,dev2");
     let listed = api.list(&format!(

@@ -386,6 +386,9 @@ struct Who {
     expiry_override: Option<u32>,
     client_max_packet: usize,
     aliases: Option<Box<Aliases>>,
+    /// Subscribed to a device-API downstream topic: the device's `c8y_Connection` follows
+    /// this connection.
+    downstream: bool,
 }
 
 /// Per-connection state once CONNECT is accepted.
@@ -669,6 +672,7 @@ where
                     .map(|m| m as usize)
                     .unwrap_or(usize::MAX),
                 aliases: None,
+                downstream: false,
             }),
             persistent: expiry > 0,
             keep_alive: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
@@ -1761,12 +1765,14 @@ where
         }
         let pkid = s.pkid;
         if wants_operations && a.who.identity.role != Role::Bootstrap {
+            a.who.downstream = true;
             // §2.4: pending operations go out again on every downstream subscription. They
             // usually follow the SUBACK (a Raft round later); MQTT allows them before it too.
             tokio::spawn(crate::device::resend_pending(
                 broker.clone(),
                 a.session.clone(),
                 a.who.identity.user.clone(),
+                self.conn_id,
             ));
         }
         // A new route must be known to every node before SUBACK, so that no publish made
@@ -2109,6 +2115,15 @@ where
         } else {
             None
         };
+        if a.who.downstream && !matches!(close, Close::Kicked(Kick::Shutdown | Kick::Drain)) {
+            // A node shutting down or draining leaves the status alone: its devices are
+            // about to reconnect elsewhere.
+            tokio::spawn(crate::device::connection_ended(
+                self.broker.clone(),
+                a.session.key.clone(),
+                self.conn_id,
+            ));
+        }
         match close {
             Close::Kicked(Kick::Shutdown | Kick::Drain) => {}
             Close::Kicked(Kick::TakenOver { session_continues }) => {

@@ -144,7 +144,10 @@ pub fn notes(batch: &DeviceBatch, outcomes: &[Outcome]) -> Vec<Note> {
                 | DeviceOp::CreateObject { .. } => {
                     push(format!("/managedobjects/{}", d.id), "CREATE", &d)
                 }
-                DeviceOp::Update { .. } | DeviceOp::ListEdit { .. } | DeviceOp::AddChild { .. } => {
+                DeviceOp::Update { .. }
+                | DeviceOp::ListEdit { .. }
+                | DeviceOp::AddChild { .. }
+                | DeviceOp::Connection { .. } => {
                     push(format!("/managedobjects/{}", d.id), "UPDATE", &d)
                 }
                 DeviceOp::DeleteObject { .. } => {

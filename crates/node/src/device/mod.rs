@@ -486,7 +486,7 @@ fn answer(broker: &Arc<Broker>, session: &Arc<Session>, then: &Then, template: &
 /// After a downstream subscription (`s/ds`, `devicecontrol/notifications`): the device's
 /// PENDING operations again (§2.4: "all operations not yet forwarded are published upon
 /// subscription").
-pub async fn resend_pending(broker: Arc<Broker>, session: Arc<Session>, owner: String) {
+pub async fn resend_pending(broker: Arc<Broker>, session: Arc<Session>, owner: String, conn: u64) {
     let key = session.key.clone();
     let (now, now_ms) = now();
     let group = device_group(&broker, &key);
@@ -496,12 +496,21 @@ pub async fn resend_pending(broker: Arc<Broker>, session: Arc<Session>, owner: S
         now,
         now_ms,
         owner,
-        quiet: true,
-        ops: vec![DeviceOp::Pending {
-            source: Source::Device {
-                serial: key.client_id.to_string(),
+        quiet: false,
+        ops: vec![
+            DeviceOp::Connection {
+                source: Source::Device {
+                    serial: key.client_id.to_string(),
+                },
+                conn,
+                connected: true,
             },
-        }],
+            DeviceOp::Pending {
+                source: Source::Device {
+                    serial: key.client_id.to_string(),
+                },
+            },
+        ],
     });
     match broker.durable.propose(cmd).await {
         Ok(Response::Device(mut o)) => {
@@ -570,5 +579,30 @@ pub async fn retention_loop(broker: Arc<Broker>) {
                 }
             }
         }
+    }
+}
+
+/// A connection that had subscribed to downstream topics ended: the device is DISCONNECTED,
+/// unless a newer connection has made it CONNECTED since.
+pub async fn connection_ended(broker: Arc<Broker>, key: SessionKey, conn: u64) {
+    let (now, now_ms) = now();
+    let group = device_group(&broker, &key);
+    let cmd = Command::Device(DeviceBatch {
+        tenant: key.tenant.to_string(),
+        group,
+        now,
+        now_ms,
+        owner: String::new(),
+        quiet: false,
+        ops: vec![DeviceOp::Connection {
+            source: Source::Device {
+                serial: key.client_id.to_string(),
+            },
+            conn,
+            connected: false,
+        }],
+    });
+    if let Err(e) = broker.durable.propose(cmd).await {
+        tracing::warn!(error = %e, client = %key.client_id, "device connection status not stored");
     }
 }

@@ -344,11 +344,76 @@ pub fn render_object(base: &str, d: &Doc, last_message: Option<String>) -> Value
         json!({"self": format!("{me}/deviceParents"),
             "references": d.parent.iter().map(|p| reference(base, *p)).collect::<Vec<_>>()}),
     );
-    if let Some(t) = last_message {
-        b.insert(
-            "c8y_Availability".into(),
-            json!({"lastMessage": t, "status": "AVAILABLE"}),
-        );
+    if let Some(a) = availability(&b, last_message, chrono::Utc::now().timestamp_millis()) {
+        b.insert("c8y_Availability".into(), a);
     }
     Value::Object(b)
+}
+
+/// `c8y_Availability` (§1.11): MAINTENANCE when the required response interval is 0 or less;
+/// AVAILABLE while the device is connected or its last message is younger than the interval
+/// (without an interval: once it sent anything); UNAVAILABLE otherwise.
+pub fn availability(b: &Map<String, Value>, last: Option<String>, now_ms: i64) -> Option<Value> {
+    let connected = b
+        .get("c8y_Connection")
+        .and_then(|c| c.get("status"))
+        .and_then(Value::as_str)
+        == Some("CONNECTED");
+    let interval = b
+        .get("c8y_RequiredAvailability")
+        .and_then(|r| r.get("responseInterval"))
+        .and_then(Value::as_i64);
+    let fresh = |minutes: i64| {
+        last.as_deref()
+            .and_then(time_ms)
+            .is_some_and(|t| now_ms - t <= minutes.saturating_mul(60_000))
+    };
+    let status = match interval {
+        Some(i) if i <= 0 => "MAINTENANCE",
+        Some(i) if connected || fresh(i) => "AVAILABLE",
+        Some(_) => "UNAVAILABLE",
+        None if connected || last.is_some() => "AVAILABLE",
+        None => return None,
+    };
+    let mut a = Map::new();
+    if let Some(t) = last {
+        a.insert("lastMessage".into(), json!(t));
+    }
+    a.insert("status".into(), json!(status));
+    Some(Value::Object(a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn availability_follows_connection_interval_and_last_message() {
+        let t = |s: &str| Some(s.to_string());
+        let now = time_ms("2026-11-30T12:00:00Z").unwrap();
+        let st = |b: Value, last: Option<String>| {
+            availability(&body(b), last, now).map(|a| a["status"].as_str().unwrap().to_string())
+        };
+        let req = |i: i64| json!({"c8y_RequiredAvailability": {"responseInterval": i}});
+        assert_eq!(
+            st(req(0), t("2026-11-30T11:59:00Z")).as_deref(),
+            Some("MAINTENANCE")
+        );
+        assert_eq!(
+            st(req(5), t("2026-11-30T11:58:00Z")).as_deref(),
+            Some("AVAILABLE")
+        );
+        assert_eq!(
+            st(req(5), t("2026-11-30T11:50:00Z")).as_deref(),
+            Some("UNAVAILABLE")
+        );
+        let mut connected = req(5);
+        connected["c8y_Connection"] = json!({"status": "CONNECTED"});
+        assert_eq!(st(connected, None).as_deref(), Some("AVAILABLE"));
+        assert_eq!(st(json!({}), None), None);
+    }
 }

@@ -713,6 +713,33 @@ impl Ctx<'_, '_> {
                 }
                 Ok(Outcome::Many(out))
             }
+            DeviceOp::Connection {
+                source,
+                conn,
+                connected,
+            } => {
+                let known = match source {
+                    Source::Device { serial } => self.lookup(SERIAL, serial)?.is_some(),
+                    _ => true,
+                };
+                if !known {
+                    return Ok(Outcome::NotFound("no such device".into()));
+                }
+                let mut d = tri!(self.resolve(source)?);
+                if *connected {
+                    d.link = Some(*conn);
+                    d.body
+                        .insert("c8y_Connection".into(), json!({"status": "CONNECTED"}));
+                } else if d.link == Some(*conn) {
+                    d.link = None;
+                    d.body
+                        .insert("c8y_Connection".into(), json!({"status": "DISCONNECTED"}));
+                } else {
+                    return Ok(Outcome::Many(Vec::new()));
+                }
+                self.put_object(&d)?;
+                Ok(Outcome::Done(doc_json(&d)))
+            }
             DeviceOp::Transient { kind, source, doc } => {
                 let body = tri!(parse_object(doc));
                 let src = tri!(self.resolve(source)?);

@@ -171,6 +171,15 @@ pub enum DeviceOp {
         source: Source,
         doc: String,
     },
+    /// The device's downstream connection (`c8y_Connection`, §1.11): CONNECTED when
+    /// connection `conn` subscribed to a downstream topic; DISCONNECTED when that same
+    /// connection ends (a later connection's CONNECTED is never undone by an older one's end).
+    /// Only for devices that exist.
+    Connection {
+        source: Source,
+        conn: u64,
+        connected: bool,
+    },
     /// Remove measurements and events created before `before_ms` (retention), at most `limit`.
     Prune { before_ms: u64, limit: u32 },
 }
@@ -233,6 +242,9 @@ pub struct Doc {
     /// Creation time in ms (retention).
     #[serde(default)]
     pub created_ms: u64,
+    /// Managed object: the connection that last made it CONNECTED.
+    #[serde(default)]
+    pub link: Option<u64>,
 }
 
 impl Doc {

@@ -81,6 +81,17 @@ line=$(bench --port "${MQTT[solo]}" --clean false fanin --pubs 10 --qos 1 --msgs
 SOLO_RATE=$(field "$line" msgs_per_sec)
 line=$(bench --port "${MQTT[solo]}" --clean false fanout --subs 10 --qos 1 --msgs $((30000 / S)) --size 64 --window 128)
 SOLO_FANOUT="$(field "$line" msgs_per_sec) lost $(field "$line" lost)"
+# Device ingestion: 10 devices send SmartREST 200 measurements on s/us at QoS 1 (each PUBACK
+# after the measurement is committed in the device's shard); --plain: the same payloads to a
+# free-form topic nobody subscribes to (acknowledged without a durable write).
+ingest() {
+    local port=$1 what=$2; shift 2
+    local line
+    line=$(bench --port "$port" ingest --devices 10 --msgs $((100000 / S)) --window 32 "$@")
+    echo "$what msgs_per_sec $(field "$line" msgs_per_sec) ack_p50_us $(field "$line" ack_p50_us) ack_p99_us $(field "$line" ack_p99_us) acked $(field "$line" acked) errors $(field "$line" errors)"
+}
+ingest "${MQTT[solo]}" "ingest_smartrest_200_q1 1-node"
+ingest "${MQTT[solo]}" "ingest_plain_q1 1-node" --plain
 kill "${PID[solo]}"; wait "${PID[solo]}" 2>/dev/null || true
 
 # --- three nodes ------------------------------------------------------------------------------
@@ -98,6 +109,9 @@ line=$(bench --port "${MQTT[n1]}" --clean false fanin --pubs 10 --qos 1 --msgs $
 echo "persistent_q1 1-replica msgs_per_sec $SOLO_RATE 3-replicas msgs_per_sec $(field "$line" msgs_per_sec)"
 line=$(bench --port "${MQTT[n1]}" --clean false fanout --subs 10 --qos 1 --msgs $((30000 / S)) --size 64 --window 128)
 echo "persistent_fanout_q1 (shards ${SHARDS:-4}) 1-replica deliveries_per_sec $SOLO_FANOUT 3-replicas deliveries_per_sec $(field "$line" msgs_per_sec) lost $(field "$line" lost)"
+
+ingest "${MQTT[n1]}" "ingest_smartrest_200_q1 3-nodes"
+ingest "${MQTT[n1]}" "ingest_plain_q1 3-nodes" --plain
 
 # Takeover: hold the id on n1, connect it on n2, time to CONNACK (the subscribe proves it).
 T=()

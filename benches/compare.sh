@@ -168,6 +168,8 @@ SCENARIOS=(
     "latency_q0|0|latency --rate 20000 --secs $LAT_SECS --qos 0 --size 64"
     "latency_q1|0|latency --rate 20000 --secs $LAT_SECS --qos 1 --size 64"
     "persistent_q1|1|--clean false fanin --pubs 10 --qos 1 --msgs $((1000000 / S)) --size 64 --window 128"
+    "ingest_plain_q1|0|ingest --devices 10 --msgs $((300000 / S)) --window 32 --plain"
+    "ingest_smartrest_q1|1|ingest --devices 10 --msgs $((100000 / S)) --window 32"
 )
 
 for entry in "${SCENARIOS[@]}"; do
@@ -206,6 +208,8 @@ metrics = {
     "idle": [("rss_per_conn_bytes", "B/conn, lower=better"), ("opened", "")],
     "connects": [("connects_per_sec", ""), ("p99_us", "connect p99"), ("broker_cpu_sec", "")],
     "latency": [("msgs_per_sec", ""), ("p50_us", ""), ("p99_us", ""), ("p999_us", ""), ("max_us", ""), ("lost", ""), ("broker_cpu_sec", "")],
+    "ingest_plain": [("msgs_per_sec", ""), ("ack_p50_us", "publish to PUBACK"), ("ack_p99_us", ""), ("msgs_per_broker_cpu_sec", ""), ("broker_cpu_sec", "")],
+    "ingest_smartrest": [("msgs_per_sec", ""), ("ack_p50_us", "publish to PUBACK, committed"), ("ack_p99_us", ""), ("msgs_per_broker_cpu_sec", ""), ("broker_cpu_sec", "")],
     "*": [("msgs_per_sec", ""), ("msgs_per_cpu_sec", ""), ("p50_us", ""), ("p99_us", ""), ("lost", ""), ("duplicates", ""), ("broker_cpu_sec", "")],
 }
 runs, data = [], {}

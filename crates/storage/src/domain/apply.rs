@@ -309,6 +309,24 @@ impl Ctx<'_, '_> {
         }
     }
 
+    /// The id of the object a source names, creating devices like `resolve`, without reading
+    /// the object (the hot path of measurements: the external-ID index is enough).
+    fn resolve_id(&mut self, s: &Source) -> Result<std::result::Result<u64, Outcome>> {
+        let found = match s {
+            Source::Device { serial } => self.lookup(SERIAL, serial)?,
+            Source::Child { child, .. } => self.lookup(SERIAL, child)?,
+            Source::Id(id) => self
+                .ov
+                .contains(&obj_key(self.t(), *id)?)?
+                .then_some(*id),
+            Source::External { .. } => None,
+        };
+        match found {
+            Some(id) => Ok(Ok(id)),
+            None => Ok(self.resolve(s)?.map(|d| d.id)),
+        }
+    }
+
     fn touch(&mut self, d: &mut Doc) {
         d.body.insert("lastUpdated".into(), json!(self.b.now));
     }
@@ -824,10 +842,10 @@ impl Ctx<'_, '_> {
         Ok(())
     }
 
-    fn new_record(&mut self, src: &Doc, mut body: Map<String, Value>) -> Result<Doc> {
+    fn new_record(&mut self, src: u64, mut body: Map<String, Value>) -> Result<Doc> {
         let id = self.next_id()?;
         body.insert("id".into(), json!(id.to_string()));
-        body.insert("source".into(), json!({"id": src.id.to_string()}));
+        body.insert("source".into(), json!({"id": src.to_string()}));
         body.insert("creationTime".into(), json!(self.b.now));
         if !body.contains_key("time") {
             body.insert("time".into(), json!(self.b.now));
@@ -835,7 +853,7 @@ impl Ctx<'_, '_> {
         Ok(Doc {
             id,
             body,
-            parent: Some(src.id),
+            parent: Some(src),
             created_ms: self.b.now_ms,
             ..Doc::default()
         })
@@ -843,21 +861,22 @@ impl Ctx<'_, '_> {
 
     fn create_record(&mut self, kind: RecordKind, source: &Source, doc: &str) -> Result<Outcome> {
         let body = tri!(parse_object(doc));
-        let src = tri!(self.resolve(source)?);
-        let mut r = self.new_record(&src, body)?;
+        let src = tri!(self.resolve_id(source)?);
+        let mut r = self.new_record(src, body)?;
         if kind == RecordKind::Event {
             r.body.insert("lastUpdated".into(), json!(self.b.now));
         }
         let k = rec_key(kind, self.t(), r.id)?;
-        self.ov.put_fresh(k, doc_json(&r).into_bytes());
-        self.index(kind, src.id, r.id)?;
-        self.heartbeat(src.id)?;
-        Ok(Outcome::Done(doc_json(&r)))
+        let j = doc_json(&r);
+        self.ov.put_fresh(k, j.clone().into_bytes());
+        self.index(kind, src, r.id)?;
+        self.heartbeat(src)?;
+        Ok(Outcome::Done(j))
     }
 
     fn alarm(&mut self, source: &Source, doc: &str) -> Result<Outcome> {
         let mut body = tri!(parse_object(doc));
-        let src = tri!(self.resolve(source)?);
+        let src = tri!(self.resolve_id(source)?);
         let Some(kind) = body.get("type").and_then(Value::as_str).map(str::to_string) else {
             return Ok(Outcome::Invalid("alarm without type".into()));
         };
@@ -866,8 +885,8 @@ impl Ctx<'_, '_> {
             .and_then(Value::as_str)
             .unwrap_or("ACTIVE")
             .to_string();
-        self.heartbeat(src.id)?;
-        let ok = open_alarm_key(self.t(), src.id, &kind)?;
+        self.heartbeat(src)?;
+        let ok = open_alarm_key(self.t(), src, &kind)?;
         if status != "CLEARED" {
             if let Some(id) = self.ov.get(&ok)?.and_then(|v| keys::read_u64(&v)) {
                 if let Some(mut a) = self.record(RecordKind::Alarm, id)? {
@@ -887,13 +906,13 @@ impl Ctx<'_, '_> {
         }
         body.insert("status".into(), json!(status));
         body.insert("count".into(), json!(1));
-        let mut a = self.new_record(&src, body)?;
+        let mut a = self.new_record(src, body)?;
         let first = a.body.get("time").cloned().unwrap_or(json!(self.b.now));
         a.body.insert("firstOccurrenceTime".into(), first);
         a.body.insert("lastUpdated".into(), json!(self.b.now));
         let k = rec_key(RecordKind::Alarm, self.t(), a.id)?;
         self.ov.put_fresh(k, doc_json(&a).into_bytes());
-        self.index(RecordKind::Alarm, src.id, a.id)?;
+        self.index(RecordKind::Alarm, src, a.id)?;
         if status != "CLEARED" {
             self.ov.put(ok, a.id.to_be_bytes().to_vec());
         }

@@ -29,7 +29,7 @@ pub(crate) enum Staged {
 }
 
 impl Staged {
-    fn value(&self) -> Option<&Vec<u8>> {
+    pub(crate) fn value(&self) -> Option<&Vec<u8>> {
         match self {
             Staged::Put(v) | Staged::Fresh(v) => Some(v),
             Staged::Del | Staged::Cancel => None,

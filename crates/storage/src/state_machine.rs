@@ -253,7 +253,7 @@ impl StateMachineStore {
         Ok(out)
     }
 
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+    pub(crate) fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         // A panic while holding the lock cannot leave half-merged writes behind (absorb is
         // the only mutation), so a poisoned lock is still usable.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())

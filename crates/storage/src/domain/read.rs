@@ -9,10 +9,24 @@ use crate::keys;
 use crate::state_machine::StateMachineStore;
 
 impl StateMachineStore {
+    /// One key as applied: the staged (not yet written back) value if there is one, else the
+    /// tree's. Point reads go through here rather than forcing a write-back: the device
+    /// pipeline reads on every message, and a write-back per message would undo the batching
+    /// of `overlay.rs`.
+    fn get_applied(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        {
+            let pending = self.lock_pending();
+            if let Some(s) = pending.writes.get(key) {
+                return Ok(s.value().cloned());
+            }
+        }
+        // Written back in between: then the tree has it (or something newer).
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
     /// One managed object.
     pub fn device_object(&self, tenant: &str, id: u64) -> Result<Option<Doc>> {
-        self.write_back()?;
-        match self.tree.get(obj_key(tenant, id)?)? {
+        match self.get_applied(&obj_key(tenant, id)?)? {
             Some(v) => Ok(Some(parse_doc(&v)?)),
             None => Ok(None),
         }
@@ -20,19 +34,15 @@ impl StateMachineStore {
 
     /// The object an external ID points at.
     pub fn device_external(&self, tenant: &str, kind: &str, external: &str) -> Result<Option<u64>> {
-        self.write_back()?;
         Ok(self
-            .tree
-            .get(xid_key(tenant, kind, external)?)?
+            .get_applied(&xid_key(tenant, kind, external)?)?
             .and_then(|v| keys::read_u64(&v)))
     }
 
     /// When the object last sent something (a measurement, event, alarm or heartbeat).
     pub fn device_last_message(&self, tenant: &str, id: u64) -> Result<Option<String>> {
-        self.write_back()?;
         Ok(self
-            .tree
-            .get(last_message_key(tenant, id)?)?
+            .get_applied(&last_message_key(tenant, id)?)?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
@@ -62,8 +72,7 @@ impl StateMachineStore {
 
     /// One measurement, event, alarm or operation.
     pub fn device_record(&self, kind: RecordKind, tenant: &str, id: u64) -> Result<Option<Doc>> {
-        self.write_back()?;
-        match self.tree.get(rec_key(kind, tenant, id)?)? {
+        match self.get_applied(&rec_key(kind, tenant, id)?)? {
             Some(v) => Ok(Some(parse_doc(&v)?)),
             None => Ok(None),
         }

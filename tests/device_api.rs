@@ -27,7 +27,12 @@ fn rest(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
     );
-    let req = ureq::request(method, &format!("http://{}{path}", node.http))
+    let url = if path.starts_with("http://") {
+        path.to_string()
+    } else {
+        format!("http://{}{path}", node.http)
+    };
+    let req = ureq::request(method, &url)
         .set("Authorization", &auth)
         .timeout(Duration::from_secs(30));
     let result = match body {
@@ -729,6 +734,26 @@ fn bad_rest_input_gets_clear_errors_and_stores_nothing() {
     assert_eq!(s, 409);
     let (s, _) = api.call("GET", "/inventory/managedObjects/notanid", None);
     assert_eq!(s, 404);
+
+    // Paging: 7 events of the gateway, 5 per page; the links keep the filter.
+    let events: Vec<Value> = (0..7)
+        .map(|i| json!({"source": {"id": id}, "type": "p", "text": format!("e{i}")}))
+        .collect();
+    let (s, _) = api.call("POST", "/event/events", Some(json!({ "events": events })));
+    assert_eq!(s, 201);
+    let first = api.get(&format!("/event/events?source={id}&type=p&pageSize=5"));
+    assert_eq!(first["events"].as_array().map(Vec::len), Some(5));
+    let next = first["next"].as_str().expect("a next link").to_string();
+    assert!(
+        next.contains(&format!("source={id}")) && next.contains("type=p"),
+        "{next}"
+    );
+    let second = api.get(&next);
+    assert_eq!(second["events"].as_array().map(Vec::len), Some(2));
+    assert!(second.get("next").is_none());
+    assert!(second["prev"].is_string());
+    let (s, _) = api.call("GET", "/event/events?pageSize=2000&currentPage=1000", None);
+    assert_eq!(s, 400);
 }
 
 /// Three nodes: a device connected to C gets an operation created over REST on A; its data

@@ -25,9 +25,28 @@ pub struct Note {
     pub data: Value,
 }
 
+/// Open notification clients per node at most.
+pub const MAX_CLIENTS: usize = 1000;
+
 /// The node's notification fan-out.
 pub struct Hub {
     tx: broadcast::Sender<Arc<Note>>,
+    clients: std::sync::atomic::AtomicUsize,
+}
+
+/// One client's place in the hub; leaving it (drop) lets the Raft observers stop passing
+/// device data once nobody listens.
+pub struct Subscription<'a> {
+    hub: &'a Hub,
+    pub rx: broadcast::Receiver<Arc<Note>>,
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        if self.hub.clients.fetch_sub(1, Ordering::AcqRel) == 1 {
+            fleetmq_cluster::OBSERVE_DEVICE_DATA.store(false, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Default for Hub {
@@ -42,13 +61,22 @@ impl Hub {
     pub fn new() -> Hub {
         Hub {
             tx: broadcast::channel(4096).0,
+            clients: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
-    /// A new subscriber. From the first one on, the Raft observers pass device data here.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Note>> {
+    /// A new subscriber (`None` when `MAX_CLIENTS` are open). While there is one, the Raft
+    /// observers pass device data here.
+    pub fn subscribe(&self) -> Option<Subscription<'_>> {
+        if self.clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+            self.clients.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
         fleetmq_cluster::OBSERVE_DEVICE_DATA.store(true, Ordering::Relaxed);
-        self.tx.subscribe()
+        Some(Subscription {
+            hub: self,
+            rx: self.tx.subscribe(),
+        })
     }
 
     /// An applied device batch with its outcomes.
@@ -209,6 +237,7 @@ mod tests {
             now_ms: 0,
             owner: "o".into(),
             quiet,
+            device: None,
             ops,
         }
     }

@@ -190,7 +190,16 @@ pub fn validate(cmd: &Command) -> Result<()> {
             Ok(())
         }
         Command::OutboxDone { .. } | Command::ForgetOrigins { .. } => Ok(()),
-        Command::Device(b) => keys::put_str(&mut Vec::new(), &b.tenant),
+        Command::Device(b) => {
+            keys::put_str(&mut Vec::new(), &b.tenant)?;
+            for op in &b.ops {
+                if let Err(why) = op.check() {
+                    tracing::info!(why, "device op refused");
+                    return Err(StorageError::KeyTooLong(crate::domain::MAX_KEY_TEXT + 1));
+                }
+            }
+            Ok(())
+        }
         Command::SetRetained { tenant, topic, .. } => retained_key(tenant, topic).map(|_| ()),
         Command::PutEntry {
             space,

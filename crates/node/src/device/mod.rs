@@ -69,6 +69,17 @@ pub fn publish(
             Kind::Static => static_steps(broker, session, &st, &serial, payload)?,
             Kind::Custom(xid) => {
                 let topic = format!("s/dc/{xid}");
+                if custom::load(broker, &session.key.tenant, xid).is_none() {
+                    return Some(deferred_custom(
+                        broker,
+                        session,
+                        owner,
+                        st.clone(),
+                        xid,
+                        payload,
+                        topic,
+                    ));
+                }
                 custom_steps(broker, session, &st, xid, payload, &topic)?
             }
             Kind::Default => {
@@ -82,6 +93,17 @@ pub fn publish(
                     );
                     return None;
                 };
+                if custom::load(broker, &session.key.tenant, &xid).is_none() {
+                    return Some(deferred_custom(
+                        broker,
+                        session,
+                        owner,
+                        st.clone(),
+                        &xid,
+                        payload,
+                        "s/dd".into(),
+                    ));
+                }
                 custom_steps(broker, session, &st, &xid, payload, "s/dd")?
             }
             Kind::Templates(Some(xid)) => template_steps(broker, session, xid, payload)?,
@@ -147,6 +169,38 @@ fn records(
             None
         }
     }
+}
+
+/// Usage lines of a collection this node has not applied (yet): it may have been created an
+/// instant ago through another node. Wait until this node has applied what the collection's
+/// group had committed, then look again. (Proposed after that wait, so a later message of the
+/// same device can commit before this one; only on this path.)
+fn deferred_custom(
+    broker: &Arc<Broker>,
+    session: &Arc<Session>,
+    owner: &str,
+    st: SmartTopic,
+    xid: &str,
+    payload: &[u8],
+    answer_topic: String,
+) -> Work {
+    let (broker, session) = (broker.clone(), session.clone());
+    let (owner, xid, payload) = (owner.to_string(), xid.to_string(), payload.to_vec());
+    Box::pin(async move {
+        // Every group: a collection created over REST lives in the group of its name.
+        if let Err(e) = broker.durable.read_barrier().await {
+            tracing::warn!(error = %e, "read barrier for a template collection failed");
+        }
+        let quiet = st.mode == Mode::Quiescent;
+        let Some(steps) = custom_steps(&broker, &session, &st, &xid, &payload, &answer_topic)
+        else {
+            return Ok(Response::Ok);
+        };
+        match run(&broker, &session, &owner, steps, quiet) {
+            Some(w) => w.await,
+            None => Ok(Response::Ok),
+        }
+    })
 }
 
 /// Usage lines of a custom collection (`s/uc/<X-ID>`, `s/ud`).
@@ -273,6 +327,26 @@ fn run(
     steps: Vec<Step>,
     quiet: bool,
 ) -> Option<Work> {
+    // A line whose key text (serial, child id, alarm type, ...) is too long is refused here,
+    // on its own, instead of failing the whole batch when it is proposed.
+    let steps: Vec<Step> = steps
+        .into_iter()
+        .map(|s| match s {
+            Step::Op { op, then, template } => match op.check() {
+                Ok(()) => Step::Op { op, then, template },
+                Err(why) => match then {
+                    Then::Json { mid } => Step::JsonError(json::error_payload(
+                        &template,
+                        "validationError",
+                        &why,
+                        mid,
+                    )),
+                    _ => Step::Error(encode_line(&["45", &template, &why])),
+                },
+            },
+            other => other,
+        })
+        .collect();
     let device = if steps.iter().any(|s| matches!(s, Step::Op { .. })) {
         device_group(broker, &session.key)
     } else {
@@ -309,6 +383,7 @@ fn run(
                 now_ms,
                 owner: owner.to_string(),
                 quiet,
+                device: Some(session.key.client_id.to_string()),
                 ops,
             });
             if valid {
@@ -497,6 +572,7 @@ pub async fn resend_pending(broker: Arc<Broker>, session: Arc<Session>, owner: S
         now_ms,
         owner,
         quiet: false,
+        device: Some(key.client_id.to_string()),
         ops: vec![
             DeviceOp::Connection {
                 source: Source::Device {
@@ -557,6 +633,7 @@ pub async fn retention_loop(broker: Arc<Broker>) {
                     now_ms,
                     owner: String::new(),
                     quiet: true,
+                    device: None,
                     ops: vec![DeviceOp::Prune {
                         before_ms: now_ms.saturating_sub(retention_ms),
                         limit: PRUNE_BATCH,
@@ -594,6 +671,7 @@ pub async fn connection_ended(broker: Arc<Broker>, key: SessionKey, conn: u64) {
         now_ms,
         owner: String::new(),
         quiet: false,
+        device: Some(key.client_id.to_string()),
         ops: vec![DeviceOp::Connection {
             source: Source::Device {
                 serial: key.client_id.to_string(),

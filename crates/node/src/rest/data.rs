@@ -50,6 +50,9 @@ pub async fn commit(
     group: u64,
     ops: Vec<DeviceOp>,
 ) -> Result<Vec<Outcome>, ApiError> {
+    for op in &ops {
+        op.check().map_err(ApiError::bad_request)?;
+    }
     let (now, now_ms) = crate::device::now();
     let cmd = Command::Device(DeviceBatch {
         tenant: c.tenant().id.clone(),
@@ -58,6 +61,7 @@ pub async fn commit(
         now_ms,
         owner: c.id.user.clone(),
         quiet: false,
+        device: None,
         ops,
     });
     match s.durable.propose(cmd).await {
@@ -119,6 +123,49 @@ pub fn object(raw: &[u8]) -> Result<Map<String, Value>, ApiError> {
         )),
         Err(e) => Err(ApiError::bad_request(format!("invalid JSON body: {e}"))),
     }
+}
+
+/// Items a listing reads at most to serve one page (`currentPage * pageSize + 1`): deeper
+/// pages are refused rather than loading a tenant's whole history into memory.
+pub const MAX_PAGED_ITEMS: usize = 100_000;
+
+/// How many items to read for a page: one more than the page ends at, so the collection knows
+/// whether there is a `next` page.
+pub fn page_reach(page: &super::Page) -> Result<usize, ApiError> {
+    let end = page.current.saturating_mul(page.size);
+    if end > MAX_PAGED_ITEMS {
+        return Err(ApiError::bad_request(format!(
+            "currentPage * pageSize must be at most {MAX_PAGED_ITEMS}; narrow the query (source, type, dateFrom, dateTo)"
+        )));
+    }
+    Ok(end + 1)
+}
+
+/// A listing's URL with its filters (not its paging), for the `self`/`next`/`prev` links.
+pub fn listing_url(base: &str, path: &str, q: &HashMap<String, String>) -> String {
+    let mut keys: Vec<&String> = q
+        .keys()
+        .filter(|k| !matches!(k.as_str(), "pageSize" | "currentPage"))
+        .collect();
+    keys.sort();
+    let mut url = format!("{base}/{path}");
+    for (i, k) in keys.iter().enumerate() {
+        let enc = |s: &str| {
+            s.bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'*' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect::<String>()
+        };
+        url.push(if i == 0 { '?' } else { '&' });
+        url.push_str(&enc(k));
+        url.push('=');
+        url.push_str(&enc(&q[*k]));
+    }
+    url
 }
 
 /// Parses an ISO 8601 time as Cumulocity writes it (also `+0100` offsets without a colon).

@@ -90,7 +90,7 @@ pub async fn list(State(s): St, c: Caller, Query(q): Query<HashMap<String, Strin
                 .is_none_or(|t| d.str("name").is_some_and(|n| n.contains(t.as_str())))
             && ids.as_ref().is_none_or(|l| l.contains(&d.id))
     };
-    let max = page.current.saturating_mul(page.size);
+    let max = data::page_reach(&page)?;
     let mut all = Vec::new();
     for g in s.durable.device_groups() {
         all.extend(
@@ -105,7 +105,7 @@ pub async fn list(State(s): St, c: Caller, Query(q): Query<HashMap<String, Strin
         .iter()
         .map(|d| show(&s, &c, d))
         .collect::<Result<Vec<_>, _>>()?;
-    let url = format!("{}/inventory/managedObjects", c.base);
+    let url = data::listing_url(&c.base, "inventory/managedObjects", &q);
     Ok(page.collection("managedObjectCollection", "managedObjects", &url, items))
 }
 

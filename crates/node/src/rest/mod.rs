@@ -301,7 +301,8 @@ impl Page {
         let start = (self.current - 1).saturating_mul(self.size).min(total);
         let end = start.saturating_add(self.size).min(total);
         let page: Vec<T> = items.into_iter().skip(start).take(end - start).collect();
-        let link = |n: usize| format!("{url}?pageSize={}&currentPage={n}", self.size);
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let link = |n: usize| format!("{url}{sep}pageSize={}&currentPage={n}", self.size);
         let mut body = serde_json::Map::new();
         body.insert("self".into(), link(self.current).into());
         body.insert(

@@ -25,6 +25,12 @@ use crate::realtime::{covers, valid_subscription, Note};
 
 /// How long a `/meta/connect` is held before it is answered.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that has not completed its handshake by then is closed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that does not take a message within this is closed.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Subscriptions per client at most.
+const MAX_SUBSCRIPTIONS: usize = 100;
 
 /// `GET /notification/realtime` (WebSocket upgrade).
 pub async fn upgrade(
@@ -70,8 +76,20 @@ fn handshake_credentials(m: &Value) -> Option<(String, String)> {
 }
 
 async fn session(s: Arc<RestState>, mut who: Option<Identity>, ip: IpAddr, mut ws: WebSocket) {
+    let Some(mut sub) = s.realtime.subscribe() else {
+        metrics::counter!("fleetmq_realtime_refused_total").increment(1);
+        let _ = ws
+            .send(WsMessage::Text(
+                json!([{"channel": "/meta/handshake", "successful": false,
+                    "error": "503::Too many clients"}])
+                .to_string()
+                .into(),
+            ))
+            .await;
+        return;
+    };
     metrics::gauge!("fleetmq_realtime_clients").increment(1.0);
-    let mut rx = s.realtime.subscribe();
+    let started = tokio::time::Instant::now();
     let client_id = format!("{:016x}", rand::random::<u64>());
     let mut subs: BTreeSet<String> = BTreeSet::new();
     let mut handshaken = false;
@@ -127,6 +145,8 @@ async fn session(s: Arc<RestState>, mut who: Option<Identity>, ip: IpAddr, mut w
                             let sub = m.get("subscription").and_then(Value::as_str).unwrap_or_default().to_string();
                             if !valid_subscription(&sub) {
                                 out.push(failure(&m, "403::Invalid subscription"));
+                            } else if channel == "/meta/subscribe" && subs.len() >= MAX_SUBSCRIPTIONS && !subs.contains(&sub) {
+                                out.push(failure(&m, "403::Too many subscriptions"));
                             } else {
                                 if channel == "/meta/subscribe" {
                                     subs.insert(sub.clone());
@@ -147,7 +167,7 @@ async fn session(s: Arc<RestState>, mut who: Option<Identity>, ip: IpAddr, mut w
                     }
                 }
             }
-            note = rx.recv() => {
+            note = sub.rx.recv() => {
                 match note {
                     Ok(n) => {
                         if let Some(tenant) = who.as_ref().map(|i| i.tenant.id.as_str()) {
@@ -163,6 +183,9 @@ async fn session(s: Arc<RestState>, mut who: Option<Identity>, ip: IpAddr, mut w
                 }
             }
             _ = tick.tick() => {
+                if !handshaken && started.elapsed() > HANDSHAKE_TIMEOUT {
+                    break;
+                }
                 if let Some((m, due)) = &connect {
                     if tokio::time::Instant::now() >= *due {
                         out.push(reply(m, json!({"clientId": client_id,
@@ -174,8 +197,9 @@ async fn session(s: Arc<RestState>, mut who: Option<Identity>, ip: IpAddr, mut w
         }
         if !out.is_empty() {
             let text = Value::Array(out).to_string();
-            if ws.send(WsMessage::Text(text.into())).await.is_err() {
-                break;
+            match tokio::time::timeout(SEND_TIMEOUT, ws.send(WsMessage::Text(text.into()))).await {
+                Ok(Ok(())) => {}
+                _ => break,
             }
         }
         if close {

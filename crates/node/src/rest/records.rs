@@ -152,6 +152,32 @@ pub async fn create(s: &RestState, c: &Caller, kind: RecordKind, raw: &[u8]) -> 
             None => by_group.push((g, vec![(i, create_op(kind, src, b))])),
         }
     }
+    // Every source must exist before anything is stored, so a bulk with an unknown source
+    // stores none of it (a commit failing halfway still can: storage errors are 503s).
+    for (g, ops) in &by_group {
+        data::barrier(s, Some(*g)).await?;
+        let st = data::store(s, *g)?;
+        for (_, op) in ops {
+            let src = match op {
+                DeviceOp::Measurement { source, .. }
+                | DeviceOp::Event { source, .. }
+                | DeviceOp::Alarm { source, .. } => source,
+                _ => continue,
+            };
+            if let Source::Id(id) = src {
+                if st
+                    .device_object(&c.tenant().id, *id)
+                    .map_err(data::read_err)?
+                    .is_none()
+                {
+                    return Err(ApiError::unprocessable(
+                        api,
+                        format!("No managed object {id}"),
+                    ));
+                }
+            }
+        }
+    }
     let total: usize = by_group.iter().map(|(_, o)| o.len()).sum();
     let mut out: Vec<Option<Value>> = vec![None; total];
     for (g, ops) in by_group {
@@ -177,13 +203,13 @@ pub async fn list(s: &RestState, c: &Caller, kind: RecordKind, q: &HashMap<Strin
     let (_, _, coll_media, key) = names(kind);
     let page = Page::from_query(q)?;
     let f = data::Filter::from_query(q)?;
-    let max = page.current.saturating_mul(page.size);
+    let max = data::page_reach(&page)?;
     let docs = data::list_records(s, c, kind, &f, max).await?;
     let items: Vec<Value> = docs
         .iter()
         .map(|d| data::render_record(&c.base, kind, d))
         .collect();
-    let url = format!("{}/{}", c.base, data::path(kind));
+    let url = data::listing_url(&c.base, data::path(kind), q);
     Ok(page.collection(coll_media, key, &url, items))
 }
 

@@ -97,6 +97,10 @@ pub(crate) fn trailing_id(k: &[u8]) -> Option<u64> {
         .and_then(|at| keys::read_u64(&k[at..]))
 }
 
+fn not_below(child: &str, serial: &str) -> Outcome {
+    Outcome::NotFound(format!("{child} is not a child device of {serial}"))
+}
+
 fn corrupt(what: &str) -> StorageError {
     StorageError::Corrupt {
         tree: "sm".into(),
@@ -263,10 +267,16 @@ impl Ctx<'_, '_> {
     /// The object a source names, creating devices that do not exist yet.
     fn resolve(&mut self, s: &Source) -> Result<std::result::Result<Doc, Outcome>> {
         match s {
+            Source::Id(id) if !self.may_address(*id)? => Ok(Err(Outcome::NotFound(format!(
+                "Managed object {id} not found"
+            )))),
             Source::Id(id) => Ok(self
                 .object(*id)?
                 .ok_or_else(|| Outcome::NotFound(format!("Managed object {id} not found")))),
             Source::External { kind, external } => match self.lookup(kind, external)? {
+                Some(id) if !self.may_address(id)? => Ok(Err(Outcome::NotFound(format!(
+                    "External id {kind}/{external} not found"
+                )))),
                 Some(id) => Ok(self
                     .object(id)?
                     .ok_or_else(|| Outcome::NotFound(format!("Managed object {id} not found")))),
@@ -288,6 +298,9 @@ impl Ctx<'_, '_> {
             },
             Source::Child { serial, child } => {
                 if let Some(id) = self.lookup(SERIAL, child)? {
+                    if !self.below(id, serial)? {
+                        return Ok(Err(not_below(child, serial)));
+                    }
                     return Ok(self.object(id)?.ok_or_else(|| {
                         Outcome::NotFound(format!("Managed object {id} not found"))
                     }));
@@ -314,17 +327,59 @@ impl Ctx<'_, '_> {
     fn resolve_id(&mut self, s: &Source) -> Result<std::result::Result<u64, Outcome>> {
         let found = match s {
             Source::Device { serial } => self.lookup(SERIAL, serial)?,
-            Source::Child { child, .. } => self.lookup(SERIAL, child)?,
-            Source::Id(id) => self
-                .ov
-                .contains(&obj_key(self.t(), *id)?)?
-                .then_some(*id),
-            Source::External { .. } => None,
+            Source::Child { child, serial } => match self.lookup(SERIAL, child)? {
+                Some(id) if !self.below(id, serial)? => return Ok(Err(not_below(child, serial))),
+                other => other,
+            },
+            Source::Id(_) | Source::External { .. } => None,
         };
         match found {
             Some(id) => Ok(Ok(id)),
             None => Ok(self.resolve(s)?.map(|d| d.id)),
         }
+    }
+
+    /// Whether object `id` is `root` or one of its descendants.
+    fn below_id(&self, id: u64, root: u64) -> Result<bool> {
+        let mut cur = Some(id);
+        for _ in 0..16 {
+            match cur {
+                Some(c) if c == root => return Ok(true),
+                Some(c) => cur = self.object(c)?.and_then(|d| d.parent),
+                None => return Ok(false),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether object `id` is the device `serial` or one of its descendants.
+    fn below(&self, id: u64, serial: &str) -> Result<bool> {
+        let Some(root) = self.lookup(SERIAL, serial)? else {
+            return Ok(false);
+        };
+        let mut cur = Some(id);
+        for _ in 0..16 {
+            match cur {
+                Some(c) if c == root => return Ok(true),
+                Some(c) => cur = self.object(c)?.and_then(|d| d.parent),
+                None => return Ok(false),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether the sender of this batch may address object `id`: the platform may address
+    /// anything; a device itself, its descendants and what its user owns.
+    fn may_address(&self, id: u64) -> Result<bool> {
+        let Some(serial) = &self.b.device else {
+            return Ok(true);
+        };
+        if self.below(id, serial)? {
+            return Ok(true);
+        }
+        Ok(self
+            .object(id)?
+            .is_some_and(|d| d.str("owner") == Some(self.b.owner.as_str())))
     }
 
     fn touch(&mut self, d: &mut Doc) {
@@ -365,11 +420,19 @@ impl Ctx<'_, '_> {
             } => {
                 let p = tri!(self.resolve(parent)?);
                 if let Some(id) = self.lookup(SERIAL, child)? {
-                    // Already there: link it if it was not (Cumulocity answers nothing).
-                    let mut pd = p;
-                    if !pd.children.contains(&id) && id != pd.id {
-                        pd.children.push(id);
-                        self.put_object(&pd)?;
+                    // Already there: link it if it has no parent yet (Cumulocity answers
+                    // nothing); another device's child stays where it is.
+                    let Some(mut cd) = self.object(id)? else {
+                        return Ok(Outcome::Exists);
+                    };
+                    if cd.parent.is_none() && id != p.id && !self.below_id(p.id, id)? {
+                        cd.parent = Some(p.id);
+                        self.put_object(&cd)?;
+                        let mut pd = p;
+                        if !pd.children.contains(&id) {
+                            pd.children.push(id);
+                            self.put_object(&pd)?;
+                        }
                     }
                     return Ok(Outcome::Exists);
                 }
@@ -397,6 +460,11 @@ impl Ctx<'_, '_> {
                     let Some(mut d) = self.object(id)? else {
                         return Ok(Outcome::NotFound(format!("Managed object {id} not found")));
                     };
+                    if d.parent != Some(p.id) {
+                        return Ok(Outcome::Invalid(format!(
+                            "{xid} exists and is not a service of this device"
+                        )));
+                    }
                     if let Value::Object(m) = fields {
                         merge(&mut d.body, m, false);
                     }
@@ -540,20 +608,31 @@ impl Ctx<'_, '_> {
                 let Some(mut r) = self.record(*kind, *id)? else {
                     return Ok(Outcome::NotFound(format!("{kind:?} {id} not found")));
                 };
+                if !self.may_address(r.parent.unwrap_or_default())? {
+                    return Ok(Outcome::NotFound(format!("{kind:?} {id} not found")));
+                }
                 if *kind == RecordKind::Alarm {
-                    if let Some(Value::String(s)) = set.get("status") {
-                        if s == "CLEARED" {
-                            if let (Some(src), Some(ty)) = (r.parent, r.str("type")) {
-                                let ok = open_alarm_key(self.t(), src, ty)?;
-                                if self.ov.get(&ok)?.and_then(|v| keys::read_u64(&v)) == Some(*id) {
-                                    self.ov.del(ok);
-                                }
+                    if let Some(Value::String(st)) = set.get("status") {
+                        if !matches!(st.as_str(), "ACTIVE" | "ACKNOWLEDGED" | "CLEARED") {
+                            return Ok(Outcome::Invalid(format!("Unknown alarm status {st}")));
+                        }
+                        if let (Some(src), Some(ty)) = (r.parent, r.str("type")) {
+                            let ok = open_alarm_key(self.t(), src, ty)?;
+                            let holder = self.ov.get(&ok)?.and_then(|v| keys::read_u64(&v));
+                            if st == "CLEARED" && holder == Some(*id) {
+                                self.ov.del(ok);
+                            } else if st != "CLEARED" && holder.is_none() {
+                                // Reopened: it is the open alarm of its type again.
+                                self.ov.put(ok, id.to_be_bytes().to_vec());
                             }
                         }
                     }
                 }
                 for (k, v) in set {
-                    if matches!(k.as_str(), "id" | "self" | "source" | "creationTime") {
+                    if matches!(
+                        k.as_str(),
+                        "id" | "self" | "source" | "creationTime" | "type"
+                    ) {
                         continue;
                     }
                     if v.is_null() {
@@ -570,6 +649,9 @@ impl Ctx<'_, '_> {
                 let Some(r) = self.record(*kind, *id)? else {
                     return Ok(Outcome::NotFound(format!("{kind:?} {id} not found")));
                 };
+                if !self.may_address(r.parent.unwrap_or_default())? {
+                    return Ok(Outcome::NotFound(format!("{kind:?} {id} not found")));
+                }
                 self.drop_record(*kind, &r)?;
                 Ok(Outcome::Done(doc_json(&r)))
             }
@@ -616,6 +698,25 @@ impl Ctx<'_, '_> {
                         self.put_object(&pd)?;
                     }
                 }
+                // Its children and services become top-level objects (not deleted: their data
+                // stays reachable); what only this object used goes.
+                for c in d.children.iter().chain(d.additions.iter()) {
+                    if let Some(mut cd) = self.object(*c)? {
+                        cd.parent = None;
+                        if !cd.body.contains_key(AGENT) {
+                            cd.body.insert(AGENT.into(), json!({}));
+                        }
+                        self.put_object(&cd)?;
+                    }
+                }
+                for k in self
+                    .ov
+                    .keys_with_prefix(&agent_ops_prefix(self.t(), *id)?)?
+                {
+                    self.ov.del(k);
+                }
+                let lm = last_message_key(self.t(), *id)?;
+                self.ov.del(lm);
                 let k = obj_key(self.t(), *id)?;
                 self.ov.del(k);
                 Ok(Outcome::Done(doc_json(&d)))
@@ -656,6 +757,15 @@ impl Ctx<'_, '_> {
                 else {
                     return Ok(Outcome::NotFound("Managed object not found".into()));
                 };
+                if *parent == *child || self.below_id(*parent, *child)? {
+                    return Ok(Outcome::Invalid("that would make a cycle".into()));
+                }
+                if let Some(old) = c.parent.filter(|o| o != parent) {
+                    if let Some(mut od) = self.object(old)? {
+                        od.children.retain(|x| x != child);
+                        self.put_object(&od)?;
+                    }
+                }
                 if !p.children.contains(child) {
                     p.children.push(*child);
                 }
@@ -718,8 +828,12 @@ impl Ctx<'_, '_> {
                     return Ok(Outcome::Many(Vec::new()));
                 }
                 let d = tri!(self.resolve(source)?);
-                let agent = self.agent_of(&d)?.map(|(id, _)| id).unwrap_or(d.id);
-                let p = agent_ops_prefix(self.t(), agent)?;
+                // Only an agent receives operations: a child connecting with its own ClientId
+                // does not get its gateway's.
+                if !d.body.contains_key(AGENT) {
+                    return Ok(Outcome::Many(Vec::new()));
+                }
+                let p = agent_ops_prefix(self.t(), d.id)?;
                 let mut out = Vec::new();
                 for k in self.ov.keys_with_prefix(&p)? {
                     let Some(id) = trailing_id(&k) else { continue };
@@ -744,15 +858,24 @@ impl Ctx<'_, '_> {
                     return Ok(Outcome::NotFound("no such device".into()));
                 }
                 let mut d = tri!(self.resolve(source)?);
+                // Connection ids grow with time, so the two proposals of one connection may
+                // arrive in either order: a CONNECTED of a connection that already ended is
+                // ignored, as is the end of one that was superseded.
                 if *connected {
+                    if d.ended.is_some_and(|e| e >= *conn) || d.link.is_some_and(|l| l > *conn) {
+                        return Ok(Outcome::Many(Vec::new()));
+                    }
                     d.link = Some(*conn);
                     d.body
                         .insert("c8y_Connection".into(), json!({"status": "CONNECTED"}));
                 } else if d.link == Some(*conn) {
                     d.link = None;
+                    d.ended = Some(*conn);
                     d.body
                         .insert("c8y_Connection".into(), json!({"status": "DISCONNECTED"}));
                 } else {
+                    d.ended = Some(d.ended.unwrap_or_default().max(*conn));
+                    self.put_object(&d)?;
                     return Ok(Outcome::Many(Vec::new()));
                 }
                 self.put_object(&d)?;
@@ -1027,7 +1150,9 @@ impl Ctx<'_, '_> {
                     return Ok(Outcome::NotFound(format!("Operation {id} not found")));
                 };
                 if let Some(d) = &dev {
-                    if o.parent != Some(d.id) {
+                    // The device's own operation, or one it is the agent for (thin-edge's
+                    // fallback reports a child's operation on the gateway's topic).
+                    if o.parent != Some(d.id) && o.agent.as_ref().map(|a| a.0) != Some(d.id) {
                         return Ok(Outcome::NotFound(format!(
                             "Operation {id} is not an operation of this device"
                         )));
@@ -1121,6 +1246,9 @@ impl Ctx<'_, '_> {
                 _ => to.to_string(),
             };
             let to = to.as_str();
+            if !matches!(to, "PENDING" | "EXECUTING" | "SUCCESSFUL" | "FAILED") {
+                return Ok(Outcome::Invalid(format!("Unknown operation status {to}")));
+            }
             let now = o.str("status").unwrap_or("PENDING").to_string();
             if is_final(&now) && now != to {
                 return Ok(Outcome::Invalid(format!(

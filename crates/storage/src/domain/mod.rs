@@ -22,6 +22,91 @@ pub const SERIAL: &str = "c8y_Serial";
 /// The fragment that makes a managed object receive operations (§11.2).
 pub const AGENT: &str = "com_cumulocity_model_Agent";
 
+/// Longest text that becomes part of a key (a serial, an external ID, an alarm type). Keys
+/// store strings with a u16 length; anything near that would fail the apply on every replica,
+/// so longer values are refused before they are proposed.
+pub const MAX_KEY_TEXT: usize = 1024;
+
+fn key_text(what: &str, s: &str) -> Result<(), String> {
+    if s.len() > MAX_KEY_TEXT {
+        Err(format!("{what} longer than {MAX_KEY_TEXT} bytes"))
+    } else {
+        Ok(())
+    }
+}
+
+impl Source {
+    fn check(&self) -> Result<(), String> {
+        match self {
+            Source::Device { serial } => key_text("serial", serial),
+            Source::Child { serial, child } => {
+                key_text("serial", serial)?;
+                key_text("child id", child)
+            }
+            Source::Id(_) => Ok(()),
+            Source::External { kind, external } => {
+                key_text("external id type", kind)?;
+                key_text("external id", external)
+            }
+        }
+    }
+}
+
+impl DeviceOp {
+    /// Whether every text that becomes part of a key fits (`Err`: why not).
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            DeviceOp::CreateDevice { source, .. }
+            | DeviceOp::Update { source, .. }
+            | DeviceOp::ListEdit { source, .. }
+            | DeviceOp::Measurement { source, .. }
+            | DeviceOp::Event { source, .. }
+            | DeviceOp::EventClear { source, .. }
+            | DeviceOp::Describe { source }
+            | DeviceOp::Pending { source }
+            | DeviceOp::Connection { source, .. }
+            | DeviceOp::Transient { source, .. }
+            | DeviceOp::OperationStatus { source, .. } => source.check(),
+            DeviceOp::CreateChild { parent, child, .. } => {
+                parent.check()?;
+                key_text("child id", child)
+            }
+            DeviceOp::CreateService { parent, xid, .. } => {
+                parent.check()?;
+                key_text("service id", xid)
+            }
+            DeviceOp::Alarm { source, doc } => {
+                source.check()?;
+                let ty = serde_json::from_str::<serde_json::Value>(doc)
+                    .ok()
+                    .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::len))
+                    .unwrap_or(0);
+                if ty > MAX_KEY_TEXT {
+                    return Err(format!("alarm type longer than {MAX_KEY_TEXT} bytes"));
+                }
+                Ok(())
+            }
+            DeviceOp::AlarmChange { source, kind, .. } => {
+                source.check()?;
+                key_text("alarm type", kind)
+            }
+            DeviceOp::AddExternalId { kind, external, .. }
+            | DeviceOp::DeleteExternalId { kind, external } => {
+                key_text("external id type", kind)?;
+                key_text("external id", external)
+            }
+            DeviceOp::CreateObject {
+                external: Some((kind, external)),
+                ..
+            } => {
+                key_text("external id type", kind)?;
+                key_text("external id", external)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The group a record with this id lives in.
 pub fn group_of_id(id: u64) -> u64 {
     id & 0xff
@@ -245,6 +330,9 @@ pub struct Doc {
     /// Managed object: the connection that last made it CONNECTED.
     #[serde(default)]
     pub link: Option<u64>,
+    /// Managed object: the newest connection known to have ended.
+    #[serde(default)]
+    pub ended: Option<u64>,
 }
 
 impl Doc {
@@ -272,6 +360,10 @@ pub struct DeviceBatch {
     pub owner: String,
     /// Quiescent processing (`q/`): stored, but no real-time notifications.
     pub quiet: bool,
+    /// The serial of the device whose connection sent this batch (`None`: the platform, over
+    /// REST). A device may only address itself, its descendants and objects its user owns
+    /// (§7.2: "global or owned by the client").
+    pub device: Option<String>,
     pub ops: Vec<DeviceOp>,
 }
 

@@ -24,6 +24,30 @@ impl T {
         }
     }
 
+    /// As the connection of device `serial` would send it.
+    fn run_as(&mut self, serial: &str, ops: Vec<DeviceOp>) -> Vec<Outcome> {
+        self.index += 1;
+        let cmd = Command::Device(DeviceBatch {
+            tenant: "t1".into(),
+            group: 3,
+            now: "2026-11-30T00:00:00.000Z".into(),
+            now_ms: 1000 * self.index,
+            owner: format!("device_{serial}"),
+            quiet: false,
+            device: Some(serial.into()),
+            ops,
+        });
+        match self
+            .sm
+            .apply(self.index, &[cmd], None)
+            .expect("apply")
+            .pop()
+        {
+            Some(Response::Device(o)) => o,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
     fn run_at(&mut self, now_ms: u64, ops: Vec<DeviceOp>) -> Vec<Outcome> {
         self.index += 1;
         let cmd = Command::Device(DeviceBatch {
@@ -33,6 +57,7 @@ impl T {
             now_ms,
             owner: "device_d1".into(),
             quiet: false,
+            device: None,
             ops,
         });
         match self
@@ -368,4 +393,170 @@ fn a_bad_document_is_refused_and_changes_nothing() {
         Outcome::Invalid(_)
     ));
     assert_eq!(t.sm.device_external("t1", SERIAL, "d1").unwrap(), None);
+}
+
+#[test]
+fn a_device_cannot_reach_into_another_devices_data() {
+    let mut t = T::new();
+    t.run_as("d1", vec![DeviceOp::Describe { source: dev("d1") }]);
+    let a = t.run_as(
+        "d1",
+        vec![DeviceOp::Alarm {
+            source: dev("d1"),
+            doc: r#"{"type":"hot","severity":"MAJOR","text":"x"}"#.into(),
+        }],
+    );
+    let alarm = done(&a[0]);
+    // d2 addressing d1 as its "child", by id, or through d1's alarm: nothing found, nothing changed.
+    let d1 = t.sm.device_external("t1", SERIAL, "d1").unwrap().unwrap();
+    let o = t.run_as(
+        "d2",
+        vec![
+            DeviceOp::Measurement {
+                source: Source::Child {
+                    serial: "d2".into(),
+                    child: "d1".into(),
+                },
+                doc: r#"{"type":"m"}"#.into(),
+            },
+            DeviceOp::Update {
+                source: Source::Id(d1),
+                set: r#"{"hacked":true}"#.into(),
+                remove: vec![],
+                if_absent: false,
+            },
+            DeviceOp::RecordUpdate {
+                kind: RecordKind::Alarm,
+                id: alarm.id,
+                set: r#"{"status":"CLEARED"}"#.into(),
+            },
+        ],
+    );
+    assert!(o.iter().all(|x| matches!(x, Outcome::NotFound(_))), "{o:?}");
+    let obj = t.sm.device_object("t1", d1).unwrap().unwrap();
+    assert!(!obj.body.contains_key("hacked"));
+    assert!(t
+        .sm
+        .device_records(RecordKind::Measurement, "t1", Some(d1), false, |_| true, 10)
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        t.sm.device_record(RecordKind::Alarm, "t1", alarm.id)
+            .unwrap()
+            .unwrap()
+            .str("status"),
+        Some("ACTIVE")
+    );
+    // The platform (no device) may.
+    let o = t.one(DeviceOp::RecordUpdate {
+        kind: RecordKind::Alarm,
+        id: alarm.id,
+        set: r#"{"status":"CLEARED"}"#.into(),
+    });
+    assert_eq!(done(&o).str("status"), Some("CLEARED"));
+}
+
+#[test]
+fn a_reopened_alarm_is_the_open_one_again() {
+    let mut t = T::new();
+    let raise = || DeviceOp::Alarm {
+        source: dev("d1"),
+        doc: r#"{"type":"hot","severity":"MAJOR","text":"x"}"#.into(),
+    };
+    let a = done(&t.one(raise()));
+    let set = |s: &str| DeviceOp::RecordUpdate {
+        kind: RecordKind::Alarm,
+        id: a.id,
+        set: format!(r#"{{"status":"{s}","type":"other"}}"#),
+    };
+    t.one(set("CLEARED"));
+    t.one(set("ACTIVE"));
+    let again = done(&t.one(raise()));
+    assert_eq!(again.id, a.id, "counted on the reopened alarm");
+    assert_eq!(again.body["count"], Value::from(2));
+    assert_eq!(again.str("type"), Some("hot"), "type cannot change");
+    assert!(matches!(t.one(set("WEIRD")), Outcome::Invalid(_)));
+}
+
+#[test]
+fn connection_status_survives_proposals_in_either_order() {
+    let mut t = T::new();
+    t.one(DeviceOp::Describe { source: dev("d1") });
+    let conn = |c: u64, up: bool| DeviceOp::Connection {
+        source: dev("d1"),
+        conn: c,
+        connected: up,
+    };
+    let status = |t: &T| {
+        let id = t.sm.device_external("t1", SERIAL, "d1").unwrap().unwrap();
+        t.sm.device_object("t1", id)
+            .unwrap()
+            .unwrap()
+            .body
+            .get("c8y_Connection")
+            .and_then(|c| c["status"].as_str())
+            .map(str::to_string)
+    };
+    // The end of connection 5 committed before its start: it stays disconnected.
+    t.one(conn(5, false));
+    t.one(conn(5, true));
+    assert_eq!(status(&t), None);
+    t.one(conn(7, true));
+    assert_eq!(status(&t).as_deref(), Some("CONNECTED"));
+    // An older connection ending (a takeover) does not undo the newer one.
+    t.one(conn(6, false));
+    t.one(conn(6, true));
+    assert_eq!(status(&t).as_deref(), Some("CONNECTED"));
+    t.one(conn(7, false));
+    assert_eq!(status(&t).as_deref(), Some("DISCONNECTED"));
+}
+
+#[test]
+fn a_child_without_the_agent_fragment_gets_no_pending_operations() {
+    let mut t = T::new();
+    let child = done(&t.one(DeviceOp::CreateChild {
+        parent: dev("d1"),
+        child: "c1".into(),
+        name: None,
+        kind: None,
+        is_device: true,
+    }));
+    t.one(DeviceOp::Operation {
+        device: child.id,
+        doc: r#"{"c8y_Restart":{}}"#.into(),
+    });
+    assert!(many(&t.one(DeviceOp::Pending { source: dev("c1") })).is_empty());
+    assert_eq!(
+        many(&t.one(DeviceOp::Pending { source: dev("d1") })).len(),
+        1
+    );
+}
+
+#[test]
+fn overlong_key_texts_are_refused_before_proposing() {
+    let long = "x".repeat(MAX_KEY_TEXT + 1);
+    let op = DeviceOp::Alarm {
+        source: dev("d1"),
+        doc: format!(r#"{{"type":"{long}","severity":"MAJOR","text":"x"}}"#),
+    };
+    assert!(op.check().is_err());
+    let cmd = Command::Device(DeviceBatch {
+        tenant: "t1".into(),
+        group: 3,
+        now: String::new(),
+        now_ms: 0,
+        owner: String::new(),
+        quiet: false,
+        device: None,
+        ops: vec![op],
+    });
+    assert!(crate::validate(&cmd).is_err());
+    assert!(DeviceOp::Describe {
+        source: Source::Child {
+            serial: "d".into(),
+            child: long
+        }
+    }
+    .check()
+    .is_err());
 }

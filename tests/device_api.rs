@@ -1263,3 +1263,57 @@ fn realtime_notifications_follow_the_processing_modes() {
     ));
     assert_eq!(stored.len(), 2, "{stored:?}");
 }
+
+/// The public Python client `c8y-api` (PyPI) works against the REST API: identity lookup,
+/// inventory, measurements, events, alarms, operations, objects and external IDs
+/// (`tests/c8y_api_client.py`). `.ci/run` installs the package; without it the test says so
+/// and passes.
+#[test]
+fn the_public_python_client_works() {
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import c8y_api"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        eprintln!("SKIPPED: python3 with c8y-api is not installed (pip install c8y-api)");
+        return;
+    }
+    let node = Node::start_secure();
+    let tid = tenant(&node, &["pydev"]);
+    let dev = Device::connect(&node, "pydev", &tid);
+    dev.send("s/us", "100,Pump,c8y_Pump\n200,c8y_T,T,1");
+    let api = Api {
+        node: &node,
+        user: format!("{tid}/admin"),
+    };
+    eventually("the measurement", || {
+        let id = {
+            let (s, v) = api.call("GET", "/identity/externalIds/c8y_Serial/pydev", None);
+            (s == 200)
+                .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+                .flatten()
+        }?;
+        (!api
+            .list(&format!("/measurement/measurements?source={id}"))
+            .is_empty())
+        .then_some(())
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c8y_api_client.py");
+    let out = std::process::Command::new("python3")
+        .args([
+            script,
+            &format!("http://{}", node.http),
+            &tid,
+            "admin",
+            T_ADMIN_PW,
+            "pydev",
+        ])
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("OK"),
+        "c8y-api failed:\n{stdout}\n{stderr}"
+    );
+}

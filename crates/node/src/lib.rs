@@ -233,6 +233,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let app = http::router(http_state)
             .merge(rest::routes(rest_state))
             .fallback(|| async { rest::ApiError::no_such_resource() });
+        // Paths are normalised before routing: clients (the c8y-api Python package among
+        // them) send `/alarm/alarms/` and `/alarm/alarms//<id>`.
+        let app = axum::Router::new()
+            .fallback_service(app)
+            .layer(axum::middleware::map_request(rest::normalize_path));
         let _ = axum::serve(
             http,
             app.into_make_service_with_connect_info::<std::net::SocketAddr>(),

@@ -196,6 +196,33 @@ pub fn routes(state: Arc<RestState>) -> Router {
         .with_state(state)
 }
 
+/// Collapses repeated `/` and drops a trailing one (`/alarm/alarms//5/` → `/alarm/alarms/5`).
+pub async fn normalize_path(mut req: Request) -> Request {
+    let path = req.uri().path();
+    if path.len() > 1 && (path.ends_with('/') || path.contains("//")) {
+        let mut clean = String::with_capacity(path.len());
+        for seg in path.split('/').filter(|s| !s.is_empty()) {
+            clean.push('/');
+            clean.push_str(seg);
+        }
+        if clean.is_empty() {
+            clean.push('/');
+        }
+        if let Some(q) = req.uri().query() {
+            clean.push('?');
+            clean.push_str(q);
+        }
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(pq) = clean.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+    req
+}
+
 async fn counted(group: &'static str, req: Request, next: Next) -> Response {
     metrics::counter!(REQUESTS_METRIC, "route_group" => group).increment(1);
     next.run(req).await

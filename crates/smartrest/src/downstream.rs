@@ -114,6 +114,52 @@ pub fn operation_lines(target: &str, op: &Value) -> Vec<String> {
             ],
         );
     }
+    if let Some(p) = get("c8y_DeviceProfile") {
+        // 527 always; 531 too when a software item has a type (§4.7).
+        let fw = p.get("firmware");
+        let head = vec![
+            "$FW".to_string(),
+            text(fw.and_then(|f| f.get("name"))),
+            text(fw.and_then(|f| f.get("version"))),
+            text(fw.and_then(|f| f.get("url"))),
+            text(fw.and_then(|f| f.get("isPatch"))),
+            text(fw.and_then(|f| f.get("dependency"))),
+            "$SW".to_string(),
+        ];
+        let software: Vec<&Value> = p
+            .get("software")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().collect())
+            .unwrap_or_default();
+        let conf: Vec<String> = p
+            .get("configuration")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .flat_map(|c| [text(c.get("url")), text(c.get("type"))])
+                    .collect()
+            })
+            .unwrap_or_default();
+        let line = |typed: bool, head: &[String]| {
+            let mut v = head.to_vec();
+            for sw in &software {
+                v.push(text(sw.get("name")));
+                v.push(text(sw.get("version")));
+                if typed {
+                    v.push(text(sw.get("softwareType")));
+                }
+                v.push(text(sw.get("url")));
+                v.push(text(sw.get("action")));
+            }
+            v.push("$CONF".to_string());
+            v.extend(conf.iter().cloned());
+            v
+        };
+        add(527, line(false, &head));
+        if software.iter().any(|s| s.get("softwareType").is_some()) {
+            add(531, line(true, &head));
+        }
+    }
     lines.sort_by_key(|(id, _)| *id);
     lines
         .into_iter()
@@ -220,6 +266,24 @@ mod tests {
             operation_lines("main:device:child1", &op),
             vec!["510,main:device:child1", "511,main:device:child1,reboot"]
         );
+    }
+
+    #[test]
+    fn a_device_profile_gives_527_and_with_typed_software_531() {
+        let op = json!({"c8y_DeviceProfile": {
+            "firmware": {"name": "fw", "version": "2", "url": "http://f", "isPatch": false},
+            "software": [{"name": "a", "version": "1", "url": "u", "action": "install", "softwareType": "apt"}],
+            "configuration": [{"url": "http://c", "type": "cfg"}]}});
+        let l = operation_lines("dev", &op);
+        assert_eq!(
+            l,
+            vec![
+                "527,dev,$FW,fw,2,http://f,false,,$SW,a,1,u,install,$CONF,http://c,cfg",
+                "531,dev,$FW,fw,2,http://f,false,,$SW,a,1,apt,u,install,$CONF,http://c,cfg",
+            ]
+        );
+        let plain = json!({"c8y_DeviceProfile": {"software": [{"name": "a", "version": "1"}]}});
+        assert_eq!(operation_lines("d", &plain).len(), 1);
     }
 
     #[test]

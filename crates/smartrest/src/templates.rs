@@ -426,8 +426,8 @@ fn value_ok(id: &str, f: &Field, v: Option<&str>) -> Result<(), SmartError> {
 
 /// The downstream template ids fleetmq sends on `s/ds` (§4.7).
 pub const DOWNSTREAM_IDS: &[u16] = &[
-    106, 124, 510, 511, 513, 515, 516, 517, 518, 519, 520, 521, 522, 523, 524, 525, 526, 528, 529,
-    530, 601, 603,
+    106, 124, 510, 511, 513, 515, 516, 517, 518, 519, 520, 521, 522, 523, 524, 525, 526, 527, 528,
+    529, 530, 531, 601, 603,
 ];
 
 /// Every valid static template id, up and down, in order (the `603` answer to `602`).

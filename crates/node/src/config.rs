@@ -18,6 +18,10 @@ pub struct Cli {
     /// TOML file with any of the settings below (snake_case keys).
     #[arg(long, env = "FLEETMQ_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Health probe instead of a node: GET this `http://host:port/path` and exit 0 on a 2xx
+    /// answer, 1 otherwise (for container health checks in images without curl).
+    #[arg(long)]
+    pub probe: Option<String>,
     /// MQTT over TCP listen address.
     #[arg(long, env = "FLEETMQ_MQTT_ADDR")]
     pub mqtt_addr: Option<SocketAddr>,

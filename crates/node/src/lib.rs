@@ -393,9 +393,44 @@ async fn wait_for_signal() {
 }
 
 /// Parses flags/env/file, sets up logging and runs the node: the `fleetmq` binary's `main`.
+/// `--probe`: a minimal HTTP/1.0 GET over a plain socket (2 s), true on a 2xx status.
+fn probe(url: &str) -> bool {
+    use std::io::{Read, Write};
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(host) else {
+        return false;
+    };
+    let timeout = Duration::from_secs(2);
+    for addr in addrs {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(timeout));
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
+        if s.write_all(req.as_bytes()).is_err() {
+            continue;
+        }
+        let mut head = [0u8; 12];
+        if s.read_exact(&mut head).is_ok() {
+            // "HTTP/1.1 200"
+            return head.get(9) == Some(&b'2');
+        }
+    }
+    false
+}
+
 pub fn main_entry() -> anyhow::Result<()> {
     use clap::Parser;
     let cli = Cli::parse();
+    if let Some(url) = &cli.probe {
+        std::process::exit(if probe(url) { 0 } else { 1 });
+    }
     let cfg = Config::resolve(cli)?;
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

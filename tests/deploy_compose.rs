@@ -277,6 +277,20 @@ fn the_compose_cluster_runs_scales_and_is_scraped() {
         .into_json()
         .expect("json");
         assert_eq!(r["data"]["result"].as_array().map(Vec::len), Some(3), "{r}");
+        // The alert rules are loaded (and none fires on a healthy cluster).
+        let rules: Value = ureq::get(&format!("http://127.0.0.1:{prom}/api/v1/rules"))
+            .call()
+            .expect("rules")
+            .into_json()
+            .expect("json");
+        let names: Vec<&str> = rules["data"]["groups"][0]["rules"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|r| r["name"].as_str()).collect())
+            .unwrap_or_default();
+        assert!(
+            names.contains(&"FleetmqShardWithoutLeader") && names.contains(&"FleetmqNodeDown"),
+            "{rules}"
+        );
     }
 
     // A fourth node: joins, takes voter seats of some shards; scaled away, it leaves.

@@ -17,7 +17,7 @@ for lib in $(ldd "$BIN" 2>/dev/null | grep -o '/[^ ]*' || true); do
     mkdir -p "$CTX/rootfs$(dirname "$lib")"
     cp -L "$lib" "$CTX/rootfs$lib"
 done
-cp deploy/prometheus/prometheus.yml "$CTX/rootfs/etc/prometheus/prometheus.yml"
+cp deploy/prometheus/prometheus.yml deploy/prometheus/alerts.yml "$CTX/rootfs/etc/prometheus/"
 echo 'nobody:x:65534:65534:nobody:/prometheus:/bin/prometheus' >"$CTX/rootfs/etc/passwd"
 cat >"$CTX/Dockerfile" <<'DOCKERFILE'
 FROM scratch

@@ -154,3 +154,109 @@ fn exported_metrics_follow_prometheus_conventions() {
         );
     }
 }
+
+#[test]
+fn kubernetes_manifests_validate() {
+    let file = format!("{ROOT}/deploy/k8s/fleetmq.yaml");
+    let text = std::fs::read_to_string(&file).expect("manifest");
+    // What the manifests must keep doing (docs/operations.md, Kubernetes).
+    for must in [
+        "kind: StatefulSet",
+        "--node-id-from-hostname",
+        "clusterIP: None",
+        "publishNotReadyAddresses: true",
+        "path: /health/ready",
+        "--drain-url",
+        "kind: PodDisruptionBudget",
+        "kind: HorizontalPodAutoscaler",
+        "volumeClaimTemplates",
+    ] {
+        assert!(text.contains(must), "deploy/k8s/fleetmq.yaml lost {must:?}");
+    }
+    if !have("kubernetes-validate") {
+        eprintln!("SKIPPED: no kubernetes-validate (pip install kubernetes-validate)");
+        return;
+    }
+    let out = std::process::Command::new("kubernetes-validate")
+        .args(["--strict", &file])
+        .output()
+        .expect("kubernetes-validate");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{all}");
+    assert_eq!(all.matches("passed for resource").count(), 5, "{all}");
+}
+
+/// Kills a spawned node on drop.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `fleetmq` as the StatefulSet pod `host` (by host name) on fixed ports.
+fn pod(host: &str, dir: &Path, http: u16, grpc: u16, join: &str) -> Proc {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetmq"))
+        .env("HOSTNAME", host)
+        .env("FLEETMQ_ADMIN_PASSWORD", "k8s-admin")
+        .args(["--node-id-from-hostname", "--cluster-secret", "k8s-secret"])
+        .args(["--data-dir", &dir.display().to_string()])
+        .args(["--mqtt-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0"])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--advertise-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--join", join])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn fleetmq");
+    Proc(child)
+}
+
+/// The image's health check: `fleetmq --probe` on `/health/ready`.
+fn ready(http: u16) -> bool {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fleetmq"))
+        .args(["--probe", &format!("http://127.0.0.1:{http}/health/ready")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The StatefulSet behaviour the manifests rely on: pod 0 with an empty volume forms the
+/// cluster when no other pod answers (first start), pod 1 joins it, node ids follow the
+/// ordinals, and the preStop command drains its own node.
+#[test]
+fn statefulset_pods_form_join_and_drain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (h0, h1, g0, g1) = (free_port(), free_port(), free_port(), free_port());
+    let seeds = format!("127.0.0.1:{g0},127.0.0.1:{g1}");
+    let _p0 = pod("fleetmq-0", &dir.path().join("0"), h0, g0, &seeds);
+    wait_until(40, "pod 0 forms the cluster", || ready(h0));
+    let _p1 = pod("fleetmq-1", &dir.path().join("1"), h1, g1, &seeds);
+    wait_until(40, "pod 1 joins", || ready(h1));
+    for (d, want) in [("0", "1"), ("1", "2")] {
+        let id = std::fs::read_to_string(dir.path().join(d).join("node-id")).expect("node-id");
+        assert_eq!(id.trim(), want, "pod {d}");
+    }
+    let drained = std::process::Command::new(env!("CARGO_BIN_EXE_fleetmq"))
+        .env("FLEETMQ_ADMIN_PASSWORD", "k8s-admin")
+        .args(["--data-dir", &dir.path().join("1").display().to_string()])
+        .args(["--drain-url", &format!("http://127.0.0.1:{h1}")])
+        .status()
+        .expect("drain");
+    assert!(drained.success());
+    // Draining: no longer ready (new clients go elsewhere).
+    wait_until(10, "pod 1 not ready after its drain", || !ready(h1));
+    let wrong = std::process::Command::new(env!("CARGO_BIN_EXE_fleetmq"))
+        .env("FLEETMQ_ADMIN_PASSWORD", "wrong")
+        .args(["--data-dir", &dir.path().join("0").display().to_string()])
+        .args(["--drain-url", &format!("http://127.0.0.1:{h0}")])
+        .status()
+        .expect("drain");
+    assert!(!wrong.success(), "a drain with a wrong password must fail");
+}

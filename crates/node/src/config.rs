@@ -38,6 +38,16 @@ pub struct Cli {
     /// or a random one generated and stored there on first start).
     #[arg(long, env = "FLEETMQ_NODE_ID")]
     pub node_id: Option<u64>,
+    /// Node id from the host name's trailing ordinal: `fleetmq-2` is node 3 (a Kubernetes
+    /// StatefulSet pod). Ordinal 0 with an empty data directory forms the cluster when none of
+    /// the other `--join` seeds answers within 10 s, and joins it otherwise.
+    #[arg(long, env = "FLEETMQ_NODE_ID_FROM_HOSTNAME")]
+    pub node_id_from_hostname: bool,
+    /// Drain the node serving this HTTP base URL (`http://127.0.0.1:8080`) and exit: hands its
+    /// Raft leaderships over and moves its clients away (a Kubernetes preStop hook). Uses
+    /// `management/admin` with the password in `FLEETMQ_ADMIN_PASSWORD`.
+    #[arg(long)]
+    pub drain_url: Option<String>,
     /// host:port other nodes reach this node's gRPC listener at (default: the gRPC listen
     /// address when it names a specific IP, else this host's name with its port).
     #[arg(long, env = "FLEETMQ_ADVERTISE_ADDR")]
@@ -249,6 +259,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `None`: the data directory's stored id, or a new random one (see `node_id::resolve`).
     pub node_id: Option<u64>,
+    /// The StatefulSet ordinal of this node (`--node-id-from-hostname`).
+    pub ordinal: Option<u64>,
     pub advertise_addr: Option<String>,
     pub join: Vec<String>,
     pub max_packet_size: usize,
@@ -333,6 +345,7 @@ impl Default for Config {
             grpc_addr: ([0, 0, 0, 0], 7070).into(),
             data_dir: PathBuf::from("./fleetmq-data"),
             node_id: None,
+            ordinal: None,
             advertise_addr: None,
             join: Vec::new(),
             max_packet_size: 1024 * 1024,
@@ -395,6 +408,31 @@ pub enum ConfigError {
     },
     #[error("invalid setting: {0}")]
     Invalid(&'static str),
+    #[error("--node-id-from-hostname: the host name has no trailing -<number>")]
+    NoOrdinal,
+}
+
+/// This host's name (`HOSTNAME`, else `/etc/hostname`).
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// The trailing ordinal of a StatefulSet pod name (`fleetmq-2` → 2).
+pub fn ordinal_of(host: &str) -> Option<u64> {
+    let short = host.split('.').next().unwrap_or(host);
+    let (_, n) = short.rsplit_once('-')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
 }
 
 impl Config {
@@ -420,7 +458,19 @@ impl Config {
                 http_addr: cli.http_addr.or(file.http_addr).unwrap_or(d.http_addr),
                 grpc_addr: cli.grpc_addr.or(file.grpc_addr).unwrap_or(d.grpc_addr),
                 data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
-                node_id: cli.node_id.or(file.node_id),
+                node_id: cli
+                    .node_id
+                    .or(file.node_id)
+                    .or(if cli.node_id_from_hostname {
+                        Some(ordinal_of(&host_name()).ok_or(ConfigError::NoOrdinal)? + 1)
+                    } else {
+                        None
+                    }),
+                ordinal: if cli.node_id_from_hostname {
+                    ordinal_of(&host_name())
+                } else {
+                    None
+                },
                 advertise_addr: cli.advertise_addr.or(file.advertise_addr),
                 join: if cli.join.is_empty() {
                     file.join.unwrap_or_default()
@@ -581,6 +631,16 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statefulset_ordinals() {
+        assert_eq!(ordinal_of("fleetmq-0"), Some(0));
+        assert_eq!(ordinal_of("fleetmq-12.fleetmq-headless.ns.svc"), Some(12));
+        assert_eq!(ordinal_of("my-broker-3"), Some(3));
+        assert_eq!(ordinal_of("fleetmq"), None);
+        assert_eq!(ordinal_of("fleetmq-a"), None);
+        assert_eq!(ordinal_of("fleetmq-"), None);
+    }
 
     #[test]
     fn flag_beats_file_beats_default() {

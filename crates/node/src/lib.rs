@@ -36,7 +36,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let prometheus = metrics::install();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let fresh = !cluster::node_id::has_state(&cfg.data_dir);
     let node_id = cluster::node_id::resolve(&cfg.data_dir, cfg.node_id)?;
+    let mut cfg = cfg;
+    if cfg.ordinal == Some(0) && fresh && !cfg.join.is_empty() {
+        cfg.join = first_pod_seeds(&cfg.join).await;
+    }
 
     // The gRPC listener serves Raft from the start: a joining node must be reachable before
     // the leader can add it. The node service answers "unavailable" until the broker exists.
@@ -393,6 +398,73 @@ async fn wait_for_signal() {
 }
 
 /// Parses flags/env/file, sets up logging and runs the node: the `fleetmq` binary's `main`.
+/// StatefulSet pod 0 with an empty volume: the other pods' addresses if any of them answers
+/// within 10 s (the cluster exists: join it), else none (first start: form it).
+async fn first_pod_seeds(seeds: &[String]) -> Vec<String> {
+    let me = config::host_name();
+    let me = me.split('.').next().unwrap_or_default().to_string();
+    let others: Vec<String> = seeds
+        .iter()
+        .filter(|s| s.split(['.', ':']).next() != Some(me.as_str()))
+        .cloned()
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        for s in &others {
+            let ok = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(s.as_str()),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+            if ok {
+                tracing::info!(seed = %s, "pod 0 with an empty volume: the cluster exists, joining it");
+                return others;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tracing::info!("pod 0 with an empty volume and no other pod answering: forming the cluster");
+    Vec::new()
+}
+
+/// `--drain-url`: `POST <base>/fleetmq/cluster/nodes/<this node>/drain` as management/admin
+/// (password from `FLEETMQ_ADMIN_PASSWORD`); true when the node answered 2xx.
+fn drain_self(base: &str, cli: &Cli) -> bool {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    let dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from("./fleetmq-data"));
+    let Some(id) = std::fs::read_to_string(dir.join("node-id"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        eprintln!("no node id in {}", dir.display());
+        return false;
+    };
+    let password = std::env::var("FLEETMQ_ADMIN_PASSWORD").unwrap_or_default();
+    let auth =
+        base64::engine::general_purpose::STANDARD.encode(format!("management/admin:{password}"));
+    let Some(host) = base.strip_prefix("http://") else {
+        return false;
+    };
+    let host = host.trim_end_matches('/');
+    let Ok(mut s) = std::net::TcpStream::connect(host) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let req = format!(
+        "POST /fleetmq/cluster/nodes/{id}/drain HTTP/1.0\r\nHost: {host}\r\nAuthorization: Basic {auth}\r\nContent-Length: 0\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.get(9) == Some(&b'2')
+}
+
 /// `--probe`: a minimal HTTP/1.0 GET over a plain socket (2 s), true on a 2xx status.
 fn probe(url: &str) -> bool {
     use std::io::{Read, Write};
@@ -430,6 +502,9 @@ pub fn main_entry() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(url) = &cli.probe {
         std::process::exit(if probe(url) { 0 } else { 1 });
+    }
+    if let Some(base) = &cli.drain_url {
+        std::process::exit(if drain_self(base, &cli) { 0 } else { 1 });
     }
     let cfg = Config::resolve(cli)?;
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log)

@@ -47,7 +47,8 @@ pub fn resolve(data_dir: &Path, configured: Option<u64>) -> anyhow::Result<u64> 
     Ok(id)
 }
 
-fn has_state(data_dir: &Path) -> bool {
+/// Whether the data directory holds anything besides the node id file.
+pub fn has_state(data_dir: &Path) -> bool {
     std::fs::read_dir(data_dir)
         .map(|mut d| d.any(|e| e.map(|e| e.file_name() != FILE).unwrap_or(false)))
         .unwrap_or(false)

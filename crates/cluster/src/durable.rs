@@ -1640,7 +1640,20 @@ mod tests {
         d.shutdown().await.expect("shutdown");
         drop(d);
 
-        let d = Durable::open(cfg).await.expect("reopen");
+        // The old sled instance may still be releasing its file lock for a moment (its
+        // background threads end after the drop; under load that can take a while).
+        let mut attempt = 0;
+        let d = loop {
+            match Durable::open(cfg.clone()).await {
+                Ok(d) => break d,
+                Err(e) if attempt < 50 => {
+                    attempt += 1;
+                    eprintln!("reopen attempt {attempt}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
         let s = d.sessions().expect("sessions");
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].record.disconnected_at_ms, Some(19));

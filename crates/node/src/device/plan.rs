@@ -2,6 +2,7 @@
 //! ([`DeviceOp`]) with how to answer its outcome, an answer that needs no data (600, 602),
 //! or an `s/e` error. Pure: the pipeline proposes the ops and sends the answers.
 
+use fleetmq_smartrest::custom::set_path;
 use fleetmq_smartrest::templates::all_ids;
 use fleetmq_smartrest::{check, encode_line, Mode, Record};
 use fleetmq_storage::domain::{DeviceOp, OpSelect, RecordKind, Source};
@@ -136,26 +137,6 @@ fn with_time(mut doc: Map<String, Value>, time: Option<&str>) -> Map<String, Val
         doc.insert("time".into(), json!(t));
     }
     doc
-}
-
-/// Sets `path` (dotted) in `doc` to `value`.
-fn set_path(doc: &mut Map<String, Value>, path: &str, value: Value) {
-    let mut parts: Vec<&str> = path.split('.').filter(|p| !p.is_empty()).collect();
-    let Some(last) = parts.pop() else { return };
-    let mut cur = doc;
-    for p in parts {
-        let next = cur
-            .entry(p.to_string())
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !next.is_object() {
-            *next = Value::Object(Map::new());
-        }
-        let Some(m) = next.as_object_mut() else {
-            return;
-        };
-        cur = m;
-    }
-    cur.insert(last.to_string(), value);
 }
 
 fn typed(ty: &str, v: Option<&str>) -> Value {

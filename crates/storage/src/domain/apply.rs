@@ -156,6 +156,24 @@ fn merge(body: &mut Map<String, Value>, set: Map<String, Value>, if_absent: bool
     }
 }
 
+/// Merges fields into a measurement, event or alarm: `null` removes one; what identifies the
+/// record (id, source, type, creation time) never changes.
+fn merge_record(body: &mut Map<String, Value>, set: Map<String, Value>) {
+    for (k, v) in set {
+        if matches!(
+            k.as_str(),
+            "id" | "self" | "source" | "type" | "creationTime"
+        ) {
+            continue;
+        }
+        if v.is_null() {
+            body.remove(&k);
+        } else {
+            body.insert(k, v);
+        }
+    }
+}
+
 macro_rules! tri {
     ($e:expr) => {
         match $e {
@@ -559,19 +577,7 @@ impl Ctx<'_, '_> {
                 }
                 if let Some(set) = set {
                     let cleared = set.get("status").and_then(Value::as_str) == Some("CLEARED");
-                    for (k, v) in set {
-                        if matches!(
-                            k.as_str(),
-                            "id" | "self" | "source" | "type" | "creationTime"
-                        ) {
-                            continue;
-                        }
-                        if v.is_null() {
-                            a.body.remove(&k);
-                        } else {
-                            a.body.insert(k, v);
-                        }
-                    }
+                    merge_record(&mut a.body, set);
                     if cleared {
                         self.ov.del(ok);
                     }
@@ -628,19 +634,7 @@ impl Ctx<'_, '_> {
                         }
                     }
                 }
-                for (k, v) in set {
-                    if matches!(
-                        k.as_str(),
-                        "id" | "self" | "source" | "creationTime" | "type"
-                    ) {
-                        continue;
-                    }
-                    if v.is_null() {
-                        r.body.remove(&k);
-                    } else {
-                        r.body.insert(k, v);
-                    }
-                }
+                merge_record(&mut r.body, set);
                 self.touch(&mut r);
                 self.put_record(*kind, &r)?;
                 Ok(Outcome::Done(doc_json(&r)))

@@ -597,7 +597,12 @@ impl Durable {
     /// The state machine of a group holding device data, for local reads (`None`: no such
     /// group here, e.g. a record id from another cluster).
     pub fn device_store(&self, group: u64) -> Option<fleetmq_storage::StateMachineStore> {
-        if !self.device_groups().contains(&group) {
+        let holds = if self.inner.shards == 0 {
+            group == META
+        } else {
+            (1..=u64::from(self.inner.shards)).contains(&group)
+        };
+        if !holds {
             return None;
         }
         Some(self.group(group).sm.clone())

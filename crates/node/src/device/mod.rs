@@ -347,56 +347,47 @@ fn run(
             other => other,
         })
         .collect();
-    let device = if steps.iter().any(|s| matches!(s, Step::Op { .. })) {
-        device_group(broker, &session.key)
-    } else {
+    if !steps.iter().any(|s| matches!(s, Step::Op { .. })) {
         answer_now(broker, session, &steps);
         return None;
-    };
-    let mut batches: Vec<(u64, Vec<DeviceOp>)> = Vec::new();
-    // Where each op's outcome will be: (batch, position).
-    let mut at: Vec<(usize, usize)> = Vec::new();
-    for s in &steps {
-        if let Step::Op { op, .. } = s {
-            let g = op_group(broker, &session.key.tenant, op, device);
-            let b = match batches.iter().position(|(x, _)| *x == g) {
-                Some(b) => b,
-                None => {
-                    batches.push((g, Vec::new()));
-                    batches.len() - 1
-                }
-            };
-            at.push((b, batches[b].1.len()));
-            batches[b].1.push(op.clone());
-        }
     }
-    let (now, now_ms) = now();
-    let tenant = session.key.tenant.to_string();
+    let device = device_group(broker, &session.key);
+    let mut batches: Vec<(u64, Vec<DeviceOp>)> = Vec::new();
+    // The ops move into their batches; each step keeps where its outcome will be.
+    let answers: Vec<Answer> = steps
+        .into_iter()
+        .map(|s| match s {
+            Step::Op { op, then, template } => {
+                let g = op_group(broker, &session.key.tenant, &op, device);
+                let b = match batches.iter().position(|(x, _)| *x == g) {
+                    Some(b) => b,
+                    None => {
+                        batches.push((g, Vec::new()));
+                        batches.len() - 1
+                    }
+                };
+                let at = (b, batches[b].1.len());
+                batches[b].1.push(op);
+                Answer::Op { then, template, at }
+            }
+            other => Answer::Now(other),
+        })
+        .collect();
+    let serial = session.key.client_id.to_string();
     let sent: Vec<_> = batches
         .into_iter()
         .map(|(group, ops)| {
-            let valid = broker.durable.device_store(group).is_some();
-            let cmd = Command::Device(DeviceBatch {
-                tenant: tenant.clone(),
-                group,
-                now: now.clone(),
-                now_ms,
-                owner: owner.to_string(),
-                quiet,
-                device: Some(session.key.client_id.to_string()),
-                ops,
-            });
-            if valid {
-                broker.durable.propose_sent(cmd)
-            } else {
-                Err(ClusterError::InvalidCommand("no such group".into()))
+            if broker.durable.device_store(group).is_none() {
+                return Err(ClusterError::InvalidCommand("no such group".into()));
             }
+            let cmd = batch(&session.key.tenant, group, owner, Some(&serial), quiet, ops);
+            broker.durable.propose_sent(cmd)
         })
         .collect();
     let broker = broker.clone();
     let session = session.clone();
     Some(Box::pin(async move {
-        let mut results: Vec<Result<Vec<Outcome>, String>> = Vec::new();
+        let mut results: Vec<Result<Vec<Option<Outcome>>, String>> = Vec::new();
         let mut failure = None;
         for f in sent {
             let r = match f {
@@ -404,7 +395,7 @@ fn run(
                 Err(e) => Err(e),
             };
             results.push(match r {
-                Ok(Response::Device(o)) => Ok(o),
+                Ok(Response::Device(o)) => Ok(o.into_iter().map(Some).collect()),
                 Ok(_) => Ok(Vec::new()),
                 Err(e) => {
                     tracing::warn!(error = %e, client = %session.key.client_id, "device data not committed");
@@ -417,21 +408,24 @@ fn run(
                 }
             });
         }
-        let mut ops = at.into_iter();
-        for s in &steps {
-            match s {
-                Step::Op { then, template, .. } => {
-                    let Some((b, i)) = ops.next() else { break };
-                    let o = match &results[b] {
-                        Ok(v) => v
-                            .get(i)
-                            .cloned()
+        for a in answers {
+            match a {
+                Answer::Op {
+                    then,
+                    template,
+                    at: (b, i),
+                } => {
+                    let o = match results.get_mut(b) {
+                        Some(Ok(v)) => v
+                            .get_mut(i)
+                            .and_then(Option::take)
                             .unwrap_or(Outcome::NotFound("no outcome".into())),
-                        Err(text) => Outcome::NotFound(format!("Server error: {text}")),
+                        Some(Err(text)) => Outcome::NotFound(format!("Server error: {text}")),
+                        None => Outcome::NotFound("no outcome".into()),
                     };
-                    answer(&broker, &session, then, template, o);
+                    answer(&broker, &session, &then, &template, o);
                 }
-                other => answer_now(&broker, &session, std::slice::from_ref(other)),
+                Answer::Now(step) => answer_now(&broker, &session, std::slice::from_ref(&step)),
             }
         }
         match failure {
@@ -439,6 +433,39 @@ fn run(
             None => Ok(Response::Ok),
         }
     }))
+}
+
+/// A step once its op went into a batch: how to answer it and where its outcome will be
+/// (batch, position), or a step answered without committing anything.
+enum Answer {
+    Op {
+        then: Then,
+        template: String,
+        at: (usize, usize),
+    },
+    Now(Step),
+}
+
+/// A `Command::Device` at the server time now: every batch the node proposes is made here.
+pub fn batch(
+    tenant: &str,
+    group: u64,
+    owner: &str,
+    device: Option<&str>,
+    quiet: bool,
+    ops: Vec<DeviceOp>,
+) -> Command {
+    let (now, now_ms) = now();
+    Command::Device(DeviceBatch {
+        tenant: tenant.to_string(),
+        group,
+        now,
+        now_ms,
+        owner: owner.to_string(),
+        quiet,
+        device: device.map(str::to_string),
+        ops,
+    })
 }
 
 /// Sends the answers that need no committed data (replies, errors), counting unstored data.
@@ -563,31 +590,19 @@ fn answer(broker: &Arc<Broker>, session: &Arc<Session>, then: &Then, template: &
 /// subscription").
 pub async fn resend_pending(broker: Arc<Broker>, session: Arc<Session>, owner: String, conn: u64) {
     let key = session.key.clone();
-    let (now, now_ms) = now();
     let group = device_group(&broker, &key);
-    let cmd = Command::Device(DeviceBatch {
-        tenant: key.tenant.to_string(),
-        group,
-        now,
-        now_ms,
-        owner,
-        quiet: false,
-        device: Some(key.client_id.to_string()),
-        ops: vec![
-            DeviceOp::Connection {
-                source: Source::Device {
-                    serial: key.client_id.to_string(),
-                },
-                conn,
-                connected: true,
-            },
-            DeviceOp::Pending {
-                source: Source::Device {
-                    serial: key.client_id.to_string(),
-                },
-            },
-        ],
-    });
+    let source = Source::Device {
+        serial: key.client_id.to_string(),
+    };
+    let ops = vec![
+        DeviceOp::Connection {
+            source: source.clone(),
+            conn,
+            connected: true,
+        },
+        DeviceOp::Pending { source },
+    ];
+    let cmd = batch(&key.tenant, group, &owner, Some(&key.client_id), false, ops);
     match broker.durable.propose(cmd).await {
         Ok(Response::Device(mut o)) => {
             if let Some(o) = o.pop() {
@@ -625,20 +640,18 @@ pub async fn retention_loop(broker: Arc<Broker>) {
                 continue;
             }
             for _ in 0..ROUNDS {
-                let (now, now_ms) = now();
-                let cmd = Command::Device(DeviceBatch {
-                    tenant: String::new(),
-                    group: g,
-                    now,
-                    now_ms,
-                    owner: String::new(),
-                    quiet: true,
-                    device: None,
-                    ops: vec![DeviceOp::Prune {
-                        before_ms: now_ms.saturating_sub(retention_ms),
+                let before_ms = now().1.saturating_sub(retention_ms);
+                let cmd = batch(
+                    "",
+                    g,
+                    "",
+                    None,
+                    true,
+                    vec![DeviceOp::Prune {
+                        before_ms,
                         limit: PRUNE_BATCH,
                     }],
-                });
+                );
                 let removed = match broker.durable.propose(cmd).await {
                     Ok(Response::Device(o)) => match o.first() {
                         Some(Outcome::Done(n)) => n.parse::<u32>().unwrap_or(0),
@@ -662,24 +675,22 @@ pub async fn retention_loop(broker: Arc<Broker>) {
 /// A connection that had subscribed to downstream topics ended: the device is DISCONNECTED,
 /// unless a newer connection has made it CONNECTED since.
 pub async fn connection_ended(broker: Arc<Broker>, key: SessionKey, conn: u64) {
-    let (now, now_ms) = now();
     let group = device_group(&broker, &key);
-    let cmd = Command::Device(DeviceBatch {
-        tenant: key.tenant.to_string(),
+    let op = DeviceOp::Connection {
+        source: Source::Device {
+            serial: key.client_id.to_string(),
+        },
+        conn,
+        connected: false,
+    };
+    let cmd = batch(
+        &key.tenant,
         group,
-        now,
-        now_ms,
-        owner: String::new(),
-        quiet: false,
-        device: Some(key.client_id.to_string()),
-        ops: vec![DeviceOp::Connection {
-            source: Source::Device {
-                serial: key.client_id.to_string(),
-            },
-            conn,
-            connected: false,
-        }],
-    });
+        "",
+        Some(&key.client_id),
+        false,
+        vec![op],
+    );
     if let Err(e) = broker.durable.propose(cmd).await {
         tracing::warn!(error = %e, client = %key.client_id, "device connection status not stored");
     }

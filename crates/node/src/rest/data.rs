@@ -8,8 +8,8 @@
 
 use std::collections::HashMap;
 
-use fleetmq_storage::domain::{group_of_id, DeviceBatch, DeviceOp, Doc, Outcome, RecordKind};
-use fleetmq_storage::{Command, Response, StateMachineStore};
+use fleetmq_storage::domain::{group_of_id, DeviceOp, Doc, Outcome, RecordKind};
+use fleetmq_storage::{Response, StateMachineStore};
 use serde_json::{json, Map, Value};
 
 use super::{Api, ApiError, Caller, RestState};
@@ -53,17 +53,7 @@ pub async fn commit(
     for op in &ops {
         op.check().map_err(ApiError::bad_request)?;
     }
-    let (now, now_ms) = crate::device::now();
-    let cmd = Command::Device(DeviceBatch {
-        tenant: c.tenant().id.clone(),
-        group,
-        now,
-        now_ms,
-        owner: c.id.user.clone(),
-        quiet: false,
-        device: None,
-        ops,
-    });
+    let cmd = crate::device::batch(&c.tenant().id, group, &c.id.user, None, false, ops);
     match s.durable.propose(cmd).await {
         Ok(Response::Device(o)) => Ok(o),
         Ok(_) => Err(ApiError::internal("unexpected storage answer")),

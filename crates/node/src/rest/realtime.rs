@@ -41,7 +41,11 @@ pub async fn upgrade(
 ) -> Response {
     let ip = peer.ip();
     let who = caller.ok().map(|c| c.id);
-    ws.on_upgrade(move |socket| session(s, who, ip, socket))
+    // Bayeux control messages are small; a client cannot make the node buffer megabytes
+    // (the library's default limit is 64 MiB) before it has even handshaken.
+    ws.max_message_size(64 * 1024)
+        .max_frame_size(64 * 1024)
+        .on_upgrade(move |socket| session(s, who, ip, socket))
 }
 
 fn reply(m: &Value, extra: Value) -> Value {

@@ -1162,16 +1162,14 @@ impl Ctx<'_, '_> {
                 let Some(d) = &dev else {
                     return Ok(Outcome::Invalid("no device".into()));
                 };
-                let p = bysrc_prefix(RecordKind::Operation, self.t(), d.id)?;
-                for k in self.ov.keys_with_prefix(&p)? {
-                    let Some(id) = trailing_id(&k) else { continue };
-                    if let Some(o) = self.record(RecordKind::Operation, id)? {
-                        if o.str("status") == Some(from.as_str()) && o.body.contains_key(fragment) {
-                            chosen.push(o);
-                            break;
-                        }
+                self.operations_of(d.id, |o| {
+                    let hit =
+                        o.str("status") == Some(from.as_str()) && o.body.contains_key(fragment);
+                    if hit {
+                        chosen.push(o);
                     }
-                }
+                    !hit
+                })?;
                 if chosen.is_empty() {
                     return Ok(Outcome::NotFound(format!(
                         "No {from} operation with fragment {fragment}"
@@ -1182,24 +1180,23 @@ impl Ctx<'_, '_> {
                 let Some(d) = &dev else {
                     return Ok(Outcome::Invalid("no device".into()));
                 };
-                let p = bysrc_prefix(RecordKind::Operation, self.t(), d.id)?;
                 let mut pending = None;
-                for k in self.ov.keys_with_prefix(&p)? {
-                    let Some(id) = trailing_id(&k) else { continue };
-                    if let Some(o) = self.record(RecordKind::Operation, id)? {
-                        if !o.body.contains_key(fragment) {
-                            continue;
-                        }
-                        match o.str("status") {
-                            Some("EXECUTING") => {
-                                chosen.push(o);
-                                break;
-                            }
-                            Some("PENDING") if pending.is_none() => pending = Some(o),
-                            _ => {}
-                        }
+                self.operations_of(d.id, |o| {
+                    if !o.body.contains_key(fragment) {
+                        return true;
                     }
-                }
+                    match o.str("status") {
+                        Some("EXECUTING") => {
+                            chosen.push(o);
+                            false
+                        }
+                        Some("PENDING") if pending.is_none() => {
+                            pending = Some(o);
+                            true
+                        }
+                        _ => true,
+                    }
+                })?;
                 if chosen.is_empty() {
                     chosen.extend(pending);
                 }
@@ -1213,18 +1210,15 @@ impl Ctx<'_, '_> {
                 let Some(d) = &dev else {
                     return Ok(Outcome::Invalid("no device".into()));
                 };
-                let p = bysrc_prefix(RecordKind::Operation, self.t(), d.id)?;
-                for k in self.ov.keys_with_prefix(&p)? {
-                    let Some(id) = trailing_id(&k) else { continue };
-                    if let Some(o) = self.record(RecordKind::Operation, id)? {
-                        let frag_ok = fragment
-                            .as_deref()
-                            .is_none_or(|f| f.is_empty() || o.body.contains_key(f));
-                        if o.str("status") == Some("EXECUTING") && frag_ok {
-                            chosen.push(o);
-                        }
+                self.operations_of(d.id, |o| {
+                    let frag_ok = fragment
+                        .as_deref()
+                        .is_none_or(|f| f.is_empty() || o.body.contains_key(f));
+                    if o.str("status") == Some("EXECUTING") && frag_ok {
+                        chosen.push(o);
                     }
-                }
+                    true
+                })?;
             }
         }
         let mut out = Vec::new();
@@ -1283,6 +1277,20 @@ impl Ctx<'_, '_> {
             out.push(doc_json(&o));
         }
         Ok(Outcome::Many(out))
+    }
+
+    /// Visits the operations of a device, oldest first, while `visit` returns true.
+    fn operations_of(&self, device: u64, mut visit: impl FnMut(Doc) -> bool) -> Result<()> {
+        let p = bysrc_prefix(RecordKind::Operation, self.t(), device)?;
+        for k in self.ov.keys_with_prefix(&p)? {
+            let Some(id) = trailing_id(&k) else { continue };
+            if let Some(o) = self.record(RecordKind::Operation, id)? {
+                if !visit(o) {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// 503/506 parameters (§4.8).

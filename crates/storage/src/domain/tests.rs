@@ -24,22 +24,11 @@ impl T {
         }
     }
 
-    /// As the connection of device `serial` would send it.
-    fn run_as(&mut self, serial: &str, ops: Vec<DeviceOp>) -> Vec<Outcome> {
+    fn apply(&mut self, b: DeviceBatch) -> Vec<Outcome> {
         self.index += 1;
-        let cmd = Command::Device(DeviceBatch {
-            tenant: "t1".into(),
-            group: 3,
-            now: "2026-11-30T00:00:00.000Z".into(),
-            now_ms: 1000 * self.index,
-            owner: format!("device_{serial}"),
-            quiet: false,
-            device: Some(serial.into()),
-            ops,
-        });
         match self
             .sm
-            .apply(self.index, &[cmd], None)
+            .apply(self.index, &[Command::Device(b)], None)
             .expect("apply")
             .pop()
         {
@@ -48,27 +37,28 @@ impl T {
         }
     }
 
-    fn run_at(&mut self, now_ms: u64, ops: Vec<DeviceOp>) -> Vec<Outcome> {
-        self.index += 1;
-        let cmd = Command::Device(DeviceBatch {
+    fn batch(&self, now_ms: u64, device: Option<&str>, ops: Vec<DeviceOp>) -> DeviceBatch {
+        DeviceBatch {
             tenant: "t1".into(),
             group: 3,
             now: format!("2026-11-30T00:00:{:02}.000Z", now_ms / 1000 % 60),
             now_ms,
-            owner: "device_d1".into(),
+            owner: format!("device_{}", device.unwrap_or("d1")),
             quiet: false,
-            device: None,
+            device: device.map(str::to_string),
             ops,
-        });
-        match self
-            .sm
-            .apply(self.index, &[cmd], None)
-            .expect("apply")
-            .pop()
-        {
-            Some(Response::Device(o)) => o,
-            other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// As the connection of device `serial` would send it.
+    fn run_as(&mut self, serial: &str, ops: Vec<DeviceOp>) -> Vec<Outcome> {
+        let b = self.batch(1000 * (self.index + 1), Some(serial), ops);
+        self.apply(b)
+    }
+
+    fn run_at(&mut self, now_ms: u64, ops: Vec<DeviceOp>) -> Vec<Outcome> {
+        let b = self.batch(now_ms, None, ops);
+        self.apply(b)
     }
 
     fn run(&mut self, ops: Vec<DeviceOp>) -> Vec<Outcome> {

@@ -1361,9 +1361,6 @@ where
         });
         let broker = self.broker.clone();
         let session = a.session.clone();
-        if a.who.identity.role == Role::Bootstrap && kind != Upstream::Credentials {
-            return None;
-        }
         match kind {
             Upstream::Static
             | Upstream::Json
@@ -1764,7 +1761,8 @@ where
             codes.push(granted);
         }
         let pkid = s.pkid;
-        if wants_operations && a.who.identity.role != Role::Bootstrap {
+        // (The bootstrap user may subscribe to s/dcr and s/e only: never here.)
+        if wants_operations {
             a.who.downstream = true;
             // §2.4: pending operations go out again on every downstream subscription. They
             // usually follow the SUBACK (a Raft round later); MQTT allows them before it too.

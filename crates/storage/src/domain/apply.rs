@@ -904,7 +904,7 @@ impl Ctx<'_, '_> {
                         .ov
                         .keys_in_range(&start, &end, (*limit - removed) as usize)?
                     {
-                        let rest = &k[10..];
+                        let Some(rest) = k.get(10..) else { continue };
                         let Some((tenant, rest)) = keys::take_str(rest) else {
                             continue;
                         };

@@ -138,22 +138,15 @@ pub fn listing_url(base: &str, path: &str, q: &HashMap<String, String>) -> Strin
         .filter(|k| !matches!(k.as_str(), "pageSize" | "currentPage"))
         .collect();
     keys.sort();
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for k in keys {
+        query.append_pair(k, &q[k]);
+    }
+    let query = query.finish();
     let mut url = format!("{base}/{path}");
-    for (i, k) in keys.iter().enumerate() {
-        let enc = |s: &str| {
-            s.bytes()
-                .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'*' => {
-                        (b as char).to_string()
-                    }
-                    _ => format!("%{b:02X}"),
-                })
-                .collect::<String>()
-        };
-        url.push(if i == 0 { '?' } else { '&' });
-        url.push_str(&enc(k));
-        url.push('=');
-        url.push_str(&enc(&q[*k]));
+    if !query.is_empty() {
+        url.push('?');
+        url.push_str(&query);
     }
     url
 }

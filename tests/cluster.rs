@@ -27,9 +27,8 @@ use std::collections::HashSet;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use support::*;
 
 const V3: bool = false;
@@ -49,38 +48,6 @@ fn cluster3(args: &[&str]) -> [Node; 3] {
     let b = Node::start_cluster(2, free_port(), &[a.grpc_addr()], args);
     let c = Node::start_cluster(3, free_port(), &[a.grpc_addr(), b.grpc_addr()], args);
     [a, b, c]
-}
-
-/// One REST call with Basic auth; returns the status (any) and the JSON body (`Null` if none).
-fn rest(
-    node: &Node,
-    method: &str,
-    path: &str,
-    user: &str,
-    password: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let auth = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-    );
-    let req = ureq::request(method, &format!("http://{}{path}", node.http))
-        .set("Authorization", &auth)
-        .timeout(Duration::from_secs(30));
-    let result = match body {
-        Some(b) => req
-            .set("Content-Type", "application/json")
-            .send_string(&b.to_string()),
-        None => req.call(),
-    };
-    let resp = match result {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {path} on {}: {e}", node.http),
-    };
-    let status = resp.status();
-    let text = resp.into_string().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 /// PUBLISHes received until `idle` passes without a packet, acknowledged (QoS 1). Any other

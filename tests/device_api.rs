@@ -14,46 +14,6 @@ use serde_json::{json, Value};
 const T_ADMIN_PW: &str = "acme-admin-pw";
 const DEV_PW: &str = "dev-secret-1";
 
-/// One REST call as `user`; returns status and JSON body.
-fn rest(
-    node: &Node,
-    method: &str,
-    path: &str,
-    user: &str,
-    pw: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let auth = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
-    );
-    let url = if path.starts_with("http://") {
-        path.to_string()
-    } else {
-        format!("http://{}{path}", node.http)
-    };
-    let req = ureq::request(method, &url)
-        .set("Authorization", &auth)
-        .timeout(Duration::from_secs(30));
-    let result = match body {
-        Some(b) => req
-            .set(
-                "Content-Type",
-                "application/vnd.com.nsn.cumulocity.operation+json",
-            )
-            .send_string(&b.to_string()),
-        None => req.call(),
-    };
-    let resp = match result {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {path}: {e}"),
-    };
-    let status = resp.status();
-    let text = resp.into_string().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
 /// A tenant `acme` with device users `device_<id>` for `devices`; returns the tenant id.
 fn tenant(node: &Node, devices: &[&str]) -> String {
     let (s, v) = rest(

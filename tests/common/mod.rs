@@ -461,3 +461,46 @@ pub fn connect_v5(client_id: &str, clean: bool, keep_alive: u16) -> Vec<u8> {
 pub fn scratch(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// One REST call with Basic auth `user:password` to `path` on the node (or to a full
+/// `http://` URL, e.g. a collection's `next` link). Any status is returned with the JSON body
+/// (`Null` when there is none or it is not JSON).
+pub fn rest(
+    node: &Node,
+    method: &str,
+    path: &str,
+    user: &str,
+    password: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use base64::Engine;
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    );
+    let url = if path.starts_with("http://") {
+        path.to_string()
+    } else {
+        format!("http://{}{path}", node.http)
+    };
+    let req = ureq::request(method, &url)
+        .set("Authorization", &auth)
+        .timeout(Duration::from_secs(30));
+    let result = match body {
+        Some(b) => req
+            .set("Content-Type", "application/json")
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let resp = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path} on {}: {e}", node.http),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}

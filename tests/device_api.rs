@@ -821,7 +821,17 @@ fn json_via_mqtt_both_ways() {
     });
     assert_eq!(m["c8y_Env"]["T"]["value"], 20.5);
     assert_eq!(m["time"], "2026-11-30T12:00:00.000Z");
-    let kid = api.id_of("jdev:device:kid");
+    // The child's message is a separate PUBLISH: it may commit after the one awaited above.
+    let kid = eventually("the child created by externalSource", || {
+        let (s, v) = api.call(
+            "GET",
+            "/identity/externalIds/c8y_Serial/jdev:device:kid",
+            None,
+        );
+        (s == 200)
+            .then(|| v["managedObject"]["id"].as_str().map(str::to_string))
+            .flatten()
+    });
     assert_eq!(
         api.list(&format!("/measurement/measurements?source={kid}"))
             .len(),
@@ -1191,7 +1201,7 @@ fn realtime_notifications_follow_the_processing_modes() {
         "/devicecontrol/operations",
         json!({"deviceId": id, "c8y_Restart": {}}),
     );
-    let got = rt.read_for(Duration::from_secs(2));
+    let got = rt.read_for(Duration::from_secs(4));
     let on = |prefix: &str| -> Vec<&Value> {
         got.iter()
             .filter(|m| m["channel"].as_str().is_some_and(|c| c.starts_with(prefix)))
